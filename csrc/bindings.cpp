@@ -1,0 +1,12 @@
+// The ktinject._native module. Each concept registers its own bindings (bind_*.cpp) so that kernel
+// work can add files without touching the others.
+#include <pybind11/pybind11.h>
+
+namespace ktinject {
+void bind_system(pybind11::module_& m);
+}
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "ktinject native kernels (CPU features, NUMA topology, CPU MoE)";
+  ktinject::bind_system(m);
+}

@@ -1,0 +1,194 @@
+"""The operator protocol and registry.
+
+An operator is an ``nn.Module`` that replaces one Hugging Face module and keeps its call contract (same
+forward arguments, same return), so the transformers code around it never knows. Three methods make the
+whole protocol:
+
+- ``from_module(module, *, name, device, config)``: build from the original module (live or on ``meta``).
+- ``weight_names()`` / ``load_weights(source, prefix)``: the tensors it owns, named as in the original
+  module's ``state_dict`` (relative to the module), and how it takes them from a weight source.
+- ``forward``: the original module's signature.
+
+An operator's rule kwargs are validated once, when the rule file is loaded, into its frozen ``Config``
+dataclass (unknown keys and wrong types are rule errors with file:line), never inside ``forward``.
+
+Operators register a short name with :func:`register_operator`; a rule may also name any ``Operator``
+subclass by dotted path (``mypkg.ops.MyExperts``) without registering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from ktinject.errors import OperatorError
+
+__all__ = [
+    "Operator",
+    "OperatorConfig",
+    "register_operator",
+    "resolve_operator",
+    "registered_operators",
+    "validate_config",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    """Kwargs of an operator that takes none. Subclass it (frozen dataclass) to declare kwargs."""
+
+
+class Operator(nn.Module):
+    """Base class of every replacement module. Subclasses set ``Config`` and implement the protocol."""
+
+    op_name: ClassVar[str] = ""
+    Config: ClassVar[type[OperatorConfig]] = OperatorConfig
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, *, name: str, device: torch.device, config: OperatorConfig
+    ) -> nn.Module:
+        """Build the replacement for ``module`` (named ``name`` in the model) placed on ``device``.
+
+        When ``module`` holds real tensors the operator takes its weights from it; when it is on ``meta``
+        the operator is built empty and filled later through ``load_weights``.
+        """
+        raise NotImplementedError
+
+    def weight_names(self) -> list[str]:
+        """Names (relative to the replaced module, as in its ``state_dict``) of the tensors this operator owns."""
+        return []
+
+    def load_weights(self, source: Any, prefix: str) -> None:
+        """Take this operator's tensors from ``source`` (a weight source), named ``prefix + weight_name``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load weights from a weight source yet")
+
+    @classmethod
+    def estimate_bytes(cls, module: nn.Module, config: OperatorConfig) -> int:
+        """Bytes this operator will hold for ``module`` (for the plan's memory table). Default: the module's."""
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+_REGISTRY: dict[str, type[Operator]] = {}
+_BUILTINS_IMPORTED = False
+
+OpT = TypeVar("OpT", bound=type[Operator])
+
+
+def register_operator(name: str):
+    """Class decorator: make an ``Operator`` subclass available to rules as ``op: <name>``."""
+
+    def decorate(cls: OpT) -> OpT:
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise TypeError(f"@register_operator({name!r}) must decorate an Operator subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"operator name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.op_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _import_builtin_operators() -> None:
+    # The shipped operators live in the top-level ``operators`` package, which depends on ktinject (never
+    # the other way at import time): import it lazily, the first time a short name is looked up.
+    global _BUILTINS_IMPORTED
+    if not _BUILTINS_IMPORTED:
+        _BUILTINS_IMPORTED = True
+        importlib.import_module("operators")
+
+
+def registered_operators() -> dict[str, type[Operator]]:
+    """Short name -> operator class, including every operator shipped with ktinject."""
+    _import_builtin_operators()
+    return dict(_REGISTRY)
+
+
+def resolve_operator(spec: str) -> type[Operator]:
+    """Turn a rule's ``op`` (short name or dotted path) into an Operator class; OperatorError otherwise."""
+    if "." not in spec:
+        ops = registered_operators()
+        if spec not in ops:
+            from difflib import get_close_matches
+
+            hint = get_close_matches(spec, ops, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise OperatorError(f"unknown operator {spec!r} (known: {', '.join(sorted(ops))}){suggestion}")
+        return ops[spec]
+    module_path, _, attr = spec.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_path), attr)
+    except (ImportError, AttributeError) as exc:
+        raise OperatorError(f"cannot import operator {spec!r}: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, Operator)):
+        raise OperatorError(f"{spec!r} is not a subclass of ktinject.Operator")
+    return obj
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, Mapping)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def validate_config(op_cls: type[Operator], kwargs: Mapping[str, Any]) -> OperatorConfig:
+    """Check ``kwargs`` against ``op_cls.Config`` and build it; OperatorError names the bad key.
+
+    Raises an OperatorError whose message starts with the offending key so rule loading can prefix
+    ``file:line: replace.kwargs.<key>``; ``.key`` on the exception carries the key.
+    """
+    config_cls = op_cls.Config
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in kwargs.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields)) or "none"
+            err = OperatorError(f"unknown kwarg {key!r} for operator {op_cls.op_name or op_cls.__name__} (allowed: {allowed})")
+            err.key = key  # type: ignore[attr-defined]
+            raise err
+        annotation = hints.get(key, Any)
+        if not _type_ok(value, annotation):
+            err = OperatorError(f"kwarg {key!r} must be {_describe(annotation)}, got {value!r}")
+            err.key = key  # type: ignore[attr-defined]
+            raise err
+    try:
+        config = config_cls(**dict(kwargs))
+    except (TypeError, ValueError) as exc:
+        raise OperatorError(f"bad kwargs for operator {op_cls.op_name or op_cls.__name__}: {exc}") from exc
+    return config

@@ -1,0 +1,63 @@
+"""Rule files: parsing, validation and the shipped rule sets. Never imports the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+from ktinject.errors import RuleError
+from ktinject.rules.builtin import builtin_rule_names, builtin_rule_path, rules_for_model_type
+from ktinject.rules.loader import load_rule_file, parse_rules
+from ktinject.rules.schema import Match, Replace, Rule, RuleSet, SourceLocation
+
+RulesLike = Union[str, Path, RuleSet]
+
+__all__ = [
+    "Match",
+    "Replace",
+    "Rule",
+    "RuleSet",
+    "RulesLike",
+    "SourceLocation",
+    "builtin_rule_names",
+    "load_rules",
+    "parse_rules",
+    "rules_for_model_type",
+]
+
+
+def _looks_like_yaml(text: str) -> bool:
+    stripped = text.lstrip()
+    return "\n" in text.strip() or stripped.startswith(("rules:", "include:", "vars:", "- ", "{", "["))
+
+
+def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None) -> RuleSet:
+    """Load rules from a file path, a built-in name (``"qwen3_moe"``), YAML text, or pass a RuleSet through.
+
+    ``vars`` override the files' variables (e.g. ``{"gpu": "cpu"}`` to run the shipped rules without a GPU).
+    ``"auto"`` needs ``model_type`` (``config.model_type``) and picks the shipped file for that family.
+    """
+    if isinstance(rules, RuleSet):
+        if vars:
+            raise RuleError("vars= cannot be applied to an already loaded RuleSet; pass the file or name instead")
+        return rules
+    if isinstance(rules, Path):
+        return load_rule_file(rules, vars=vars)
+    if not isinstance(rules, str):
+        raise RuleError(f"rules must be a path, a built-in name, YAML text or a RuleSet, got {type(rules).__name__}")
+    if rules == "auto":
+        if model_type is None:
+            raise RuleError("rules='auto' needs the model's config.model_type to choose a built-in rule file")
+        rules = rules_for_model_type(model_type)
+    if _looks_like_yaml(rules):
+        return parse_rules(rules, vars=vars)
+    if Path(rules).is_file():
+        return load_rule_file(rules, vars=vars)
+    builtin = builtin_rule_path(rules)
+    if builtin is not None:
+        return load_rule_file(builtin, vars=vars)
+    raise RuleError(
+        f"{rules!r} is not a rule file, a built-in rule name or YAML text "
+        f"(built-in: {', '.join(n for n in builtin_rule_names() if not n.startswith('base/'))})"
+    )
