@@ -1,0 +1,5 @@
+import sys
+
+from ktinject.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""Options shared by several commands: --rules and --set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ktinject.errors import KtInjectError
+
+
+def add_vars_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="vars",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a rule variable (repeatable), e.g. --set gpu=cpu --set cpu_threads=8",
+    )
+
+
+def parse_vars(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as YAML scalars (8 -> int, true -> bool, cuda:0 -> str)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KtInjectError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def load_config(path: str):
+    """A transformers config from a model directory or a config.json file (never from a hub)."""
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise KtInjectError(f"{p} has no config.json")
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    if p.is_file():
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise KtInjectError(f"cannot read config {p}: {exc}") from None
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise KtInjectError(f"{p} has no model_type")
+        for key in ("architectures", "transformers_version", "auto_map"):
+            data.pop(key, None)
+        try:
+            return AutoConfig.for_model(model_type, **data)
+        except ValueError as exc:
+            raise KtInjectError(f"{p}: {exc}") from None
+    raise KtInjectError(f"config not found: {path} (give a model directory or a config.json)")
+
+
+def meta_model(config):
+    """The model for ``config`` on the meta device: no memory, seconds even for a 671B config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)

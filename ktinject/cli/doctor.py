@@ -1,0 +1,75 @@
+"""``ktinject doctor``: what this machine offers ktinject (ISA, NUMA, extension, torch, CUDA)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="report CPU features, NUMA topology, the native build and the GPU")
+    p.set_defaults(run=run)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+def report() -> list[tuple[str, str]]:
+    """(label, value) rows; never raises, so it works on a half-broken install too."""
+    import torch
+    import transformers
+
+    from ktinject import __version__
+    from ktinject.native import native
+
+    rows = [("ktinject", __version__), ("python", platform.python_version()), ("torch", torch.__version__),
+            ("transformers", transformers.__version__)]
+    cuda = torch.cuda.is_available()
+    rows.append(("cuda", f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}" if cuda else "not available"))
+    try:
+        ext = native()
+    except Exception as exc:  # doctor must report, not fail
+        rows.append(("native extension", f"NOT AVAILABLE: {exc}"))
+        return rows
+    rows.append(("native extension", getattr(ext, "__file__", "?")))
+    features = ext.cpu_features()
+    isa = [name for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16") if features.get(name)]
+    rows.append(("cpu", platform.processor() or platform.machine()))
+    rows.append(("isa", " ".join(isa) or "baseline x86-64 only"))
+    if hasattr(ext, "best_isa"):
+        rows.append(("kernel path", ext.best_isa() + " (force with KTINJECT_ISA=scalar|avx2|avx512)"))
+    nodes = ext.numa_topology()
+    rows.append(("numa nodes", str(len(nodes))))
+    for node in nodes:
+        rows.append((f"  node {node['node']} cpus", _compress(node["cpus"])))
+    balancing = _read("/proc/sys/kernel/numa_balancing")
+    hint = " (set to 0 for pinned experts: sysctl kernel.numa_balancing=0)" if balancing not in ("0", "n/a") else ""
+    rows.append(("numa_balancing", balancing + hint))
+    rows.append(("built with NUMA", "yes (libnuma)" if ext.built_with_numa else "no (libnuma-dev was missing at build time; one node)"))
+    return rows
+
+
+def _compress(cpus: list[int]) -> str:
+    parts, start, prev = [], None, None
+    for c in sorted(cpus) + [None]:
+        if start is None:
+            start = prev = c
+        elif c is not None and c == prev + 1:
+            prev = c
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = c
+    return ",".join(parts)
+
+
+def run(args) -> int:
+    rows = report()
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label.ljust(width)}  {value}")
+    return 0

@@ -1,0 +1,75 @@
+"""Every family with built-in rules: the optimized model gives the plain model's logits and greedy tokens."""
+
+import pytest
+import torch
+
+import ktinject
+from tiny_models import FAMILIES, tiny_model, twin
+
+CPU_ONLY = {"gpu": "cpu"}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    family = request.param
+    plain = tiny_model(family)
+    optimized = twin(plain)
+    plan = ktinject.optimize(optimized, family, vars=CPU_ONLY)
+    return family, plain, optimized, plan
+
+
+def test_builtin_rules_claim_experts_and_projections(pair):
+    family, _, optimized, plan = pair
+    ops = {entry.op for entry in plan}
+    assert "keep" in ops and "torch_linear" in ops
+    if family != "llama":
+        experts = [e for e in plan if e.op == "torch_experts"]
+        assert experts and all(e.module_name.endswith("mlp.experts") for e in experts)
+        assert type(optimized.get_submodule(experts[0].module_name)).__name__ == "TorchExperts"
+    assert not plan.unmatched_rules
+
+
+def test_logits_match(pair):
+    _, plain, optimized, _ = pair
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain(ids).logits
+        actual = optimized(ids).logits
+    # fp32 throughout; the only difference is summation order inside the experts (gate and up as two GEMMs)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2e-5)
+
+
+def test_greedy_generate_matches(pair):
+    _, plain, optimized, _ = pair
+    ids = torch.tensor([[5, 17, 33, 2, 71]])
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(optimized.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+
+def test_left_padded_batch_generate_matches(pair):
+    _, plain, optimized, _ = pair
+    ids = torch.tensor([[0, 0, 0, 9, 41, 3], [12, 7, 88, 19, 4, 60]])
+    mask = (ids != 0).long()
+    mask[1] = 1
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+
+def test_auto_rules_pick_the_family_file():
+    model = tiny_model("qwen3_moe")
+    plan = ktinject.plan(model, "auto", vars=CPU_ONLY)
+    assert any(str(f).endswith("qwen3_moe.yaml") for f in plan.rules.files)
+
+
+def test_optimize_twice_is_refused():
+    model = tiny_model("llama")
+    ktinject.optimize(model, "llama", vars=CPU_ONLY)
+    with pytest.raises(ktinject.KtInjectError, match="already optimized"):
+        ktinject.optimize(model, "llama", vars=CPU_ONLY)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_rule_without_cuda_says_how_to_run_on_cpu():
+    model = tiny_model("llama")
+    with pytest.raises(ktinject.KtInjectError, match=r"CUDA is not available.*gpu=cpu"):
+        ktinject.optimize(model, "llama")
