@@ -1,0 +1,51 @@
+// Layout of one quantized activation row (what quantize_act writes and gemm reads); private to the
+// kernel layer. Structure-of-arrays so that each part is a contiguous, 64-byte aligned vector load:
+//   K-quants (Q4_K/Q5_K/Q6_K):  qs int8[cols] | d f32[cols/256] | bsum16 int16[cols/16] | bsum32 int16[cols/32]
+//     x ~= d[sb] * qs; bsum16/bsum32 are sums of qs over each 16 / 32 elements (the weights' offset terms).
+//   Q8_0:                       qs int8[cols] | d f32[cols/32] | sum f32[cols/32]
+//     x ~= d[b] * qs; sum[b] = d[b] * (sum of the block's qs), for the +128 trick of unsigned dot products.
+//   F32 / F16 / BF16:           f32[cols]
+// Every part starts at a multiple of 64 bytes; the row is padded to a multiple of 64.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "quant/kernels.h"
+
+namespace ktinject {
+
+inline size_t round_up_64(size_t n) { return (n + 63) & ~static_cast<size_t>(63); }
+
+struct ActLayout {
+  size_t d_off = 0;      // f32 scales
+  size_t sum_off = 0;    // K-quants: int16 bsum16; Q8_0: f32 sums
+  size_t sum32_off = 0;  // K-quants: int16 bsum32
+  size_t bytes = 0;      // whole row, multiple of 64
+};
+
+inline ActLayout act_layout(WeightType t, int64_t cols) {
+  const size_t n = static_cast<size_t>(cols);
+  ActLayout l;
+  switch (t) {
+    case WeightType::Q4_K:
+    case WeightType::Q5_K:
+    case WeightType::Q6_K:
+      l.d_off = round_up_64(n);
+      l.sum_off = l.d_off + round_up_64(n / 256 * sizeof(float));
+      l.sum32_off = l.sum_off + round_up_64(n / 16 * sizeof(int16_t));
+      l.bytes = l.sum32_off + round_up_64(n / 32 * sizeof(int16_t));
+      break;
+    case WeightType::Q8_0:
+      l.d_off = round_up_64(n);
+      l.sum_off = l.d_off + round_up_64(n / 32 * sizeof(float));
+      l.bytes = l.sum_off + round_up_64(n / 32 * sizeof(float));
+      break;
+    default:
+      l.bytes = round_up_64(n * sizeof(float));
+      break;
+  }
+  return l;
+}
+
+}  // namespace ktinject

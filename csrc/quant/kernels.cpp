@@ -1,0 +1,148 @@
+// Type facts and run-time ISA dispatch of the quant kernels.
+#include "quant/kernels.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+#include "cpu_features.h"
+#include "quant/act_format.h"
+#include "quant/isa_kernels.h"
+
+namespace ktinject {
+
+bool weight_type_supported(int type_id) {
+  switch (static_cast<WeightType>(type_id)) {
+    case WeightType::F32:
+    case WeightType::F16:
+    case WeightType::Q8_0:
+    case WeightType::Q4_K:
+    case WeightType::Q5_K:
+    case WeightType::Q6_K:
+    case WeightType::BF16:
+      return true;
+  }
+  return false;
+}
+
+const char* weight_type_name(WeightType t) {
+  switch (t) {
+    case WeightType::F32: return "f32";
+    case WeightType::F16: return "f16";
+    case WeightType::Q8_0: return "q8_0";
+    case WeightType::Q4_K: return "q4_k";
+    case WeightType::Q5_K: return "q5_k";
+    case WeightType::Q6_K: return "q6_k";
+    case WeightType::BF16: return "bf16";
+  }
+  return "unknown";
+}
+
+int block_elems(WeightType t) {
+  switch (t) {
+    case WeightType::Q8_0: return 32;
+    case WeightType::Q4_K:
+    case WeightType::Q5_K:
+    case WeightType::Q6_K: return 256;
+    default: return 1;
+  }
+}
+
+size_t block_bytes(WeightType t) {
+  switch (t) {
+    case WeightType::F32: return 4;
+    case WeightType::F16:
+    case WeightType::BF16: return 2;
+    case WeightType::Q8_0: return 34;
+    case WeightType::Q4_K: return 144;
+    case WeightType::Q5_K: return 176;
+    case WeightType::Q6_K: return 210;
+  }
+  return 0;
+}
+
+size_t row_bytes(WeightType t, int64_t cols) {
+  return static_cast<size_t>(cols / block_elems(t)) * block_bytes(t);
+}
+
+size_t act_row_bytes(WeightType t, int64_t cols) { return act_layout(t, cols).bytes; }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+bool isa_available(Isa isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case Isa::Scalar:
+      return true;
+#if defined(KTINJECT_QUANT_X86)
+    case Isa::Avx2:
+      return f.avx2 && f.fma && f.f16c;
+    case Isa::Avx512:
+      return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq &&
+             f.avx512_vnni;
+#endif
+    default:
+      (void)f;
+      return false;
+  }
+}
+
+Isa parse_isa(const std::string& name) {
+  Isa isa;
+  if (name == "scalar") {
+    isa = Isa::Scalar;
+  } else if (name == "avx2") {
+    isa = Isa::Avx2;
+  } else if (name == "avx512") {
+    isa = Isa::Avx512;
+  } else {
+    throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
+  }
+  if (!isa_available(isa)) {
+    throw std::invalid_argument("ISA '" + name + "' is not available on this CPU/build (best is '" +
+                                isa_name(isa_available(Isa::Avx512) ? Isa::Avx512
+                                         : isa_available(Isa::Avx2) ? Isa::Avx2
+                                                                    : Isa::Scalar) +
+                                "')");
+  }
+  return isa;
+}
+
+Isa best_isa() {
+  const char* forced = std::getenv("KTINJECT_ISA");
+  if (forced != nullptr && *forced != '\0') return parse_isa(forced);
+  if (isa_available(Isa::Avx512)) return Isa::Avx512;
+  if (isa_available(Isa::Avx2)) return Isa::Avx2;
+  return Isa::Scalar;
+}
+
+namespace {
+
+const IsaKernels& kernels_for(Isa isa) {
+#if defined(KTINJECT_QUANT_X86)
+  if (isa == Isa::Avx512) return avx512_kernels();
+  if (isa == Isa::Avx2) return avx2_kernels();
+#endif
+  (void)isa;
+  return scalar_kernels();
+}
+
+}  // namespace
+
+void quantize_act(Isa isa, WeightType t, const float* x, int64_t n_tokens, int64_t cols, uint8_t* dst) {
+  kernels_for(isa).quantize_act(t, x, n_tokens, cols, dst);
+}
+
+void gemm(Isa isa, WeightType t, const uint8_t* W, int64_t row0, int64_t n_rows, int64_t cols,
+          const uint8_t* act, int64_t n_tokens, float* out, int64_t out_stride) {
+  if (n_rows <= 0 || n_tokens <= 0) return;
+  kernels_for(isa).gemm(t, W, row0, n_rows, cols, act, n_tokens, out, out_stride);
+}
+
+}  // namespace ktinject

@@ -1,0 +1,1 @@
+"""Marlin int4 weights: the packed layout (``format``), the matmul backends (``backends``) and their kernels."""
