@@ -5,10 +5,12 @@
 namespace ktinject {
 void bind_system(pybind11::module_& m);
 void bind_quant(pybind11::module_& m);
+void bind_moe(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "ktinject native kernels (CPU features, NUMA topology, CPU MoE)";
   ktinject::bind_system(m);
   ktinject::bind_quant(m);
+  ktinject::bind_moe(m);
 }

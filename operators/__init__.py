@@ -1,3 +1,3 @@
 """Operator implementations shipped with ktinject. Importing this package registers their short names."""
 
-from operators import keep, torch_experts, torch_linear  # noqa: F401
+from operators import cpu_experts, keep, torch_experts, torch_linear  # noqa: F401

@@ -2,8 +2,9 @@
 // kernel layer. Structure-of-arrays so that each part is a contiguous, 64-byte aligned vector load:
 //   K-quants (Q4_K/Q5_K/Q6_K):  qs int8[cols] | d f32[cols/256] | bsum16 int16[cols/16] | bsum32 int16[cols/32]
 //     x ~= d[sb] * qs; bsum16/bsum32 are sums of qs over each 16 / 32 elements (the weights' offset terms).
-//   Q8_0:                       qs int8[cols] | d f32[cols/32] | sum f32[cols/32]
-//     x ~= d[b] * qs; sum[b] = d[b] * (sum of the block's qs), for the +128 trick of unsigned dot products.
+//   Q8_0:                       qs int8[cols] | d f32[cols/32] | nsum int32[cols/32]
+//     x ~= d[b] * qs; nsum[b] = -128 * (sum of the block's qs): the packed weights are stored as
+//     u8 = w + 128, so sum((w + 128) * q) + nsum = sum(w * q).
 //   F32 / F16 / BF16:           f32[cols]
 // Every part starts at a multiple of 64 bytes; the row is padded to a multiple of 64.
 #pragma once
@@ -15,16 +16,16 @@
 
 namespace ktinject {
 
-inline size_t round_up_64(size_t n) { return (n + 63) & ~static_cast<size_t>(63); }
+static inline size_t round_up_64(size_t n) { return (n + 63) & ~static_cast<size_t>(63); }
 
 struct ActLayout {
   size_t d_off = 0;      // f32 scales
-  size_t sum_off = 0;    // K-quants: int16 bsum16; Q8_0: f32 sums
+  size_t sum_off = 0;    // K-quants: int16 bsum16; Q8_0: int32 nsum
   size_t sum32_off = 0;  // K-quants: int16 bsum32
   size_t bytes = 0;      // whole row, multiple of 64
 };
 
-inline ActLayout act_layout(WeightType t, int64_t cols) {
+static inline ActLayout act_layout(WeightType t, int64_t cols) {
   const size_t n = static_cast<size_t>(cols);
   ActLayout l;
   switch (t) {
@@ -39,7 +40,7 @@ inline ActLayout act_layout(WeightType t, int64_t cols) {
     case WeightType::Q8_0:
       l.d_off = round_up_64(n);
       l.sum_off = l.d_off + round_up_64(n / 32 * sizeof(float));
-      l.bytes = l.sum_off + round_up_64(n / 32 * sizeof(float));
+      l.bytes = l.sum_off + round_up_64(n / 32 * sizeof(int32_t));
       break;
     default:
       l.bytes = round_up_64(n * sizeof(float));

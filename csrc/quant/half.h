@@ -6,20 +6,20 @@
 
 namespace ktinject {
 
-inline float bits_to_float(uint32_t u) {
+static inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint32_t float_to_bits(float f) {
+static inline uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
 // Exact: every half value is a float.
-inline float fp16_to_float(uint16_t h) {
+static inline float fp16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1Fu;
   uint32_t mant = h & 0x3FFu;
@@ -36,7 +36,7 @@ inline float fp16_to_float(uint16_t h) {
 }
 
 // Round to nearest even, like numpy's float32 -> float16 cast (overflow -> inf, nan stays nan).
-inline uint16_t float_to_fp16(float f) {
+static inline uint16_t float_to_fp16(float f) {
   const uint32_t x = float_to_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7FFFFFFFu;
@@ -59,10 +59,10 @@ inline uint16_t float_to_fp16(float f) {
   return static_cast<uint16_t>(sign | r);
 }
 
-inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+static inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest even; nan becomes a quiet nan (the same rule as gguf-py's BF16.quantize_blocks).
-inline uint16_t float_to_bf16(float f) {
+static inline uint16_t float_to_bf16(float f) {
   uint32_t x = float_to_bits(f);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 64u);
   x += 0x7FFFu + ((x >> 16) & 1u);

@@ -60,8 +60,16 @@ size_t block_bytes(WeightType t) {
   return 0;
 }
 
+int col_granularity(WeightType t) {
+  return (t == WeightType::F16 || t == WeightType::BF16) ? 2 : block_elems(t);
+}
+
 size_t row_bytes(WeightType t, int64_t cols) {
   return static_cast<size_t>(cols / block_elems(t)) * block_bytes(t);
+}
+
+int act_block_elems(WeightType t) {
+  return (t == WeightType::F32 || t == WeightType::F16 || t == WeightType::BF16) ? 1 : block_elems(t);
 }
 
 size_t act_row_bytes(WeightType t, int64_t cols) { return act_layout(t, cols).bytes; }
@@ -135,14 +143,21 @@ const IsaKernels& kernels_for(Isa isa) {
 
 }  // namespace
 
-void quantize_act(Isa isa, WeightType t, const float* x, int64_t n_tokens, int64_t cols, uint8_t* dst) {
-  kernels_for(isa).quantize_act(t, x, n_tokens, cols, dst);
+void quantize_act_cols(Isa isa, WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols,
+                       uint8_t* row) {
+  if (ncols <= 0) return;
+  kernels_for(isa).quantize_act_cols(t, x, cols, col0, ncols, row);
 }
 
-void gemm(Isa isa, WeightType t, const uint8_t* W, int64_t row0, int64_t n_rows, int64_t cols,
-          const uint8_t* act, int64_t n_tokens, float* out, int64_t out_stride) {
-  if (n_rows <= 0 || n_tokens <= 0) return;
-  kernels_for(isa).gemm(t, W, row0, n_rows, cols, act, n_tokens, out, out_stride);
+void gemm(Isa isa, WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
+          const uint8_t* const* act, int64_t n_tokens, const GemmOut& out) {
+  if (n_tiles <= 0 || n_tokens <= 0) return;
+  kernels_for(isa).gemm(t, packed, rows, cols, tile0, n_tiles, act, n_tokens, out);
+}
+
+void activate(Isa isa, Activation a, float alpha, float limit, float* gate, const float* up, int64_t n) {
+  if (n <= 0) return;
+  kernels_for(isa).activate(a, alpha, limit, gate, up, n);
 }
 
 }  // namespace ktinject

@@ -1,7 +1,11 @@
-// Weight formats and dot-product kernels of the CPU MoE operator: one API over GGUF block formats
-// (Q8_0, Q4_K, Q5_K, Q6_K) and float rows (F32, F16, BF16), with scalar / AVX2 / AVX-512 variants
-// chosen at run time. Raw pointers and shapes only; the binding layer and the MoE driver validate
-// arguments, so every function here states its preconditions instead of checking them.
+// Weight formats and kernels of the CPU MoE operator: one API over GGUF block formats (Q8_0, Q4_K,
+// Q5_K, Q6_K) and float rows (F32, F16, BF16), with scalar / AVX2 / AVX-512 variants chosen at run time.
+// Raw pointers and shapes only; the binding layer and the MoE driver validate arguments, so every
+// function here states its preconditions instead of checking them.
+//
+// Weights are used in a *packed* form made once at load time (packed_format.h): the same bytes as the
+// GGUF blocks, regrouped in tiles of 16 rows so one 64-byte vector holds 4 bytes of each of 16 rows.
+// Packing is lossless (unpack_row gives the GGUF bytes back) and takes exactly as much memory.
 #pragma once
 
 #include <cstddef>
@@ -13,19 +17,27 @@ namespace ktinject {
 // Values are the GGML type ids, so a GGUF tensor's type converts directly.
 enum class WeightType : int { F32 = 0, F16 = 1, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 
-// Kernel families. Avx2 needs AVX2+FMA+F16C; Avx512 needs AVX-512 F/BW/VL/DQ + VNNI (AVX512-BF16 is
-// used when present, but is not required).
+// Kernel families. Avx2 needs AVX2+FMA+F16C; Avx512 needs AVX-512 F/BW/VL/DQ + VNNI.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// The gated activations of the experts: h = act(gate) * up, and GPT-OSS's clamped variant
+// h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
+enum class Activation : int { Silu = 0, Gelu = 1, GeluTanh = 2, Relu = 3, GptOssSwiglu = 4 };
+
+constexpr int kTileRows = 16;
 
 // True when type_id is one of the WeightType values above.
 bool weight_type_supported(int type_id);
 // "f32", "f16", "q8_0", "q4_k", "q5_k", "q6_k", "bf16".
 const char* weight_type_name(WeightType t);
-// Elements per block: 1 for float types, 32 for Q8_0, 256 for K-quants.
+// Elements per GGUF block: 1 for float types, 32 for Q8_0, 256 for K-quants.
 int block_elems(WeightType t);
-// Bytes of one block (float types: element size).
+// Bytes of one GGUF block (float types: element size).
 size_t block_bytes(WeightType t);
-// Bytes of one weight row. Precondition: cols % block_elems(t) == 0.
+// A row's column count must be a multiple of this: the block size, and 2 for F16/BF16 (packing moves
+// 4-byte groups).
+int col_granularity(WeightType t);
+// Bytes of one weight row. Precondition: cols % col_granularity(t) == 0.
 size_t row_bytes(WeightType t, int64_t cols);
 
 // Best kernel family of this CPU. KTINJECT_ISA=scalar|avx2|avx512 forces a lower one; naming one the
@@ -38,32 +50,56 @@ const char* isa_name(Isa isa);
 // True when this CPU and build can run kernels of `isa`.
 bool isa_available(Isa isa);
 
-// Activations are converted once per (token, weight type) into the form the weight type's dot product
-// reads: int8 with one f32 scale per 256 elements plus 16-element sums for the K-quants, int8 with one
-// f32 scale per 32 elements for Q8_0, f32 for the float types. The layout is private to this layer
-// (identical for every Isa, so any Isa may read what another wrote); callers only size buffers.
-// Precondition: cols % block_elems(t) == 0. The size is a multiple of 64; 64-byte-aligned buffers are
-// fastest.
+// ---- packed weights -------------------------------------------------------------------------------
+// Tiles of kTileRows rows; the last tile of a matrix whose row count is not a multiple is zero-padded.
+size_t tile_bytes(WeightType t, int64_t cols);  // == kTileRows * row_bytes(t, cols)
+int64_t num_tiles(int64_t rows);
+size_t packed_bytes(WeightType t, int64_t rows, int64_t cols);
+// Packs tiles [tile0, tile1) of a `rows` x `cols` GGUF matrix whose row r starts at src + r * src_stride
+// (src_stride >= row_bytes(t, cols): a column slice of a wider matrix packs by pointing src at the
+// slice's first block). `packed` points at the start of the whole packed matrix.
+void pack_tiles(WeightType t, const uint8_t* src, size_t src_stride, int64_t rows, int64_t cols, int64_t tile0,
+                int64_t tile1, uint8_t* packed);
+// Writes row `row` of a packed matrix back in GGUF layout (row_bytes(t, cols) bytes).
+void unpack_row(WeightType t, const uint8_t* packed, int64_t cols, int64_t row, uint8_t* dst);
+
+// ---- activations ----------------------------------------------------------------------------------
+// Activations are converted into the form a weight type's dot product reads (act_format.h): int8 with
+// one f32 scale per 256 elements (K-quants) or per 32 (Q8_0), f32 for float types. Identical bytes for
+// every Isa. Rows are act_row_bytes(t, cols) long (a multiple of 64).
 size_t act_row_bytes(WeightType t, int64_t cols);
+// Elements per activation quantization block: 256 (K-quants), 32 (Q8_0), 1 (float types).
+int act_block_elems(WeightType t);
+// Converts columns [col0, col0 + ncols) of one row: x holds those ncols values, `row` is the whole
+// destination row (of `cols` columns). Preconditions: isa_available(isa); col0 and ncols multiples of
+// act_block_elems(t) (ncols may end at cols); x finite for a meaningful result (never a crash).
+void quantize_act_cols(Isa isa, WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row);
 
-// Converts n_tokens rows of x (row stride cols floats) into dst (row stride act_row_bytes(t, cols)).
-// Preconditions: isa_available(isa); cols % block_elems(t) == 0; x finite.
-void quantize_act(Isa isa, WeightType t, const float* x, int64_t n_tokens, int64_t cols, uint8_t* dst);
+// ---- gemm -----------------------------------------------------------------------------------------
+// Where gemm writes: value of weight row (16 * tile + r) for token i goes to
+// rows[i][col0 + 16 * (tile - tile0) + r]; stored when scale is null, else accumulated as
+// rows[i][...] += scale[i] * value (tokens are processed in order, so two tokens may share a row).
+struct GemmOut {
+  float* const* rows;
+  int64_t col0;
+  const float* scale;
+};
 
-// out[tok * out_stride + r] = dot(W row (row0 + r), act row tok), r in [0, n_rows), tok in [0, n_tokens).
-// W points at row 0 of the matrix; rows are row_bytes(t, cols) apart; act rows act_row_bytes(t, cols)
-// apart, written by quantize_act for the same t and cols. Output is overwritten, not accumulated.
-// Single-threaded: the caller splits rows across threads (any row0/n_rows split is valid).
-// Preconditions: isa_available(isa); cols % block_elems(t) == 0; n_rows, n_tokens >= 0;
-// out_stride >= n_rows; out does not alias W or act.
-void gemm(Isa isa, WeightType t, const uint8_t* W, int64_t row0, int64_t n_rows, int64_t cols,
-          const uint8_t* act, int64_t n_tokens, float* out, int64_t out_stride);
+// out = W[tiles tile0 .. tile0+n_tiles) . act[i] for i < n_tokens. Only rows < `rows` are written.
+// act[i] points at a row written by quantize_act_cols for the same t and cols.
+// Single-threaded: callers split tiles across threads. Preconditions: isa_available(isa);
+// cols % col_granularity(t) == 0; the tiles exist; outputs do not alias W or act.
+void gemm(Isa isa, WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
+          const uint8_t* const* act, int64_t n_tokens, const GemmOut& out);
 
+// gate[i] <- act(gate[i] (+ up)) for i < n (see Activation). Vectorized per Isa; relative error < 1e-6.
+void activate(Isa isa, Activation a, float alpha, float limit, float* gate, const float* up, int64_t n);
+
+// ---- conversion -----------------------------------------------------------------------------------
 // Float -> GGUF blocks (our own quantizers, run once at load; the result dequantizes with gguf-py).
-// dst holds n_rows * row_bytes(t, cols) bytes. Preconditions: cols % block_elems(t) == 0; src finite.
+// dst holds n_rows * row_bytes(t, cols) bytes. Preconditions: cols % col_granularity(t) == 0; src finite.
 void quantize_weights(WeightType t, const float* src, int64_t n_rows, int64_t cols, uint8_t* dst);
 // One row of blocks -> cols floats, bit-exactly as gguf-py's dequantize.
-// Precondition: cols % block_elems(t) == 0.
 void dequantize_row(WeightType t, const uint8_t* src, int64_t cols, float* dst);
 
 }  // namespace ktinject

@@ -1,4 +1,4 @@
-// Placeholder until the SIMD kernels land: forwards to the scalar reference.
+// Placeholder until the AVX2 kernels land: forwards to the scalar reference.
 #include "quant/isa_kernels.h"
 
 namespace ktinject {

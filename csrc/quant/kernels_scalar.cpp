@@ -1,12 +1,16 @@
-// Portable reference kernels: the definition every SIMD variant must agree with. Integer dot products
-// are exact; only the float composition of scales is left to each variant's order.
+// Portable reference kernels: the definition every SIMD variant must agree with. They read the packed
+// layout by unpacking one tile-block (16 GGUF blocks) at a time and then work on plain GGUF blocks, so
+// they also pin down what packing means. Integer dot products are exact; only the float composition of
+// scales may differ from a SIMD variant's rounding.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "quant/act_format.h"
+#include "quant/activation_impl.h"
 #include "quant/half.h"
 #include "quant/isa_kernels.h"
+#include "quant/packed_format.h"
 #include "quant/q4_k.h"
 #include "quant/q5_k.h"
 #include "quant/q6_k.h"
@@ -20,171 +24,203 @@ int8_t quantize_one(float x, float id) {
   return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
 }
 
-void quantize_act_row(WeightType t, const float* x, int64_t cols, uint8_t* dst) {
+float max_abs(const float* x, int n) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
+}
+
+void quantize_act_cols_scalar(WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row) {
   const ActLayout L = act_layout(t, cols);
-  int8_t* qs = reinterpret_cast<int8_t*>(dst);
+  int8_t* qs = reinterpret_cast<int8_t*>(row);
   switch (t) {
     case WeightType::Q4_K:
     case WeightType::Q5_K:
     case WeightType::Q6_K: {
-      float* d = reinterpret_cast<float*>(dst + L.d_off);
-      int16_t* bsum16 = reinterpret_cast<int16_t*>(dst + L.sum_off);
-      int16_t* bsum32 = reinterpret_cast<int16_t*>(dst + L.sum32_off);
-      for (int64_t sb = 0; sb < cols / 256; ++sb) {
-        float amax = 0.0f;
-        for (int i = 0; i < 256; ++i) amax = std::max(amax, std::fabs(x[256 * sb + i]));
+      float* d = reinterpret_cast<float*>(row + L.d_off);
+      int16_t* bsum16 = reinterpret_cast<int16_t*>(row + L.sum_off);
+      int16_t* bsum32 = reinterpret_cast<int16_t*>(row + L.sum32_off);
+      for (int64_t c = 0; c < ncols; c += 256) {
+        const int64_t sb = (col0 + c) / 256;
+        const float amax = max_abs(x + c, 256);
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         d[sb] = amax / 127.0f;
-        for (int i = 0; i < 256; ++i) qs[256 * sb + i] = quantize_one(x[256 * sb + i], id);
+        for (int g = 0; g < 16; ++g) {
+          int s = 0;
+          for (int i = 0; i < 16; ++i) {
+            qs[256 * sb + 16 * g + i] = quantize_one(x[c + 16 * g + i], id);
+            s += qs[256 * sb + 16 * g + i];
+          }
+          bsum16[16 * sb + g] = static_cast<int16_t>(s);
+        }
+        for (int g = 0; g < 8; ++g)
+          bsum32[8 * sb + g] = static_cast<int16_t>(bsum16[16 * sb + 2 * g] + bsum16[16 * sb + 2 * g + 1]);
       }
-      for (int64_t g = 0; g < cols / 16; ++g) {
-        int s = 0;
-        for (int i = 0; i < 16; ++i) s += qs[16 * g + i];
-        bsum16[g] = static_cast<int16_t>(s);
-      }
-      for (int64_t g = 0; g < cols / 32; ++g) bsum32[g] = static_cast<int16_t>(bsum16[2 * g] + bsum16[2 * g + 1]);
-      break;
+      return;
     }
     case WeightType::Q8_0: {
-      float* d = reinterpret_cast<float*>(dst + L.d_off);
-      float* sum = reinterpret_cast<float*>(dst + L.sum_off);
-      for (int64_t b = 0; b < cols / 32; ++b) {
-        float amax = 0.0f;
-        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
+      float* d = reinterpret_cast<float*>(row + L.d_off);
+      int32_t* nsum = reinterpret_cast<int32_t*>(row + L.sum_off);
+      for (int64_t c = 0; c < ncols; c += 32) {
+        const int64_t b = (col0 + c) / 32;
+        const float amax = max_abs(x + c, 32);
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         d[b] = amax / 127.0f;
         int s = 0;
         for (int i = 0; i < 32; ++i) {
-          qs[32 * b + i] = quantize_one(x[32 * b + i], id);
+          qs[32 * b + i] = quantize_one(x[c + i], id);
           s += qs[32 * b + i];
         }
-        sum[b] = d[b] * static_cast<float>(s);
+        nsum[b] = -128 * s;
       }
-      break;
+      return;
     }
     default:
-      std::memcpy(dst, x, cols * sizeof(float));
-      break;
+      std::memcpy(reinterpret_cast<float*>(row) + col0, x, ncols * sizeof(float));
+      return;
   }
 }
 
-void quantize_act_scalar(WeightType t, const float* x, int64_t n_tokens, int64_t cols, uint8_t* dst) {
-  const size_t stride = act_row_bytes(t, cols);
-  for (int64_t tok = 0; tok < n_tokens; ++tok) quantize_act_row(t, x + tok * cols, cols, dst + tok * stride);
-}
+// ---- one GGUF block against one activation block -----------------------------------------------------
 
-float dot_q4_k_q5_k(bool five, const uint8_t* w, int64_t cols, const uint8_t* act, const ActLayout& L) {
-  const int8_t* a = reinterpret_cast<const int8_t*>(act);
-  const float* ad = reinterpret_cast<const float*>(act + L.d_off);
-  const int16_t* bsum32 = reinterpret_cast<const int16_t*>(act + L.sum32_off);
-  const size_t bb = five ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
-  float sum = 0.0f;
-  for (int64_t sb = 0; sb < cols / 256; ++sb) {
-    const uint8_t* p = w + sb * bb;
-    uint16_t d16, dmin16;
-    std::memcpy(&d16, p, 2);
-    std::memcpy(&dmin16, p + 2, 2);
-    uint8_t sc[8], m[8];
-    unpack_k_scales(p + 4, sc, m);
-    const uint8_t* qh = p + 16;
-    const uint8_t* qs = five ? p + 48 : p + 16;
-    const int8_t* x = a + 256 * sb;
-    int32_t isum = 0, msum = 0;
-    for (int j = 0; j < 8; ++j) {
-      int32_t s = 0;
-      for (int l = 0; l < 32; ++l) {
-        int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
-        if (five) q |= ((qh[l] >> j) & 1) << 4;
-        s += q * x[32 * j + l];
-      }
-      isum += sc[j] * s;
-      msum += m[j] * bsum32[8 * sb + j];
-    }
-    sum += ad[sb] * (fp16_to_float(d16) * static_cast<float>(isum) - fp16_to_float(dmin16) * static_cast<float>(msum));
-  }
-  return sum;
-}
+struct ActRef {  // the parts of one activation row
+  const int8_t* qs;
+  const float* d;
+  const int16_t* bsum16;
+  const int16_t* bsum32;
+  const float* f;
+};
 
-float dot_q6_k(const uint8_t* w, int64_t cols, const uint8_t* act, const ActLayout& L) {
-  const int8_t* a = reinterpret_cast<const int8_t*>(act);
-  const float* ad = reinterpret_cast<const float*>(act + L.d_off);
-  const int16_t* bsum16 = reinterpret_cast<const int16_t*>(act + L.sum_off);
-  float sum = 0.0f;
-  for (int64_t sb = 0; sb < cols / 256; ++sb) {
-    BlockQ6_K b;
-    std::memcpy(&b, w + sb * sizeof b, sizeof b);
-    const int8_t* x = a + 256 * sb;
-    int32_t isum = 0;
-    for (int j = 0; j < 16; ++j) {
-      int32_t s = 0;
-      for (int i = 0; i < 16; ++i) {
-        const int e = 16 * j + i, h = e / 128, r = e % 128;
-        const int lo = (b.ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
-        const int hi = (b.qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
-        s += (lo | (hi << 4)) * x[e];
-      }
-      isum += b.scales[j] * (s - 32 * bsum16[16 * sb + j]);
-    }
-    sum += ad[sb] * fp16_to_float(b.d) * static_cast<float>(isum);
-  }
-  return sum;
-}
-
-float dot_q8_0(const uint8_t* w, int64_t cols, const uint8_t* act, const ActLayout& L) {
-  const int8_t* a = reinterpret_cast<const int8_t*>(act);
-  const float* ad = reinterpret_cast<const float*>(act + L.d_off);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < cols / 32; ++i) {
-    BlockQ8_0 b;
-    std::memcpy(&b, w + i * sizeof b, sizeof b);
-    int32_t s = 0;
-    for (int l = 0; l < 32; ++l) s += b.qs[l] * a[32 * i + l];
-    sum += fp16_to_float(b.d) * ad[i] * static_cast<float>(s);
-  }
-  return sum;
-}
-
-float dot_float(WeightType t, const uint8_t* w, int64_t cols, const float* x) {
-  float acc[8] = {};
-  for (int64_t i = 0; i < cols; ++i) {
-    float v;
-    if (t == WeightType::F32) {
-      std::memcpy(&v, w + 4 * i, 4);
-    } else {
-      uint16_t h;
-      std::memcpy(&h, w + 2 * i, 2);
-      v = t == WeightType::F16 ? fp16_to_float(h) : bf16_to_float(h);
-    }
-    acc[i % 8] += v * x[i];
-  }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-void gemm_scalar(WeightType t, const uint8_t* W, int64_t row0, int64_t n_rows, int64_t cols, const uint8_t* act,
-                 int64_t n_tokens, float* out, int64_t out_stride) {
-  const size_t rb = row_bytes(t, cols);
+ActRef act_ref(WeightType t, const uint8_t* row, int64_t cols) {
   const ActLayout L = act_layout(t, cols);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const uint8_t* w = W + (row0 + r) * rb;
-    for (int64_t tok = 0; tok < n_tokens; ++tok) {
-      const uint8_t* a = act + tok * L.bytes;
-      float v;
-      switch (t) {
-        case WeightType::Q4_K: v = dot_q4_k_q5_k(false, w, cols, a, L); break;
-        case WeightType::Q5_K: v = dot_q4_k_q5_k(true, w, cols, a, L); break;
-        case WeightType::Q6_K: v = dot_q6_k(w, cols, a, L); break;
-        case WeightType::Q8_0: v = dot_q8_0(w, cols, a, L); break;
-        default: v = dot_float(t, w, cols, reinterpret_cast<const float*>(a)); break;
+  return {reinterpret_cast<const int8_t*>(row), reinterpret_cast<const float*>(row + L.d_off),
+          reinterpret_cast<const int16_t*>(row + L.sum_off), reinterpret_cast<const int16_t*>(row + L.sum32_off),
+          reinterpret_cast<const float*>(row)};
+}
+
+float block_q45_k(bool five, const uint8_t* p, const ActRef& a, int64_t sb) {
+  uint16_t d16, dmin16;
+  std::memcpy(&d16, p, 2);
+  std::memcpy(&dmin16, p + 2, 2);
+  uint8_t sc[8], m[8];
+  unpack_k_scales(p + 4, sc, m);
+  const uint8_t* qh = p + 16;
+  const uint8_t* qs = five ? p + 48 : p + 16;
+  const int8_t* x = a.qs + 256 * sb;
+  int32_t isum = 0, msum = 0;
+  for (int j = 0; j < 8; ++j) {
+    int32_t s = 0;
+    for (int l = 0; l < 32; ++l) {
+      int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+      if (five) q |= ((qh[l] >> j) & 1) << 4;
+      s += q * x[32 * j + l];
+    }
+    isum += sc[j] * s;
+    msum += m[j] * a.bsum32[8 * sb + j];
+  }
+  return a.d[sb] * (fp16_to_float(d16) * static_cast<float>(isum) - fp16_to_float(dmin16) * static_cast<float>(msum));
+}
+
+float block_q6_k(const uint8_t* p, const ActRef& a, int64_t sb) {
+  BlockQ6_K b;
+  std::memcpy(&b, p, sizeof b);
+  const int8_t* x = a.qs + 256 * sb;
+  int32_t isum = 0;
+  for (int j = 0; j < 16; ++j) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) {
+      const int e = 16 * j + i, h = e / 128, r = e % 128;
+      const int lo = (b.ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
+      const int hi = (b.qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+      s += (lo | (hi << 4)) * x[e];
+    }
+    isum += b.scales[j] * (s - 32 * a.bsum16[16 * sb + j]);
+  }
+  return a.d[sb] * fp16_to_float(b.d) * static_cast<float>(isum);
+}
+
+float block_q8_0(const uint8_t* p, const ActRef& a, int64_t blk) {
+  BlockQ8_0 b;
+  std::memcpy(&b, p, sizeof b);
+  int32_t s = 0;
+  for (int l = 0; l < 32; ++l) s += b.qs[l] * a.qs[32 * blk + l];
+  return fp16_to_float(b.d) * a.d[blk] * static_cast<float>(s);
+}
+
+float group_float(WeightType t, const uint8_t* p, const ActRef& a, int64_t g) {
+  if (t == WeightType::F32) {
+    float w;
+    std::memcpy(&w, p, 4);
+    return w * a.f[g];
+  }
+  uint16_t h[2];
+  std::memcpy(h, p, 4);
+  const float w0 = t == WeightType::F16 ? fp16_to_float(h[0]) : bf16_to_float(h[0]);
+  const float w1 = t == WeightType::F16 ? fp16_to_float(h[1]) : bf16_to_float(h[1]);
+  return w0 * a.f[2 * g] + w1 * a.f[2 * g + 1];
+}
+
+float group_dot(WeightType t, const uint8_t* blk, const ActRef& a, int64_t g) {
+  switch (t) {
+    case WeightType::Q4_K: return block_q45_k(false, blk, a, g);
+    case WeightType::Q5_K: return block_q45_k(true, blk, a, g);
+    case WeightType::Q6_K: return block_q6_k(blk, a, g);
+    case WeightType::Q8_0: return block_q8_0(blk, a, g);
+    default: return group_float(t, blk, a, g);
+  }
+}
+
+constexpr int kTokenGroup = 8;
+
+void gemm_scalar(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
+                 const uint8_t* const* act, int64_t n_tokens, const GemmOut& out) {
+  const PackedFormat f = packed_format(t);
+  const int64_t groups = cols / group_cols(t);
+  const size_t main = tile_main_bytes(t);
+  const size_t tb = tile_bytes(t, cols);
+  uint8_t blocks[kTileRows][256];  // one tile-block back in GGUF layout (a block is at most 210 bytes)
+  for (int64_t tile = tile0; tile < tile0 + n_tiles; ++tile) {
+    const uint8_t* tp = packed + tile * tb;
+    const int valid = static_cast<int>(std::min<int64_t>(kTileRows, rows - tile * kTileRows));
+    for (int64_t i0 = 0; i0 < n_tokens; i0 += kTokenGroup) {
+      const int nt = static_cast<int>(std::min<int64_t>(kTokenGroup, n_tokens - i0));
+      ActRef refs[kTokenGroup];
+      for (int i = 0; i < nt; ++i) refs[i] = act_ref(t, act[i0 + i], cols);
+      float acc[kTokenGroup][kTileRows] = {};
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int r = 0; r < valid; ++r) {
+          for (int v = 0; v < f.main_vectors; ++v) {
+            std::memcpy(blocks[r] + f.main_off + 4 * v, tp + g * main + 64 * v + 4 * r, 4);
+            if (f.flip_sign)
+              for (int b = 0; b < 4; ++b) blocks[r][f.main_off + 4 * v + b] ^= 0x80;
+          }
+          if (f.tail_off >= 0) std::memcpy(blocks[r] + f.tail_off, tp + groups * main + 32 * g + 2 * r, 2);
+        }
+        for (int i = 0; i < nt; ++i)
+          for (int r = 0; r < valid; ++r) acc[i][r] += group_dot(t, blocks[r], refs[i], g);
       }
-      out[tok * out_stride + r] = v;
+      for (int i = 0; i < nt; ++i) {
+        float* dst = out.rows[i0 + i] + out.col0 + (tile - tile0) * kTileRows;
+        for (int r = 0; r < valid; ++r) {
+          if (out.scale != nullptr) {
+            dst[r] += out.scale[i0 + i] * acc[i][r];
+          } else {
+            dst[r] = acc[i][r];
+          }
+        }
+      }
     }
   }
+}
+
+void activate_scalar(Activation a, float alpha, float limit, float* gate, const float* up, int64_t n) {
+  act_impl::activate(a, alpha, limit, gate, up, n);
 }
 
 }  // namespace
 
 const IsaKernels& scalar_kernels() {
-  static const IsaKernels k{quantize_act_scalar, gemm_scalar};
+  static const IsaKernels k{quantize_act_cols_scalar, gemm_scalar, activate_scalar};
   return k;
 }
 

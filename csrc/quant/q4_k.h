@@ -18,7 +18,7 @@ static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block is 144 bytes");
 
 // The 12-byte packing shared by Q4_K and Q5_K. For j < 4: sc[j] = b[j] & 63, m[j] = b[j+4] & 63.
 // For j >= 4: sc[j] = (b[j+4] & 15) | (b[j-4] >> 6) << 4, m[j] = (b[j+4] >> 4) | (b[j] >> 6) << 4.
-inline void unpack_k_scales(const uint8_t* b, uint8_t* sc, uint8_t* m) {
+static inline void unpack_k_scales(const uint8_t* b, uint8_t* sc, uint8_t* m) {
   for (int j = 0; j < 4; ++j) {
     sc[j] = b[j] & 63;
     m[j] = b[j + 4] & 63;
@@ -28,7 +28,7 @@ inline void unpack_k_scales(const uint8_t* b, uint8_t* sc, uint8_t* m) {
 }
 
 // Inverse of unpack_k_scales; sc[j], m[j] < 64.
-inline void pack_k_scales(const uint8_t* sc, const uint8_t* m, uint8_t* b) {
+static inline void pack_k_scales(const uint8_t* sc, const uint8_t* m, uint8_t* b) {
   for (int j = 0; j < 4; ++j) {
     b[j] = static_cast<uint8_t>(sc[j] | ((sc[j + 4] >> 4) << 6));
     b[j + 4] = static_cast<uint8_t>(m[j] | ((m[j + 4] >> 4) << 6));

@@ -1,5 +1,6 @@
-"""Quant kernel layer (csrc/quant): GGUF block layouts against gguf-py, gemm against a float64 reference
-for every weight type and every ISA this CPU runs, quantizer quality, argument checking."""
+"""Quant kernel layer (csrc/quant): GGUF block layouts against gguf-py, the packed layout, gemm against a
+float64 reference for every weight type and every ISA this CPU runs, activation functions, quantizer
+quality, argument checking."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def test_gemm_matches_float64_reference(name: str, isa: str, rng: np.random.Gene
         for n_tokens in (1, 7, 64):
             x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
             x[:, ::97] *= 4.0  # a few outlier channels, as in real activations
-            out = m.gemm_reference(TYPES[name], isa, blocks, x)
+            out = m.gemm(TYPES[name], isa, blocks, x)
             assert out.shape == (n_tokens, rows) and out.dtype == np.float32
             exact = simulate_act_quant(x, name).astype(np.float64) @ w.T
             scale = np.abs(np.abs(x).astype(np.float64) @ np.abs(w).T)  # conditioning of each dot
@@ -143,18 +144,73 @@ def test_gemm_matches_float64_reference(name: str, isa: str, rng: np.random.Gene
 
 
 @pytest.mark.parametrize("name", list(TYPES))
-def test_isas_agree_and_row_window(name: str, rng: np.random.Generator) -> None:
+def test_isas_agree_and_tile_window(name: str, rng: np.random.Generator) -> None:
     """Every ISA computes the same integer dot products; only float summation order differs."""
     cols, rows = 1024, 45
     blocks = m.quantize(TYPES[name], rng.standard_normal((rows, cols)).astype(np.float32))
     x = rng.standard_normal((19, cols)).astype(np.float32)
-    ref = m.gemm_reference(TYPES[name], "scalar", blocks, x)
+    ref = m.gemm(TYPES[name], "scalar", blocks, x)
+    tol = dict(rtol=2e-5, atol=2e-5 * np.abs(ref).max())
     for isa in ISAS:
-        out = m.gemm_reference(TYPES[name], isa, blocks, x)
-        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
-        part = m.gemm_reference(TYPES[name], isa, blocks, x, row0=5, n_rows=33)
-        assert not part[:, :5].any() and not part[:, 38:].any()
-        np.testing.assert_allclose(part[:, 5:38], ref[:, 5:38], rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+        out = m.gemm(TYPES[name], isa, blocks, x)
+        np.testing.assert_allclose(out, ref, **tol)
+        part = m.gemm(TYPES[name], isa, blocks, x, tile0=1, n_tiles=2)  # rows 16..44 (the last tile is partial)
+        assert not part[:, :16].any()
+        np.testing.assert_allclose(part[:, 16:], ref[:, 16:], **tol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["q4_k", "q8_0", "bf16"])
+def test_gemm_accumulates_scaled_in_token_order(name: str, isa: str, rng: np.random.Generator) -> None:
+    """out += scale * value, also when two tokens write the same row (the MoE's duplicate expert ids)."""
+    cols, rows = 512, 32
+    blocks = m.quantize(TYPES[name], rng.standard_normal((rows, cols)).astype(np.float32))
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    plain = m.gemm(TYPES[name], isa, blocks, x)
+    base = rng.standard_normal((5, rows)).astype(np.float32)
+    scale = [0.5, -2.0, 0.0, 1.0, 3.0]
+    out = base.copy()
+    m.gemm(TYPES[name], isa, blocks, x, out=out, scale=scale)
+    np.testing.assert_allclose(out, base + np.array(scale, np.float32)[:, None] * plain, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_pack_unpack_roundtrip(name: str, rng: np.random.Generator) -> None:
+    """Packing only moves bytes: same size (rows padded to 16) and unpack gives the GGUF blocks back."""
+    for rows, cols in ((1, 256), (16, 512), (45, 1024)):
+        blocks = random_blocks(name, rows, cols, rng)
+        packed = m.pack(TYPES[name], blocks, cols)
+        assert packed.nbytes == -(-rows // 16) * 16 * blocks.shape[1]
+        np.testing.assert_array_equal(m.unpack(TYPES[name], packed, rows, cols), blocks)
+
+
+@pytest.mark.parametrize("name", sorted(INT8_ACT))
+def test_activation_bytes_identical_across_isas(name: str, rng: np.random.Generator) -> None:
+    x = rng.standard_normal((6, 1024)).astype(np.float32) * 3
+    x[1] = 0.0
+    x[2, :256] = 1e-30
+    ref = m.quantize_activation(TYPES[name], "scalar", x)
+    for isa in ISAS:
+        np.testing.assert_array_equal(m.quantize_activation(TYPES[name], isa, x), ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu", "gptoss_swiglu"])
+def test_activation_functions_match_torch(kind: str, isa: str) -> None:
+    import torch
+
+    g = torch.linspace(-30, 30, 4099, dtype=torch.float64)
+    u = torch.linspace(-9, 9, 4099, dtype=torch.float64).flip(0)
+    reference = {
+        "silu": lambda: torch.nn.functional.silu(g) * u,
+        "gelu": lambda: torch.nn.functional.gelu(g) * u,
+        "gelu_tanh": lambda: torch.nn.functional.gelu(g, approximate="tanh") * u,
+        "relu": lambda: torch.relu(g) * u,
+        "gptoss_swiglu": lambda: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(1.702 * g.clamp(max=7)),
+    }[kind]()
+    ours = m.activate(isa, kind, g.float().numpy(), u.float().numpy(), alpha=1.702, limit=7.0)
+    # float32 inputs; 1e-6 of the largest value covers exp/erf approximations (~2e-7 relative)
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=2e-6, atol=1e-6 * float(reference.abs().max()))
 
 
 def test_isa_selection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,11 +235,15 @@ def test_bad_arguments_raise_value_error() -> None:
         (lambda: m.dequantize(12, b, 512), "'blocks'"),
         (lambda: m.dequantize(12, b, 250), "'cols'"),
         (lambda: m.dequantize(12, b.astype(np.int8), 256), "'blocks'"),
-        (lambda: m.gemm_reference(12, "avx9", b, x), "'isa'"),
-        (lambda: m.gemm_reference(12, "scalar", b, np.zeros((2, 512), np.float32)), "'W'"),
-        (lambda: m.gemm_reference(12, "scalar", b[:, :100].copy(), x), "'W'"),
-        (lambda: m.gemm_reference(12, "scalar", b, x, row0=3), "'row0'"),
-        (lambda: m.gemm_reference(12, "scalar", b, x, row0=1, n_rows=2), "'n_rows'"),
+        (lambda: m.gemm(12, "avx9", b, x), "'isa'"),
+        (lambda: m.gemm(12, "scalar", b, np.zeros((2, 512), np.float32)), "'blocks'"),
+        (lambda: m.gemm(12, "scalar", b[:, :100].copy(), x), "'blocks'"),
+        (lambda: m.gemm(12, "scalar", b, x, tile0=3), "'tile0'"),
+        (lambda: m.gemm(12, "scalar", b, x, tile0=0, n_tiles=2), "'n_tiles'"),
+        (lambda: m.gemm(12, "scalar", b, x, scale=[1.0]), "'scale'"),
+        (lambda: m.pack(12, b, 512), "'blocks'"),
+        (lambda: m.unpack(12, b.reshape(-1)[:100].copy(), 2, 256), "'packed'"),
+        (lambda: m.activate("scalar", "swish9", x[0], x[0]), "'activation'"),
         (lambda: m.row_bytes(8, 33), "'cols'"),
     ]
     for fn, what in cases:
@@ -191,7 +251,7 @@ def test_bad_arguments_raise_value_error() -> None:
             fn()
     if "avx512" not in ISAS:
         with pytest.raises(ValueError, match="'isa'"):
-            m.gemm_reference(12, "avx512", b, x)
+            m.gemm(12, "avx512", b, x)
 
 
 def test_type_table() -> None:

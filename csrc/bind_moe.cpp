@@ -1,0 +1,285 @@
+// Python bindings of the CPU MoE layer (moe/moe.h) and its thread pool. Every array argument is checked
+// here (dtype, shape, contiguity) and a mismatch raises ValueError naming the argument; the C++ layer
+// below trusts its inputs. Arrays handed to submit() are kept alive until sync().
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "moe/moe.h"
+#include "moe/node_buffer.h"
+#include "moe/thread_pool.h"
+#include "quant/kernels.h"
+
+namespace py = pybind11;
+
+namespace ktinject {
+namespace {
+
+[[noreturn]] void bad_arg(const std::string& name, const std::string& msg) {
+  throw py::value_error("argument '" + name + "': " + msg);
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
+}
+
+// dtype, exact shape (-1 = any) and C-contiguity; no implicit conversion (a wrong dtype is an error,
+// not a silent copy).
+py::array checked(const py::object& obj, const char* name, const py::dtype& dtype, const char* dtype_name,
+                  std::vector<int64_t> shape) {
+  if (!py::isinstance<py::array>(obj))
+    bad_arg(name, std::string("expected a numpy array, got ") + py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(dtype)) bad_arg(name, std::string("expected dtype ") + dtype_name + ", got " + py::str(a.dtype()).cast<std::string>());
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (!ok) {
+    std::string want = "[";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+    bad_arg(name, "expected shape " + want + "], got " + shape_str(a));
+  }
+  if (!(a.flags() & py::array::c_style)) bad_arg(name, "must be C-contiguous");
+  return a;
+}
+
+WeightType checked_type(int type_id, const char* name) {
+  if (!weight_type_supported(type_id)) bad_arg(name, "unsupported GGML type id " + std::to_string(type_id));
+  return static_cast<WeightType>(type_id);
+}
+
+Activation checked_activation(const std::string& name) {
+  if (name == "silu") return Activation::Silu;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_tanh") return Activation::GeluTanh;
+  if (name == "relu") return Activation::Relu;
+  if (name == "gptoss_swiglu") return Activation::GptOssSwiglu;
+  bad_arg("activation", "unknown activation '" + name + "' (expected silu, gelu, gelu_tanh, relu, gptoss_swiglu)");
+}
+
+Isa checked_isa(const std::string& name) {
+  try {
+    return name == "auto" ? best_isa() : parse_isa(name);
+  } catch (const std::invalid_argument& e) {
+    bad_arg("isa", e.what());
+  }
+}
+
+class PyMoe {
+ public:
+  PyMoe(int64_t num_experts, int64_t hidden, int64_t intermediate, int gate_type, int up_type, int down_type,
+        const std::string& activation, bool has_bias, float alpha, float limit, int threads, int numa_nodes,
+        const std::string& isa) {
+    MoeSpec spec;
+    spec.num_experts = num_experts;
+    spec.hidden = hidden;
+    spec.intermediate = intermediate;
+    spec.gate_type = checked_type(gate_type, "gate_type");
+    spec.up_type = checked_type(up_type, "up_type");
+    spec.down_type = checked_type(down_type, "down_type");
+    spec.activation = checked_activation(activation);
+    spec.has_bias = has_bias;
+    spec.alpha = alpha;
+    spec.limit = limit;
+    const Isa chosen = checked_isa(isa);
+    PoolLayout layout;
+    try {
+      layout = choose_layout(threads, numa_nodes);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+    layer_ = std::make_unique<MoeLayer>(spec, ThreadPool::get(layout), chosen);
+  }
+
+  ~PyMoe() {
+    if (layer_ && layer_->pending()) {
+      py::gil_scoped_release release;
+      try {
+        layer_->sync();
+      } catch (...) {
+        // an unsynced call's error has nobody left to report to
+      }
+    }
+  }
+
+  void load(int64_t first, const py::object& gate_obj, const py::object& up_obj, const py::object& down_obj) {
+    const MoeSpec& s = layer_->spec();
+    const py::dtype u8 = py::dtype::of<uint8_t>();
+    const int64_t gate_rb = row_bytes(s.gate_type, s.hidden), up_rb = row_bytes(s.up_type, s.hidden);
+    const int64_t down_rb = row_bytes(s.down_type, s.intermediate);
+    const py::array gate = checked(gate_obj, "gate", u8, "uint8", {-1, s.intermediate, gate_rb});
+    const int64_t n = gate.shape(0);
+    const py::array up = checked(up_obj, "up", u8, "uint8", {n, s.intermediate, up_rb});
+    const py::array down = checked(down_obj, "down", u8, "uint8", {n, s.hidden, down_rb});
+    if (first < 0 || first + n > s.num_experts)
+      bad_arg("first", "experts [" + std::to_string(first) + ", " + std::to_string(first + n) + ") exceed the " +
+                           std::to_string(s.num_experts) + " experts");
+    const auto* g = static_cast<const uint8_t*>(gate.data());
+    const auto* u = static_cast<const uint8_t*>(up.data());
+    const auto* d = static_cast<const uint8_t*>(down.data());
+    py::gil_scoped_release release;
+    layer_->load(first, n, g, u, d);
+  }
+
+  void load_bias(const py::object& gate_obj, const py::object& up_obj, const py::object& down_obj) {
+    const MoeSpec& s = layer_->spec();
+    const py::dtype f32 = py::dtype::of<float>();
+    const py::array g = checked(gate_obj, "gate_bias", f32, "float32", {s.num_experts, s.intermediate});
+    const py::array u = checked(up_obj, "up_bias", f32, "float32", {s.num_experts, s.intermediate});
+    const py::array d = checked(down_obj, "down_bias", f32, "float32", {s.num_experts, s.hidden});
+    try {
+      layer_->load_bias(static_cast<const float*>(g.data()), static_cast<const float*>(u.data()), static_cast<const float*>(d.data()));
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }
+
+  void submit(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj, const py::object& out_obj) {
+    const MoeSpec& s = layer_->spec();
+    const py::array x = checked(x_obj, "hidden_states", py::dtype::of<float>(), "float32", {-1, s.hidden});
+    const int64_t T = x.shape(0);
+    const py::array ids = checked(ids_obj, "top_k_index", py::dtype::of<int64_t>(), "int64", {T, -1});
+    const int64_t K = ids.shape(1);
+    const py::array w = checked(w_obj, "top_k_weights", py::dtype::of<float>(), "float32", {T, K});
+    py::array out = checked(out_obj, "out", py::dtype::of<float>(), "float32", {T, s.hidden});
+    if (!out.writeable()) bad_arg("out", "must be writeable");
+    if (layer_->pending()) sync();
+    const auto* xp = static_cast<const float*>(x.data());
+    const auto* ip = static_cast<const int64_t*>(ids.data());
+    const auto* wp = static_cast<const float*>(w.data());
+    auto* op = static_cast<float*>(out.mutable_data());
+    try {
+      py::gil_scoped_release release;
+      layer_->submit(xp, T, ip, wp, K, op);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(std::string("argument 'top_k_index': ") + e.what());
+    }
+    keep_ = {x, ids, w, out};
+  }
+
+  void sync() {
+    struct Release {
+      std::vector<py::object>& keep;
+      ~Release() { keep.clear(); }
+    } release_refs{keep_};
+    py::gil_scoped_release release;
+    layer_->sync();
+  }
+
+  MoeLayer& layer() { return *layer_; }
+
+ private:
+  std::unique_ptr<MoeLayer> layer_;
+  std::vector<py::object> keep_;
+};
+
+// Read bandwidth of this machine with the pool's pinned workers (for the benchmark's roofline).
+class ReadJob : public Job {
+ public:
+  ReadJob(const uint8_t* data, size_t bytes, int workers) : data_(data), bytes_(bytes), workers_(workers) {}
+  void run(int node, int local) override {
+    (void)node;
+    const int index = index_.fetch_add(1);
+    const size_t chunk = bytes_ / workers_ / 64 * 64;
+    const uint64_t* p = reinterpret_cast<const uint64_t*>(data_ + index * chunk);
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    for (size_t i = 0; i + 4 <= chunk / 8; i += 4) {
+      a ^= p[i];
+      b ^= p[i + 1];
+      c ^= p[i + 2];
+      d ^= p[i + 3];
+    }
+    sink_.fetch_xor((a ^ b ^ c ^ d) + static_cast<uint64_t>(local));
+  }
+  std::atomic<int> index_{0};
+  std::atomic<uint64_t> sink_{0};
+
+ private:
+  const uint8_t* data_;
+  size_t bytes_;
+  int workers_;
+};
+
+double measure_read_bandwidth(size_t bytes, int threads, int repeats) {
+  auto pool = ThreadPool::get(choose_layout(threads, 0));
+  NodeBuffer buf(bytes, -1);
+  std::memset(buf.data(), 1, bytes);
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) {
+    ReadJob job(buf.data(), bytes, pool->threads());
+    const auto t0 = std::chrono::steady_clock::now();
+    pool->start(&job);
+    pool->wait();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(bytes) / s / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
+
+void bind_moe(py::module_& m) {
+  py::class_<PyMoe>(m, "MoE", "The routed experts of one MoE layer on the CPU (see csrc/moe/moe.h).")
+      .def(py::init<int64_t, int64_t, int64_t, int, int, int, const std::string&, bool, float, float, int, int, const std::string&>(),
+           py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::kw_only(), py::arg("gate_type"),
+           py::arg("up_type"), py::arg("down_type"), py::arg("activation") = "silu", py::arg("has_bias") = false,
+           py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("threads") = 0, py::arg("numa_nodes") = 0,
+           py::arg("isa") = "auto",
+           "Weight types are GGML type ids. threads/numa_nodes 0 = all; numa_nodes above the machine's node count "
+           "splits the CPUs into that many groups. isa: 'auto' (KTINJECT_ISA or the best) | 'avx512' | 'avx2' | 'scalar'.")
+      .def("load", &PyMoe::load, py::arg("first"), py::arg("gate"), py::arg("up"), py::arg("down"),
+           "Pack experts [first, first + n) from GGUF blocks: gate/up uint8 [n, intermediate, row_bytes], "
+           "down uint8 [n, hidden, row_bytes]. Blocks until done (runs on the pool).")
+      .def("load_bias", &PyMoe::load_bias, py::arg("gate_bias"), py::arg("up_bias"), py::arg("down_bias"),
+           "float32 [E, intermediate], [E, intermediate], [E, hidden].")
+      .def("submit", &PyMoe::submit, py::arg("hidden_states"), py::arg("top_k_index"), py::arg("top_k_weights"),
+           py::arg("out"),
+           "Start out = MoE(hidden_states) (float32 [T, hidden]; top_k_index int64 [T, k]; top_k_weights float32 "
+           "[T, k]) and return at once. The arrays are kept alive until sync().")
+      .def("sync", &PyMoe::sync, "Wait for the submitted call; an error raised in a worker is raised here.")
+      .def("_fail_next_call", [](PyMoe& p) { p.layer().fail_next_call(); }, "Test hook: the next call fails in a worker.")
+      .def_property_readonly("isa", [](PyMoe& p) { return std::string(isa_name(p.layer().isa())); })
+      .def_property_readonly("threads", [](PyMoe& p) { return p.layer().pool().threads(); })
+      .def_property_readonly("numa_nodes", [](PyMoe& p) { return p.layer().pool().nodes(); })
+      .def_property_readonly("cpus", [](PyMoe& p) { return p.layer().pool().layout().cpus; })
+      .def_property_readonly("memory_nodes", [](PyMoe& p) { return p.layer().pool().layout().memory_node; })
+      .def_property_readonly("unpinned_cpus", [](PyMoe& p) { return p.layer().pool().unpinned_cpus(); })
+      .def_property_readonly("slices",
+                             [](PyMoe& p) {
+                               std::vector<std::pair<int64_t, int64_t>> s;
+                               for (int n = 0; n < p.layer().pool().nodes(); ++n) s.push_back(p.layer().slice(n));
+                               return s;
+                             })
+      .def_property_readonly("weight_bytes", [](PyMoe& p) { return p.layer().weight_bytes(); })
+      .def_property_readonly("pending", [](PyMoe& p) { return p.layer().pending(); });
+  m.def(
+      "pool_layout",
+      [](int threads, int numa_nodes) {
+        try {
+          const PoolLayout l = choose_layout(threads, numa_nodes);
+          return py::make_tuple(l.cpus, l.memory_node);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+      },
+      py::arg("threads") = 0, py::arg("numa_nodes") = 0,
+      "(cpus per node group, memory node per group) that MoE(threads=, numa_nodes=) would use.");
+  m.def(
+      "measure_read_bandwidth",
+      [](size_t bytes, int threads, int repeats) {
+        py::gil_scoped_release release;
+        return measure_read_bandwidth(bytes, threads, repeats);
+      },
+      py::arg("bytes") = size_t{1} << 30, py::arg("threads") = 0, py::arg("repeats") = 5,
+      "Best read bandwidth (GB/s) of `threads` pinned workers streaming `bytes` of memory.");
+}
+
+}  // namespace ktinject

@@ -1,0 +1,100 @@
+// A persistent pool of worker threads, each pinned to one CPU, grouped by NUMA node.
+//
+// Work is handed over as a Job: start() wakes every worker, each calls job.run(node, local) once, and
+// wait() returns when all of them are done. Between jobs workers spin briefly (so back-to-back MoE
+// layers start within a microsecond) and then sleep on a condition variable: an idle pool uses no CPU.
+// One job at a time; callers serialize (the MoE layer does, see moe.h).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace ktinject {
+
+class Job {
+ public:
+  virtual ~Job() = default;
+  // Called once per worker per start(). Must not throw (catch and record errors inside).
+  virtual void run(int node, int local) = 0;
+};
+
+// Which CPUs serve which (possibly virtual) node, and where that node's memory lives.
+struct PoolLayout {
+  std::vector<std::vector<int>> cpus;  // cpus[n] = CPUs of node group n (one worker per CPU)
+  std::vector<int> memory_node;        // OS NUMA node holding group n's memory (-1: no libnuma / unknown)
+  std::string key() const;             // identity for the pool registry
+};
+
+// Picks CPUs for `threads` workers on `nodes` node groups from the machine's topology. 0 means "all".
+// More groups than physical nodes splits nodes (how tests exercise the NUMA partitioning on one node).
+// Throws std::invalid_argument on impossible requests (threads < nodes, more threads than CPUs...).
+PoolLayout choose_layout(int threads, int nodes);
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(PoolLayout layout);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int nodes() const { return static_cast<int>(layout_.cpus.size()); }
+  int threads_in(int node) const { return static_cast<int>(layout_.cpus[node].size()); }
+  int threads() const { return static_cast<int>(workers_.size()); }
+  const PoolLayout& layout() const { return layout_; }
+  // CPUs whose pinning failed (the worker then runs unpinned).
+  std::vector<int> unpinned_cpus() const;
+
+  // Wakes all workers on `job`. Precondition: no job in flight (wait() returned). job outlives wait().
+  void start(Job* job);
+  // Blocks until every worker has finished the current job. No-op when none is in flight.
+  void wait();
+  bool busy() const { return remaining_.load(std::memory_order_acquire) != 0; }
+
+  // Pools are shared by every MoE layer with the same layout; the registry holds them weakly.
+  static std::shared_ptr<ThreadPool> get(const PoolLayout& layout);
+
+ private:
+  struct Worker {
+    int node, local, cpu;
+  };
+  void worker_main(int index);
+
+  PoolLayout layout_;
+  std::vector<Worker> workers_;
+  std::vector<std::thread> threads_;
+  std::vector<char> pinned_;
+  int spin_us_;
+
+  Job* job_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<int> started_{0};
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::condition_variable work_cv_, done_cv_;
+};
+
+// Spin barrier for the workers of one node inside a job (short waits between phases).
+class NodeBarrier {
+ public:
+  void reset(int parties) {
+    parties_ = parties;
+    count_.store(0);
+    phase_.store(0);
+  }
+  void arrive_and_wait();
+
+ private:
+  int parties_ = 1;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> phase_{0};
+};
+
+}  // namespace ktinject

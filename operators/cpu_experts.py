@@ -1,0 +1,262 @@
+"""``cpu_experts``: the routed experts of a MoE layer on the CPU, in our C++ kernels (csrc/moe).
+
+It replaces a transformers v5 fused experts module (``mlp.experts``) and keeps its call contract
+``experts(hidden[T, H], top_k_index[T, K], top_k_weights[T, K]) -> [T, H]``. Weights live in C++ memory as
+GGUF blocks (Q4_K, Q5_K, Q6_K, Q8_0) or float rows (BF16, F16, F32), packed once into the kernels' tile
+layout and split over NUMA nodes by the intermediate dimension (1x memory). A live module's float weights
+are quantized at injection with our own quantizers; GGUF blocks are taken as stored (``load_weights``).
+
+Per call the operator does a constant handful of torch calls (move/convert the three inputs, allocate the
+output) and one ``submit`` + ``sync`` into C++, which releases the GIL while it runs. ``submit()`` and
+``sync()`` are public so a caller can overlap other work (a GPU's) with the CPU experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ktinject.errors import OperatorError
+from ktinject.native import native
+from ktinject.operator import Operator, OperatorConfig, register_operator
+from operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
+
+logger = logging.getLogger("ktinject")
+
+WeightTypeName = Literal["auto", "q4_k", "q5_k", "q6_k", "q8_0", "bf16", "f16", "f32"]
+IsaName = Literal["auto", "avx512", "avx2", "scalar"]
+
+# GGML type ids (the kernels' WeightType values) and bytes per element, for memory estimates.
+GGML_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14, "bf16": 30}
+GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
+BYTES_PER_WEIGHT: dict[str, float] = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_k": 144 / 256, "q5_k": 176 / 256, "q6_k": 210 / 256}
+FLOAT_STORAGE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_TO_TYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+# Experts converted per batch when quantizing a live module (bounds the temporary float32 copy).
+_EXPERTS_PER_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuExpertsConfig(OperatorConfig):
+    weight_type: WeightTypeName = "auto"  # auto: as stored in a GGUF; a live module keeps its dtype (bf16/f16/f32)
+    threads: int = 0  # worker threads; 0 = every CPU of the chosen NUMA nodes
+    numa_nodes: int = 0  # node groups; 0 = every node. More than the machine has splits its CPUs (testing)
+    isa: IsaName = "auto"  # kernel family; auto = the best this CPU runs (or KTINJECT_ISA)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = all CPUs), got {self.threads}")
+        if self.numa_nodes < 0:
+            raise ValueError(f"numa_nodes must be >= 0 (0 = all nodes), got {self.numa_nodes}")
+
+
+@register_operator("cpu_experts")
+class CpuExperts(Operator):
+    """Routed experts on the CPU (C++ kernels, NUMA-pinned thread pool)."""
+
+    Config = CpuExpertsConfig
+    wants_raw_weights = True  # the loader hands GGUF blocks over as stored (see load_weights)
+
+    def __init__(self, spec: ExpertsSpec, *, name: str, config: CpuExpertsConfig, transposed: bool) -> None:
+        super().__init__()
+        self.spec = spec
+        self.module_name = name
+        self.config = config
+        self._source_transposed = transposed
+        self._moe: Any = None  # the native MoE, created once the weight types are known
+        self._types: tuple[str, str, str] | None = None
+        self._pending: tuple[torch.Tensor, torch.device, torch.dtype] | None = None
+
+    # ---- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: CpuExpertsConfig) -> "CpuExperts":
+        if device.type != "cpu":
+            raise OperatorError(f"cpu_experts computes on the CPU; {name!r} is placed on {device} (use device: cpu)")
+        spec = experts_spec(module, name=name)
+        op = cls(spec, name=name, config=config, transposed=bool(getattr(module, "is_transposed", False)))
+        if not module.gate_up_proj.is_meta:
+            op._load_from_float(module.gate_up_proj, module.down_proj, getattr(module, "gate_up_proj_bias", None),
+                                getattr(module, "down_proj_bias", None))
+        return op
+
+    @classmethod
+    def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:
+        gate_up, down = module.gate_up_proj, module.down_proj
+        name = config.weight_type if config.weight_type != "auto" else _DTYPE_TO_TYPE.get(gate_up.dtype, "f32")
+        return int((gate_up.numel() + down.numel()) * BYTES_PER_WEIGHT[name])
+
+    def _create(self, gate_type: str, up_type: str, down_type: str) -> None:
+        s, c = self.spec, self.config
+        try:
+            self._moe = native().MoE(
+                s.num_experts, s.hidden_size, s.intermediate_size,
+                gate_type=GGML_TYPES[gate_type], up_type=GGML_TYPES[up_type], down_type=GGML_TYPES[down_type],
+                activation=s.activation, has_bias=s.has_bias, alpha=s.swiglu_alpha, limit=s.swiglu_limit,
+                threads=c.threads, numa_nodes=c.numa_nodes, isa=c.isa,
+            )
+        except ValueError as exc:
+            hint = ""
+            if "not a multiple" in str(exc):
+                hint = " (K-quants need dimensions that are multiples of 256, q8_0 of 32; bf16/f16/f32 fit any even size)"
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}{hint}") from None
+        self._types = (gate_type, up_type, down_type)
+
+    def _float_type(self, dtype: torch.dtype) -> str:
+        if self.config.weight_type != "auto":
+            return self.config.weight_type
+        if dtype not in _DTYPE_TO_TYPE:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: cannot keep dtype {dtype}; set weight_type")
+        return _DTYPE_TO_TYPE[dtype]
+
+    def _load_from_float(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
+                         down_bias: torch.Tensor | None) -> None:
+        """Convert float weights (HF fused layout, any device) to the configured type, a few experts at a time."""
+        wtype = self._float_type(gate_up.dtype)
+        self._create(wtype, wtype, wtype)
+        with torch.no_grad():
+            for e0 in range(0, self.spec.num_experts, _EXPERTS_PER_BATCH):
+                e1 = min(self.spec.num_experts, e0 + _EXPERTS_PER_BATCH)
+                gate, up = split_gate_up(gate_up[e0:e1].detach().cpu(), self.spec, transposed=self._source_transposed)
+                d = down[e0:e1].detach().cpu()
+                d = d.transpose(1, 2) if self._source_transposed else d
+                self._moe.load(e0, _to_blocks(gate, wtype), _to_blocks(up, wtype), _to_blocks(d, wtype))
+            if gate_up_bias is not None and down_bias is not None:
+                gb, ub = split_gate_up(gate_up_bias.detach().cpu(), self.spec, transposed=self._source_transposed)
+                self._moe.load_bias(_f32(gb), _f32(ub), _f32(down_bias.detach().cpu()))
+            elif self.spec.has_bias and gate_up_bias is not None:
+                raise OperatorError(f"cpu_experts for {self.module_name!r}: the module has gate_up_proj_bias but no down_proj_bias")
+
+    # ---- loading from a weight source (checkpoint / GGUF) -------------------------------------------
+
+    def weight_names(self) -> list[str]:
+        names = ["gate_up_proj", "down_proj"]
+        return names + ["gate_up_proj_bias", "down_proj_bias"] if self.spec.has_bias else names
+
+    def load_weights(self, source, prefix: str) -> None:
+        """Take the weights from ``source``: GGUF blocks as stored when it offers them, else float tensors."""
+        parts = getattr(source, "parts", None)
+        loaded = False
+        if parts is not None:
+            gate_up_parts, down_parts = parts(prefix + "gate_up_proj"), parts(prefix + "down_proj")
+            if _stored_as_blocks(gate_up_parts, down_parts):
+                try:
+                    self._load_blocks(gate_up_parts, down_parts)
+                    loaded = True
+                except _Requantize:
+                    pass
+        if not loaded:
+            self._load_from_float(source.tensor(prefix + "gate_up_proj"), source.tensor(prefix + "down_proj"), None, None)
+        if self.spec.has_bias:
+            gb, ub = split_gate_up(source.tensor(prefix + "gate_up_proj_bias"), self.spec, transposed=self._source_transposed)
+            self._moe.load_bias(_f32(gb), _f32(ub), _f32(source.tensor(prefix + "down_proj_bias")))
+
+    def _load_blocks(self, gate_up_parts: list, down_parts: list) -> None:
+        """GGUF experts stored as [gate_exps (E, I, H), up_exps (E, I, H)] and [down_exps (E, H, I)]."""
+        s = self.spec
+        if len(gate_up_parts) != 2 or len(down_parts) != 1:
+            raise OperatorError(
+                f"cpu_experts for {self.module_name!r}: expected stacked gate/up/down expert tensors, got "
+                f"{[p.stored_name for p in gate_up_parts]} and {[p.stored_name for p in down_parts]}"
+            )
+        gate, up = gate_up_parts
+        (down,) = down_parts
+        expected = {gate.stored_name: (s.num_experts, s.intermediate_size, s.hidden_size),
+                    up.stored_name: (s.num_experts, s.intermediate_size, s.hidden_size),
+                    down.stored_name: (s.num_experts, s.hidden_size, s.intermediate_size)}
+        for part in (gate, up, down):
+            if tuple(part.shape) != expected[part.stored_name]:
+                raise OperatorError(f"cpu_experts for {self.module_name!r}: {part.stored_name} has shape {tuple(part.shape)}, "
+                                    f"expected {expected[part.stored_name]}")
+        types = []
+        for part in (gate, up, down):
+            name = GGML_TYPE_NAMES.get(part.ggml_type)
+            if name is None:
+                raise OperatorError(f"cpu_experts for {self.module_name!r}: {part.stored_name} is stored as GGML type "
+                                    f"{part.ggml_type}, which the CPU kernels do not read (supported: {', '.join(GGML_TYPES)})")
+            types.append(name)
+        wanted = self.config.weight_type
+        if wanted != "auto" and any(t != wanted for t in types):
+            logger.warning("cpu_experts %s: weight_type=%s but the file stores %s; converting (dequantize + quantize, slow, lossy)",
+                           self.module_name, wanted, "/".join(types))
+            raise _Requantize()
+        self._create(*types)
+        for e0 in range(0, s.num_experts, _EXPERTS_PER_BATCH):
+            e1 = min(s.num_experts, e0 + _EXPERTS_PER_BATCH)
+            self._moe.load(e0, _blocks_view(gate, e0, e1), _blocks_view(up, e0, e1), _blocks_view(down, e0, e1))
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Start the experts on the CPU and return at once; ``sync()`` returns the result."""
+        if self._moe is None:
+            raise OperatorError(f"cpu_experts for {self.module_name!r} has no weights yet (load_weights was not called)")
+        if self._pending is not None:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: submit() called twice without sync()")
+        validate_routing(hidden_states, top_k_index, top_k_weights, self.spec, self.module_name)
+        x = hidden_states.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        ids = top_k_index.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        weights = top_k_weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        out = torch.empty_like(x)
+        if x.shape[0]:
+            try:
+                self._moe.submit(x.numpy(), ids.numpy(), weights.numpy(), out.numpy())
+            except ValueError as exc:
+                raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
+        self._pending = (out, hidden_states.device, hidden_states.dtype)
+
+    def sync(self) -> torch.Tensor:
+        """Wait for the submitted call; returns its result on the caller's device and dtype."""
+        if self._pending is None:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: sync() without submit()")
+        out, device, dtype = self._pending
+        self._pending = None
+        self._moe.sync()
+        return out.to(device=device, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        self.submit(hidden_states, top_k_index, top_k_weights)
+        return self.sync()
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        types = "/".join(self._types) if self._types else "not loaded"
+        where = f"isa={self._moe.isa}, threads={self._moe.threads}, numa_nodes={self._moe.numa_nodes}" if self._moe is not None else ""
+        return f"experts={s.num_experts}, hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, weights={types}, {where}"
+
+
+class _Requantize(Exception):
+    """Internal: stored blocks are not the requested type; fall back to the float path (logged)."""
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.to(torch.float32).numpy())
+
+
+def _to_blocks(w: torch.Tensor, wtype: str) -> np.ndarray:
+    """[e, rows, cols] float tensor -> uint8 [e, rows, row_bytes] in GGUF layout of ``wtype``."""
+    e, rows, cols = w.shape
+    if wtype in FLOAT_STORAGE:
+        t = w.to(FLOAT_STORAGE[wtype]).contiguous()
+        return t.view(torch.uint8).numpy().reshape(e, rows, -1) if t.dtype != torch.float32 else t.numpy().view(np.uint8).reshape(e, rows, -1)
+    flat = np.ascontiguousarray(w.to(torch.float32).numpy().reshape(e * rows, cols))
+    return native().quantize(GGML_TYPES[wtype], flat).reshape(e, rows, -1)
+
+
+def _stored_as_blocks(gate_up_parts: list, down_parts: list) -> bool:
+    return all(getattr(p, "ggml_type", None) is not None for p in (*gate_up_parts, *down_parts))
+
+
+def _blocks_view(part, e0: int, e1: int) -> np.ndarray:
+    """Experts [e0, e1) of a stacked GGUF tensor as uint8 [n, rows, row_bytes] (a view of the mmap)."""
+    data = np.asarray(part.data)
+    if data.dtype != np.uint8:
+        data = data.view(np.uint8)
+    rows = part.shape[1]
+    return np.ascontiguousarray(data.reshape(part.shape[0], rows, -1)[e0:e1])
