@@ -23,9 +23,9 @@ def test_builtin_rules_claim_experts_and_projections(pair):
     ops = {entry.op for entry in plan}
     assert "keep" in ops and "torch_linear" in ops
     if family != "llama":
-        experts = [e for e in plan if e.op == "torch_experts"]
+        experts = [e for e in plan if e.op == "cpu_experts"]
         assert experts and all(e.module_name.endswith("mlp.experts") for e in experts)
-        assert type(optimized.get_submodule(experts[0].module_name)).__name__ == "TorchExperts"
+        assert type(optimized.get_submodule(experts[0].module_name)).__name__ == "CpuExperts"
     assert not plan.unmatched_rules
 
 

@@ -33,7 +33,7 @@ def test_plan_full_size_config_on_meta(capsys, tmp_path, config, experts_row):
     code, out, _ = run(capsys, "plan", "--config", str(tmp_path), "--set", "gpu=cuda:0")
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith(experts_row))
-    assert "torch_experts" in row and " cpu " in row
+    assert "cpu_experts" in row and " cpu " in row
     assert "estimated memory per device: cpu: " in out and "cuda:0: " in out
 
 
