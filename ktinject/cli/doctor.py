@@ -51,6 +51,14 @@ def report() -> list[tuple[str, str]]:
     hint = " (set to 0 for pinned experts: sysctl kernel.numa_balancing=0)" if balancing not in ("0", "n/a") else ""
     rows.append(("numa_balancing", balancing + hint))
     rows.append(("built with NUMA", "yes (libnuma)" if ext.built_with_numa else "no (libnuma-dev was missing at build time; one node)"))
+    if hasattr(ext, "pool_layout"):
+        try:
+            groups, memory_nodes = ext.pool_layout(0, 0)
+            desc = "; ".join(f"node {mem if mem >= 0 else '?'}: cpus {_compress(cpus)}" for cpus, mem in zip(groups, memory_nodes))
+            rows.append(("cpu_experts default", f"{sum(len(g) for g in groups)} pinned threads in {len(groups)} node group(s) ({desc}); "
+                         "kwargs threads= / numa_nodes= change it"))
+        except ValueError as exc:
+            rows.append(("cpu_experts default", f"cannot place workers: {exc}"))
     return rows
 
 
