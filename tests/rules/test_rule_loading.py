@@ -82,3 +82,13 @@ def test_builtin_lookup_cannot_escape_the_rules_directory():
 def test_auto_needs_a_known_model_type():
     with pytest.raises(ktinject.RuleError, match="no built-in rules for model_type 'bert'"):
         ktinject.load_rules("auto", model_type="bert")
+
+
+def test_readme_rule_example_loads():
+    """The rule file on the README's first screen is valid (documentation must not rot)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("```yaml\n# my_rules.yaml") + len("```yaml\n")
+    rules = ktinject.load_rules(readme[start:readme.index("```", start)], vars={"gpu": "cpu"})
+    assert rules.rules[0].replace.op == "cpu_experts" and rules.rules[0].replace.config.numa_nodes == 2
