@@ -1,15 +1,16 @@
 """Marlin's 4-bit weight layout in pure torch: quantize, pack, unpack, repack GPTQ, pad, and a reference GEMM.
 
-This is the canonical on-device format of ``marlin_linear``; every GPU kernel (Triton now, our CUDA later)
-reads exactly these tensors, and the functions here are the bit-exact CPU definition they are tested against.
+This is the canonical on-device format of ``marlin_linear``; every GPU kernel (Triton, our CUDA kernel in
+``csrc/cuda``) reads exactly these tensors, and the functions here are the bit-exact CPU definition they are tested against.
 The layout is the one of the IST-DASLab Marlin kernel and of vLLM's ``gptq_marlin`` for 4-bit weights
 (``uint4b8``: symmetric, zero point 8), so checkpoints packed by either tool are read unchanged.
 
 Values
     The weight of an ``nn.Linear`` is ``W [N, K]`` (N outputs, K inputs). Marlin works on its transpose
     ``B = W.T [K, N]``. Each element is a 4-bit code ``q`` in 0..15 and its value is ``(q - 8) * s`` where
-    ``s`` is the scale of its (group of K, column n). Groups are ``group_size`` consecutive k (32, 64 or 128
-    for the kernels); ``group_size=-1`` means one group over the whole K (per-channel scales).
+    ``s`` is the scale of its (group of K, column n). Groups are ``group_size`` consecutive k (any multiple
+    of 16 for our kernels, 32/64/128 for Marlin's own); ``group_size=-1`` means one group over the whole K
+    (per-channel scales).
 
 qweight: int32 ``[K / 16, 2 * N]``
     B is cut into tiles of 16 rows (k) by 64 columns (n). Tile ``(kt, ct)`` is stored as 128 consecutive
@@ -43,8 +44,9 @@ scales: ``[K / group_size, N]`` (one row per group), fp16 or bf16, columns permu
     The kernels decide between the two from the number of scale rows, so ``group_size == K`` is per-channel.
 
 Shapes: K must be a multiple of 16 and N of 64 for the layout; the kernels also want K a multiple of 128.
-:func:`pad_for_marlin` pads a weight once at load time (zeros, which quantize to code 8 = exactly 0) and the
-operator slices the output back.
+:func:`pad_for_marlin` pads a dense weight once at load time (zeros, which quantize to code 8 = exactly 0),
+:func:`pad_quantized` an already quantized one (GPTQ); the kernels skip the padded output columns and the
+operator zero-pads the activations' extra K columns.
 
 Sources of the layout facts: IST-DASLab/marlin ``marlin/__init__.py`` (``_get_perms`` and ``Layer.pack``),
 vLLM ``vllm/model_executor/layers/quantization/utils/marlin_utils.py`` (``get_scale_perms``,
@@ -66,7 +68,11 @@ __all__ = [
     "quantize_int4",
     "pack_marlin",
     "unpack_marlin",
+    "unpack_gptq",
+    "check_gptq_symmetric",
+    "check_gptq_g_idx",
     "repack_gptq",
+    "pad_quantized",
     "marlin_padded_shape",
     "pad_for_marlin",
     "dequantize_marlin",
@@ -100,45 +106,44 @@ def _check_kn(k: int, n: int) -> None:
         )
 
 
+# The index tables are cached per device: the dequantize fallback unpacks on the GPU at every call.
 @functools.lru_cache(maxsize=None)
-def _tile_slots() -> torch.Tensor:
+def _tile_slots(device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """``[16, 64]`` int64: for element (r, c) of a tile, its slot ``8*word + nibble`` among the tile's 1024."""
     r = torch.arange(TILE_K).view(-1, 1)
     c = torch.arange(TILE_N).view(1, -1)
     word = 16 * (c % 8) + 4 * ((r % 8) // 2) + c // 16
     nibble = 4 * (r % 2) + 2 * ((c % 16) // 8) + r // 8
-    return 8 * word + nibble
+    return (8 * word + nibble).to(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_sources() -> torch.Tensor:
+def _tile_sources(device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """``[1024]`` int64: inverse of :func:`_tile_slots`, the element ``r*64 + c`` stored in each slot."""
-    return torch.argsort(_tile_slots().flatten())
+    return torch.argsort(_tile_slots().flatten()).to(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _scale_positions(grouped: bool) -> torch.Tensor:
+def _scale_positions(grouped: bool, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Position of column ``n`` inside its block of scales (64 when grouped, 32 when per-channel)."""
     if grouped:
         n = torch.arange(64)
-        return 8 * (n % 8) + n // 8
+        return (8 * (n % 8) + n // 8).to(device)
     n = torch.arange(32)
-    return 8 * ((n % 8) // 2) + 2 * (n // 8) + n % 2
+    return (8 * ((n % 8) // 2) + 2 * (n // 8) + n % 2).to(device)
 
 
 def _permute_scales(scales: torch.Tensor, grouped: bool) -> torch.Tensor:
-    pos = _scale_positions(grouped).to(scales.device)
+    pos = _scale_positions(grouped, scales.device)
     g, n = scales.shape
-    blocks = scales.reshape(g, n // pos.numel(), pos.numel())
-    out = torch.empty_like(blocks)
-    out[..., pos] = blocks
-    return out.reshape(g, n)
+    # out[pos[i]] = in[i], as a gather with the inverse permutation
+    return scales.reshape(g, n // pos.numel(), pos.numel()).index_select(-1, torch.argsort(pos)).reshape(g, n)
 
 
 def _unpermute_scales(scales: torch.Tensor, grouped: bool) -> torch.Tensor:
-    pos = _scale_positions(grouped).to(scales.device)
+    pos = _scale_positions(grouped, scales.device)
     g, n = scales.shape
-    return scales.reshape(g, n // pos.numel(), pos.numel())[..., pos].reshape(g, n)
+    return scales.reshape(g, n // pos.numel(), pos.numel()).index_select(-1, pos).reshape(g, n)
 
 
 def quantize_int4(
@@ -146,9 +151,11 @@ def quantize_int4(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest 4-bit quantization of ``weight [N, K]``: codes uint8 ``[N, K]``, scales ``[K/g, N]``.
 
-    ``w ~ (code - 8) * scale`` with ``scale = absmax(group) / 7`` rounded to ``scale_dtype`` first and the codes
-    computed against the stored scale, so ``|w - dequant| <= scale / 2`` for every element (codes stay in 1..15;
-    -8 is never used, which keeps the bound without clipping). All-zero groups get scale 0 and code 8.
+    ``w ~ (code - 8) * scale`` with ``scale = 2 * absmax(group) / 15`` (GPTQ's and Marlin's symmetric convention,
+    7% finer than ``absmax / 7``: +-absmax land half-way between the two outermost codes and round inwards, to
+    15 and 1; code 0 is only reached by values the rounding pushes past -7.5). The scale is rounded *up* to
+    ``scale_dtype`` and the codes are computed against the stored scale, so ``|w - dequant| <= scale / 2`` holds
+    for every element. All-zero groups get scale 0 and code 8.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -157,7 +164,12 @@ def quantize_int4(
     w = weight.detach().float().reshape(n, groups, k // groups)
     if not torch.isfinite(w).all():
         raise ValueError("weight has NaN or infinite values; cannot quantize")
-    scales = (w.abs().amax(dim=-1) / 7).to(scale_dtype)  # [N, groups]
+    target = w.abs().amax(dim=-1) / 7.5  # [N, groups], fp32
+    scales = target.to(scale_dtype)
+    # Round up, never down: a scale below absmax/7.5 would push +absmax past code 15 and break the error bound.
+    too_small = scales.float() < target
+    if too_small.any():
+        scales = torch.where(too_small, torch.nextafter(scales, torch.full_like(scales, math.inf)), scales)
     if not torch.isfinite(scales).all():
         raise ValueError(f"a group scale overflows {scale_dtype}; use scale_dtype=torch.bfloat16")
     s = scales.float()
@@ -202,12 +214,15 @@ def pack_marlin(
     _check_kn(k, n)
     groups = _num_groups(group_size, k)
     if tuple(scales.shape) != (groups, n):
-        raise ValueError(f"scales must be [{groups}, {n}] for K={k}, N={n}, group_size={group_size}; got {tuple(scales.shape)}")
+        raise ValueError(
+            f"scales must be [{groups}, {n}] for K={k}, N={n}, group_size={group_size}; got {tuple(scales.shape)}"
+        )
     if codes.is_floating_point() or codes.min() < 0 or codes.max() > 15:
         raise ValueError("codes must be integers in 0..15")
     tiles = codes.to(torch.uint8).reshape(k // TILE_K, TILE_K, n // TILE_N, TILE_N).permute(0, 2, 1, 3)
     tiles = tiles.reshape(k // TILE_K, n // TILE_N, TILE_K * TILE_N)
-    slots = tiles[..., _tile_sources().to(codes.device)]  # slot order: word-major, nibble-minor
+    # index_select, not tiles[..., idx]: advanced indexing takes a path ~100x slower on the CPU for this shape
+    slots = tiles.index_select(-1, _tile_sources(codes.device))  # slot order: word-major, nibble-minor
     qweight = _pack_nibbles(slots.reshape(k // TILE_K, n // TILE_N, WORDS_PER_TILE, 8))
     return qweight.reshape(k // TILE_K, 2 * n), _permute_scales(scales, groups > 1).contiguous()
 
@@ -224,9 +239,34 @@ def unpack_marlin(
         raise ValueError(f"scales must be [{groups}, {N}], got {tuple(scales.shape)}")
     slots = _unpack_nibbles(qweight.reshape(K // TILE_K, N // TILE_N, WORDS_PER_TILE))
     slots = slots.reshape(K // TILE_K, N // TILE_N, TILE_K * TILE_N)
-    tiles = slots[..., _tile_slots().flatten().to(qweight.device)]  # element order r*64 + c
+    tiles = slots.index_select(-1, _tile_slots(qweight.device).flatten())  # element order r*64 + c
     tiles = tiles.reshape(K // TILE_K, N // TILE_N, TILE_K, TILE_N).permute(1, 3, 0, 2)  # [n-tile, c, k-tile, r]
     return tiles.reshape(N, K).contiguous(), _unpermute_scales(scales, groups > 1).contiguous()
+
+
+def unpack_gptq(qweight_gptq: torch.Tensor) -> torch.Tensor:
+    """A GPTQ 4-bit ``qweight [K/8, N]`` int32 as codes uint8 ``[K, N]`` (k = 8*row + p sits at bits 4p..4p+3)."""
+    if qweight_gptq.dtype != torch.int32 or qweight_gptq.dim() != 2:
+        raise ValueError(f"GPTQ qweight must be 2-D int32 [K/8, N], got {qweight_gptq.dtype} {tuple(qweight_gptq.shape)}")
+    rows, n = qweight_gptq.shape
+    return _unpack_nibbles(qweight_gptq).permute(0, 2, 1).reshape(rows * 8, n)
+
+
+def check_gptq_symmetric(qzeros: torch.Tensor) -> None:
+    """Refuse a GPTQ ``qzeros [K/g, N/8]`` that is not the symmetric zero point 8.
+
+    Symmetric 4-bit GPTQ stores 8 in every nibble, or 7 in checkpoints of the original AutoGPTQ format (which
+    stores ``zero - 1``); anything else is an asymmetric checkpoint, which the Marlin layout cannot express.
+    """
+    nibbles = _unpack_nibbles(qzeros.to(torch.int32))
+    for stored in (ZERO_POINT, ZERO_POINT - 1):
+        if bool((nibbles == stored).all()):
+            return
+    values = sorted(set(nibbles.flatten().tolist()))[:6]
+    raise ValueError(
+        f"GPTQ qzeros hold zero points {values}...; marlin_linear needs a symmetric checkpoint (sym: true, zero "
+        f"point {ZERO_POINT}, stored as {ZERO_POINT} or {ZERO_POINT - 1})"
+    )
 
 
 def repack_gptq(
@@ -235,23 +275,45 @@ def repack_gptq(
     """Convert a symmetric 4-bit GPTQ weight (``qweight [K/8, N]`` int32, ``scales [K/g, N]``) to Marlin's layout.
 
     GPTQ packs 8 consecutive k of one column into an int32 (k = 8*row + p at bits 4p); symmetric GPTQ uses
-    zero point 8, the same as Marlin, so ``qzeros`` is not read (check ``sym: true`` in the checkpoint config).
+    zero point 8, the same as Marlin, so ``qzeros`` is not needed here (:func:`check_gptq_symmetric` checks it).
     Act-order checkpoints (``desc_act``: ``g_idx`` other than ``arange(K) // group_size``) are refused.
+    K and N must already fit the layout; :func:`pad_quantized` pads codes and scales first when they do not.
     """
-    if qweight_gptq.dtype != torch.int32 or qweight_gptq.dim() != 2:
-        raise ValueError(f"GPTQ qweight must be 2-D int32 [K/8, N], got {qweight_gptq.dtype} {tuple(qweight_gptq.shape)}")
-    k = qweight_gptq.shape[0] * 8
-    groups = _num_groups(group_size, k)
-    if g_idx is not None and g_idx.numel() > 0:
-        trivial = torch.arange(k, device=g_idx.device) // (k // groups)
-        if g_idx.shape != (k,) or not torch.equal(g_idx.to(trivial.dtype), trivial):
-            raise ValueError(
-                "GPTQ act-order (desc_act) weights are not supported by marlin_linear: g_idx must be "
-                f"arange(K) // group_size for K={k}, group_size={group_size}; re-quantize without desc_act"
-            )
-    codes_kn = _unpack_nibbles(qweight_gptq)  # [K/8, N, 8]
-    codes_kn = codes_kn.permute(0, 2, 1).reshape(k, qweight_gptq.shape[1])
+    codes_kn = unpack_gptq(qweight_gptq)
+    check_gptq_g_idx(g_idx, codes_kn.shape[0], group_size)
     return pack_marlin(codes_kn, scales, group_size, codes_layout="kn")
+
+
+def check_gptq_g_idx(g_idx: torch.Tensor | None, k: int, group_size: int) -> None:
+    """Refuse act-order GPTQ weights: ``g_idx`` must be absent or ``arange(K) // group_size``."""
+    if g_idx is None or g_idx.numel() == 0:
+        return
+    groups = _num_groups(group_size, k)
+    trivial = torch.arange(k, device=g_idx.device) // (k // groups)
+    if tuple(g_idx.shape) != (k,) or not torch.equal(g_idx.to(trivial.dtype), trivial):
+        raise ValueError(
+            "GPTQ act-order (desc_act) weights are not supported by marlin_linear: g_idx must be "
+            f"arange(K) // group_size for K={k}, group_size={group_size}; re-quantize without desc_act"
+        )
+
+
+def pad_quantized(
+    codes: torch.Tensor, scales: torch.Tensor, group_size: int, K: int, N: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad codes ``[N0, K0]`` (code 8) and scales ``[G0, N0]`` (scale 0) to ``K`` inputs and ``N`` outputs.
+
+    For weights that arrive already quantized (GPTQ): padded elements dequantize to exactly 0. Grouped scales
+    gain rows for the new groups; per-channel scales (one row, or ``group_size == -1``) only gain columns.
+    """
+    n0, k0 = codes.shape
+    if K < k0 or N < n0:
+        raise ValueError(f"cannot pad [{n0}, {k0}] down to [{N}, {K}]")
+    rows = 1 if scales.shape[0] == 1 else _num_groups(group_size, K)
+    out_codes = torch.full((N, K), ZERO_POINT, dtype=torch.uint8, device=codes.device)
+    out_codes[:n0, :k0] = codes
+    out_scales = torch.zeros(rows, N, dtype=scales.dtype, device=scales.device)
+    out_scales[: scales.shape[0], :n0] = scales
+    return out_codes, out_scales
 
 
 def marlin_padded_shape(K: int, N: int, group_size: int = 128) -> tuple[int, int]:
@@ -285,13 +347,20 @@ def dequantize_marlin(
 
 
 def marlin_gemm_reference(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, N: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    N: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [..., K] @ W.T`` reading only the packed tensors, as the kernel does; result in ``x.dtype``.
+    """``x [..., K] @ W.T (+ bias)`` reading only the packed tensors, as the kernels do; result in ``x.dtype``.
 
-    Accumulates in fp32 like the kernel; grouped scales multiply the weights inside the K loop, per-channel
-    scales multiply the accumulated output, which is where the kernel applies each. Dequantizes the whole
-    weight per call (a CPU reference, not a fast path).
+    Mirrors the kernels' arithmetic up to summation order: fp32 accumulation; grouped scales multiply the
+    weights inside the K loop and, for 16-bit ``x``, the scaled weight is rounded to ``x.dtype`` (the tensor-core
+    operand); per-channel scales multiply the fp32 accumulator after the K loop; the bias is added in fp32 before
+    the one rounding to ``x.dtype``. Dequantizes the whole weight per call (a reference, not a fast path).
+    ``bias`` may be shorter than ``N`` (unpadded outputs); the result then has ``bias.numel()`` columns.
     """
     K = qweight.shape[0] * TILE_K
     if x.shape[-1] != K:
@@ -302,5 +371,9 @@ def marlin_gemm_reference(
         y = (x2 @ (codes.float() - ZERO_POINT).t()) * s.float()
     else:
         w = (codes.float() - ZERO_POINT).reshape(N, s.shape[0], -1) * s.float().t().unsqueeze(-1)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            w = w.to(x.dtype).float()
         y = x2 @ w.reshape(N, K).t()
-    return y.reshape(*x.shape[:-1], N).to(x.dtype)
+    if bias is not None:
+        y = y[:, : bias.numel()] + bias.float()
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)

@@ -13,13 +13,16 @@ import pytest
 import torch
 
 from operators.marlin.format import (
+    check_gptq_symmetric,
     dequantize_marlin,
     marlin_gemm_reference,
     marlin_padded_shape,
     pack_marlin,
     pad_for_marlin,
+    pad_quantized,
     quantize_int4,
     repack_gptq,
+    unpack_gptq,
     unpack_marlin,
 )
 
@@ -160,6 +163,10 @@ def test_quantize_error_bound(group_size, dtype):
     deq = (codes.float() - 8) * s
     assert torch.all((w - deq).abs() <= s / 2 * (1 + 1e-6) + 1e-12)
     assert torch.all(codes[3] == 8)
+    # GPTQ's symmetric convention, scale = 2 * absmax / 15 rounded up to the scale dtype; the extremes use 1 and 15
+    g_absmax = w.reshape(96, -1, g).abs().amax(-1).t()
+    assert torch.all(scales.float() >= g_absmax / 7.5) and torch.all(scales.float() <= g_absmax / 7.5 * (1 + 2**-7))
+    assert int(codes.min()) == 1 and int(codes.max()) == 15
 
 
 @pytest.mark.parametrize("K,N,group_size,dtype", SHAPES[:4])
@@ -198,6 +205,41 @@ def test_repack_gptq_equals_direct_packing(group_size):
     g = K if group_size == -1 else group_size
     trivial = torch.arange(K, dtype=torch.int32) // g
     assert torch.equal(repack_gptq(q_gptq, scales, group_size, g_idx=trivial)[0], direct[0])
+
+
+def test_unpack_gptq_and_symmetric_zeros():
+    codes = torch.randint(0, 16, (64, 24), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)  # [K, N]
+    assert torch.equal(unpack_gptq(_gptq_pack(codes)), codes)
+    for stored in (7, 8):  # original AutoGPTQ stores zero - 1; later formats store 8
+        check_gptq_symmetric(_gptq_pack(torch.full((24, 2), stored, dtype=torch.uint8)).t())
+    with pytest.raises(ValueError, match="symmetric"):
+        check_gptq_symmetric(_gptq_pack(torch.randint(0, 16, (24, 2), dtype=torch.uint8)).t())
+
+
+def test_pad_quantized_pads_with_exact_zeros():
+    codes, scales = _random(128, 64, 64, torch.float16, seed=9)  # [N=64, K=128], scales [2, 64]
+    codes = codes[:50, :]
+    scales = scales[:, :50]
+    pc, ps = pad_quantized(codes, scales, 64, 256, 64)
+    assert pc.shape == (64, 256) and ps.shape == (4, 64)
+    assert torch.equal(pc[:50, :128], codes) and torch.equal(ps[:2, :50], scales)
+    w = dequantize_marlin(*pack_marlin(pc, ps, 64), 64, 256, 64)
+    assert not w[50:].any() and not w[:, 128:].any()
+    pc, ps = pad_quantized(codes, scales[:1], -1, 256, 64)  # per-channel: one row stays one row
+    assert ps.shape == (1, 64)
+
+
+def test_reference_rounds_like_the_kernels_and_adds_bias():
+    K, N = 256, 128
+    codes, scales = _random(K, N, 64, torch.bfloat16, seed=10)
+    qweight, mscales = pack_marlin(codes, scales, 64)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    bias = torch.randn(100).to(torch.bfloat16)
+    w = ((codes.float() - 8) * scales.float().t().repeat_interleave(64, dim=1)).to(torch.bfloat16).float()
+    expected = (x.float() @ w.t())[:, :100] + bias.float()
+    y = marlin_gemm_reference(x, qweight, mscales, 64, N, bias)
+    assert y.shape == (3, 100) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_repack_gptq_rejects_act_order():
