@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_args.h"
 #include "moe/moe.h"
 #include "moe/node_buffer.h"
 #include "moe/thread_pool.h"
@@ -22,56 +23,7 @@ namespace py = pybind11;
 namespace ktinject {
 namespace {
 
-[[noreturn]] void bad_arg(const std::string& name, const std::string& msg) {
-  throw py::value_error("argument '" + name + "': " + msg);
-}
-
-std::string shape_str(const py::array& a) {
-  std::string s = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + "]";
-}
-
-// dtype, exact shape (-1 = any) and C-contiguity; no implicit conversion (a wrong dtype is an error,
-// not a silent copy).
-py::array checked(const py::object& obj, const char* name, const py::dtype& dtype, const char* dtype_name,
-                  std::vector<int64_t> shape) {
-  if (!py::isinstance<py::array>(obj))
-    bad_arg(name, std::string("expected a numpy array, got ") + py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
-  py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(dtype)) bad_arg(name, std::string("expected dtype ") + dtype_name + ", got " + py::str(a.dtype()).cast<std::string>());
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
-  if (!ok) {
-    std::string want = "[";
-    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
-    bad_arg(name, "expected shape " + want + "], got " + shape_str(a));
-  }
-  if (!(a.flags() & py::array::c_style)) bad_arg(name, "must be C-contiguous");
-  return a;
-}
-
-WeightType checked_type(int type_id, const char* name) {
-  if (!weight_type_supported(type_id)) bad_arg(name, "unsupported GGML type id " + std::to_string(type_id));
-  return static_cast<WeightType>(type_id);
-}
-
-Activation checked_activation(const std::string& name) {
-  if (name == "silu") return Activation::Silu;
-  if (name == "gelu") return Activation::Gelu;
-  if (name == "gelu_tanh") return Activation::GeluTanh;
-  if (name == "relu") return Activation::Relu;
-  if (name == "gptoss_swiglu") return Activation::GptOssSwiglu;
-  bad_arg("activation", "unknown activation '" + name + "' (expected silu, gelu, gelu_tanh, relu, gptoss_swiglu)");
-}
-
-Isa checked_isa(const std::string& name) {
-  try {
-    return name == "auto" ? best_isa() : parse_isa(name);
-  } catch (const std::invalid_argument& e) {
-    bad_arg("isa", e.what());
-  }
-}
+using namespace bind;
 
 class PyMoe {
  public:
@@ -115,10 +67,10 @@ class PyMoe {
     const py::dtype u8 = py::dtype::of<uint8_t>();
     const int64_t gate_rb = row_bytes(s.gate_type, s.hidden), up_rb = row_bytes(s.up_type, s.hidden);
     const int64_t down_rb = row_bytes(s.down_type, s.intermediate);
-    const py::array gate = checked(gate_obj, "gate", u8, "uint8", {-1, s.intermediate, gate_rb});
+    const py::array gate = checked_array(gate_obj, "gate", u8, "uint8", {-1, s.intermediate, gate_rb});
     const int64_t n = gate.shape(0);
-    const py::array up = checked(up_obj, "up", u8, "uint8", {n, s.intermediate, up_rb});
-    const py::array down = checked(down_obj, "down", u8, "uint8", {n, s.hidden, down_rb});
+    const py::array up = checked_array(up_obj, "up", u8, "uint8", {n, s.intermediate, up_rb});
+    const py::array down = checked_array(down_obj, "down", u8, "uint8", {n, s.hidden, down_rb});
     if (first < 0 || first + n > s.num_experts)
       bad_arg("first", "experts [" + std::to_string(first) + ", " + std::to_string(first + n) + ") exceed the " +
                            std::to_string(s.num_experts) + " experts");
@@ -132,9 +84,9 @@ class PyMoe {
   void load_bias(const py::object& gate_obj, const py::object& up_obj, const py::object& down_obj) {
     const MoeSpec& s = layer_->spec();
     const py::dtype f32 = py::dtype::of<float>();
-    const py::array g = checked(gate_obj, "gate_bias", f32, "float32", {s.num_experts, s.intermediate});
-    const py::array u = checked(up_obj, "up_bias", f32, "float32", {s.num_experts, s.intermediate});
-    const py::array d = checked(down_obj, "down_bias", f32, "float32", {s.num_experts, s.hidden});
+    const py::array g = checked_array(gate_obj, "gate_bias", f32, "float32", {s.num_experts, s.intermediate});
+    const py::array u = checked_array(up_obj, "up_bias", f32, "float32", {s.num_experts, s.intermediate});
+    const py::array d = checked_array(down_obj, "down_bias", f32, "float32", {s.num_experts, s.hidden});
     try {
       layer_->load_bias(static_cast<const float*>(g.data()), static_cast<const float*>(u.data()), static_cast<const float*>(d.data()));
     } catch (const std::invalid_argument& e) {
@@ -144,12 +96,12 @@ class PyMoe {
 
   void submit(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj, const py::object& out_obj) {
     const MoeSpec& s = layer_->spec();
-    const py::array x = checked(x_obj, "hidden_states", py::dtype::of<float>(), "float32", {-1, s.hidden});
+    const py::array x = checked_array(x_obj, "hidden_states", py::dtype::of<float>(), "float32", {-1, s.hidden});
     const int64_t T = x.shape(0);
-    const py::array ids = checked(ids_obj, "top_k_index", py::dtype::of<int64_t>(), "int64", {T, -1});
+    const py::array ids = checked_array(ids_obj, "top_k_index", py::dtype::of<int64_t>(), "int64", {T, -1});
     const int64_t K = ids.shape(1);
-    const py::array w = checked(w_obj, "top_k_weights", py::dtype::of<float>(), "float32", {T, K});
-    py::array out = checked(out_obj, "out", py::dtype::of<float>(), "float32", {T, s.hidden});
+    const py::array w = checked_array(w_obj, "top_k_weights", py::dtype::of<float>(), "float32", {T, K});
+    py::array out = checked_array(out_obj, "out", py::dtype::of<float>(), "float32", {T, s.hidden});
     if (!out.writeable()) bad_arg("out", "must be writeable");
     if (layer_->pending()) sync();
     const auto* xp = static_cast<const float*>(x.data());

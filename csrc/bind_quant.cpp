@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_args.h"
 #include "quant/kernels.h"
 
 namespace py = pybind11;
@@ -17,47 +18,18 @@ namespace py = pybind11;
 namespace ktinject {
 namespace {
 
-[[noreturn]] void bad_arg(const std::string& name, const std::string& msg) {
-  throw py::value_error("argument '" + name + "': " + msg);
-}
-
-WeightType checked_type(int type_id) {
-  if (!weight_type_supported(type_id))
-    bad_arg("type_id", "unsupported GGML type id " + std::to_string(type_id) +
-                           " (expected one of f32=0, f16=1, q8_0=8, q4_k=12, q5_k=13, q6_k=14, bf16=30)");
-  return static_cast<WeightType>(type_id);
-}
+using namespace bind;
 
 void check_cols(WeightType t, int64_t cols, const char* name) {
-  const int be = block_elems(t);
+  const int be = col_granularity(t);
   if (cols <= 0 || cols % be != 0)
     bad_arg(name, "must be a positive multiple of " + std::to_string(be) + " for " + weight_type_name(t) +
                       ", got " + std::to_string(cols));
 }
 
-// Checks dtype, ndim and C-contiguity of an array passed as py::array (no implicit conversion, so a
-// wrong dtype is an error rather than a silent copy).
-py::array check_array(const py::object& obj, const char* name, const py::dtype& dtype, const char* dtype_name) {
-  if (!py::isinstance<py::array>(obj))
-    bad_arg(name, std::string("expected a numpy array, got ") + py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
-  py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(dtype)) bad_arg(name, std::string("expected dtype ") + dtype_name + ", got " + py::str(a.dtype()).cast<std::string>());
-  if (a.ndim() != 2) bad_arg(name, "expected a 2-D array, got " + std::to_string(a.ndim()) + "-D");
-  if (!(a.flags() & py::array::c_style)) bad_arg(name, "must be C-contiguous");
-  return a;
-}
-
-Isa checked_isa(const std::string& name) {
-  try {
-    return parse_isa(name);
-  } catch (const std::invalid_argument& e) {
-    bad_arg("isa", e.what());
-  }
-}
-
 py::array_t<uint8_t> py_quantize(int type_id, const py::object& x_obj) {
   const WeightType t = checked_type(type_id);
-  const py::array x = check_array(x_obj, "x", py::dtype::of<float>(), "float32");
+  const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32");
   const int64_t rows = x.shape(0), cols = x.shape(1);
   check_cols(t, cols, "x.shape[1]");
   const size_t rb = row_bytes(t, cols);
@@ -72,7 +44,7 @@ py::array_t<uint8_t> py_quantize(int type_id, const py::object& x_obj) {
 }
 
 py::array check_blocks(WeightType t, const py::object& obj, int64_t cols) {
-  py::array blocks = check_array(obj, "blocks", py::dtype::of<uint8_t>(), "uint8");
+  py::array blocks = checked_array(obj, "blocks", py::dtype::of<uint8_t>(), "uint8");
   check_cols(t, cols, "cols");
   const size_t rb = row_bytes(t, cols);
   if (static_cast<size_t>(blocks.shape(1)) != rb)
@@ -140,7 +112,7 @@ py::array_t<uint8_t> py_unpack(int type_id, const py::array_t<uint8_t, py::array
 py::array_t<uint8_t> py_quantize_activation(int type_id, const std::string& isa_name, const py::object& x_obj) {
   const WeightType t = checked_type(type_id);
   const Isa isa = checked_isa(isa_name);
-  const py::array x = check_array(x_obj, "x", py::dtype::of<float>(), "float32");
+  const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32");
   const int64_t n = x.shape(0), cols = x.shape(1);
   check_cols(t, cols, "x.shape[1]");
   const size_t stride = act_row_bytes(t, cols);
@@ -159,7 +131,7 @@ py::array_t<float> py_gemm(int type_id, const std::string& isa_name, const py::o
                            int64_t tile0, int64_t n_tiles, const py::object& out_obj, const py::object& scale_obj) {
   const WeightType t = checked_type(type_id);
   const Isa isa = checked_isa(isa_name);
-  const py::array x = check_array(x_obj, "x", py::dtype::of<float>(), "float32");
+  const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32");
   const int64_t n_tokens = x.shape(0), cols = x.shape(1);
   check_cols(t, cols, "x.shape[1]");
   const py::array W = check_blocks(t, W_obj, cols);
@@ -172,7 +144,7 @@ py::array_t<float> py_gemm(int type_id, const std::string& isa_name, const py::o
     out = py::array_t<float>({static_cast<py::ssize_t>(n_tokens), static_cast<py::ssize_t>(rows)});
     std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
   } else {
-    out = py::reinterpret_borrow<py::array_t<float>>(check_array(out_obj, "out", py::dtype::of<float>(), "float32"));
+    out = py::reinterpret_borrow<py::array_t<float>>(checked_array(out_obj, "out", py::dtype::of<float>(), "float32"));
     if (out.shape(0) != n_tokens || out.shape(1) != rows) bad_arg("out", "must be [tokens, W rows]");
   }
   std::vector<float> scale;
@@ -221,15 +193,6 @@ void py_gemm_packed(int type_id, const std::string& isa_name, const py::array_t<
   }
   py::gil_scoped_release release;
   gemm(isa, t, packed.data(), rows, cols, 0, num_tiles(rows), a.data(), n, GemmOut{o.data(), 0, nullptr});
-}
-
-Activation checked_activation(const std::string& name) {
-  if (name == "silu") return Activation::Silu;
-  if (name == "gelu") return Activation::Gelu;
-  if (name == "gelu_tanh") return Activation::GeluTanh;
-  if (name == "relu") return Activation::Relu;
-  if (name == "gptoss_swiglu") return Activation::GptOssSwiglu;
-  bad_arg("activation", "unknown activation '" + name + "' (expected silu, gelu, gelu_tanh, relu, gptoss_swiglu)");
 }
 
 py::array_t<float> py_activate(const std::string& isa_name, const std::string& kind,

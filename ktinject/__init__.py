@@ -10,6 +10,7 @@ from __future__ import annotations
 from ktinject.errors import KtInjectError, OperatorError, RuleError, WeightError
 from ktinject.injection import optimize
 from ktinject.injection import plan_for as plan
+from ktinject.loading import from_pretrained
 from ktinject.operator import Operator, OperatorConfig, register_operator, registered_operators, resolve_operator
 from ktinject.planning import Plan, PlanEntry
 from ktinject.rules import Rule, RuleSet, builtin_rule_names, load_rules
@@ -28,6 +29,7 @@ __all__ = [
     "RuleSet",
     "WeightError",
     "builtin_rule_names",
+    "from_pretrained",
     "load_rules",
     "optimize",
     "plan",

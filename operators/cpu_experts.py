@@ -147,7 +147,7 @@ class CpuExperts(Operator):
             gate_up_parts, down_parts = parts(prefix + "gate_up_proj"), parts(prefix + "down_proj")
             if _stored_as_blocks(gate_up_parts, down_parts):
                 try:
-                    self._load_blocks(gate_up_parts, down_parts)
+                    self._load_blocks(gate_up_parts, down_parts, getattr(source, "release", lambda: None))
                     loaded = True
                 except _Requantize:
                     pass
@@ -157,7 +157,7 @@ class CpuExperts(Operator):
             gb, ub = split_gate_up(source.tensor(prefix + "gate_up_proj_bias"), self.spec, transposed=self._source_transposed)
             self._moe.load_bias(_f32(gb), _f32(ub), _f32(source.tensor(prefix + "down_proj_bias")))
 
-    def _load_blocks(self, gate_up_parts: list, down_parts: list) -> None:
+    def _load_blocks(self, gate_up_parts: list, down_parts: list, release=lambda: None) -> None:
         """GGUF experts stored as [gate_exps (E, I, H), up_exps (E, I, H)] and [down_exps (E, H, I)]."""
         s = self.spec
         if len(gate_up_parts) != 2 or len(down_parts) != 1:
@@ -190,6 +190,7 @@ class CpuExperts(Operator):
         for e0 in range(0, s.num_experts, _EXPERTS_PER_BATCH):
             e1 = min(s.num_experts, e0 + _EXPERTS_PER_BATCH)
             self._moe.load(e0, _blocks_view(gate, e0, e1), _blocks_view(up, e0, e1), _blocks_view(down, e0, e1))
+            release()  # drop the file pages just packed from RSS (the packed copy is what stays)
 
     # ---- running ----------------------------------------------------------------------------------
 

@@ -78,7 +78,16 @@ class TorchExperts(Operator):
 
     def load_weights(self, source, prefix: str) -> None:
         device, dtype = self.gate.device, self.gate.dtype
-        gate, up = split_gate_up(source.tensor(prefix + "gate_up_proj", dtype=dtype), self.spec, transposed=self._source_transposed)
+        gate_up = source.tensor(prefix + "gate_up_proj", dtype=dtype, device=device)
+        if not (self._source_transposed or self.spec.has_bias or self.spec.activation == "gptoss_swiglu"):
+            # Gate and up stay views of the fused tensor (each expert's [I, H] block is contiguous): split
+            # copies would hold a layer's experts twice while loading, and RAM is what big models lack.
+            inter = self.spec.intermediate_size
+            self.gate, self.up = frozen_parameter(gate_up[:, :inter]), frozen_parameter(gate_up[:, inter:])
+            self.down = frozen_parameter(source.tensor(prefix + "down_proj", dtype=dtype, device=device))
+            return
+        gate, up = split_gate_up(gate_up, self.spec, transposed=self._source_transposed)
+        del gate_up
         down = source.tensor(prefix + "down_proj", dtype=dtype)
         weights = ExpertWeights(gate=gate, up=up, down=down.transpose(1, 2) if self._source_transposed else down)
         if self.spec.has_bias:

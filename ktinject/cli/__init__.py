@@ -1,4 +1,4 @@
-"""The ``ktinject`` command line: validate, plan, doctor, demo."""
+"""The ``ktinject`` command line: validate, plan, doctor, demo, generate."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from ktinject.errors import KtInjectError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ktinject.cli import demo, doctor, plan_cmd, validate
+    from ktinject.cli import demo, doctor, generate, plan_cmd, validate
 
     parser = argparse.ArgumentParser(prog="ktinject", description="Rule-driven CPU/GPU hybrid inference on stock transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (validate, plan_cmd, doctor, demo):
+    for module in (validate, plan_cmd, doctor, demo, generate):
         module.register(sub)
     return parser
 

@@ -1,21 +1,50 @@
 """The ``WeightSource`` interface operators load their tensors through.
 
-Every source answers the same four questions about a tensor named as in the HF model's ``state_dict``:
-``names()``, ``info(name)`` (shape and stored type), ``raw(name)`` (as stored: quantized blocks stay
-blocks) and ``tensor(name, dtype, device)`` (dequantized). ``ModuleSource`` serves a live module, which is
-how ``optimize()`` hands an operator the weights of the module it replaces.
+Every source answers the same questions about a tensor named as in the HF model's ``state_dict``:
+
+- ``names()``: the tensors it can serve; ``info(name)``: shape (HF orientation) and stored type;
+- ``parts(name)``: the stored tensors that make up ``name``, in HF order, as zero-copy views
+  (:class:`RawTensor`; quantized blocks stay blocks). An operator that runs on the stored format (the C++
+  CPU experts) reads these and never asks for a dequantized copy;
+- ``raw(name)``: the single stored tensor behind ``name`` (an error when it is made of several parts);
+- ``tensor(name, dtype, device)``: the assembled, dequantized tensor in the exact HF layout;
+- ``release()`` (optional): the file pages of the parts handed out so far stop counting in RSS (the views
+  stay valid and read the file again if touched). An operator that copies parts in batches calls it between
+  batches; the loader calls it after every ``load_weights``.
+
+``ModuleSource`` serves a live module (how ``optimize()`` hands an operator the weights of the module it
+replaces); ``GGUFSource`` and ``SafetensorsSource`` serve files for ``ktinject.from_pretrained``.
+
+How ``parts`` relates to the HF tensor for the fused experts of transformers v5
+(``gate_up_proj [E, 2I, H]``, gate rows first; ``down_proj [E, H, I]``):
+
+- GGUF stores ``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps`` stacked per layer; ``parts`` of
+  ``gate_up_proj`` is ``[gate_exps, up_exps]`` (each ``(E, I, H)``), of ``down_proj`` ``[down_exps]``
+  (``(E, H, I)``). A file that stores a fused ``ffn_gate_up_exps`` gives that single part.
+- safetensors checkpoints store experts one by one; ``parts`` of ``gate_up_proj`` is the E gate tensors,
+  then the E up tensors (each ``(I, H)``), of ``down_proj`` the E down tensors.
+- GPT-OSS's HF tensors are transposed and interleaved (``gate_up_proj [E, H, 2I]``, gate at even columns;
+  ``down_proj [E, I, H]``). From GGUF the parts are still the canonical ``(E, I, H)`` gate and up (and
+  ``(E, H, I)`` down) tensors, so a raw-parts operator sees one orientation for every family; ``tensor()``
+  interleaves and transposes them into the HF layout. From safetensors the part is the HF tensor itself, and
+  the operator applies the module's ``is_transposed`` flag (``torch_experts`` keeps it as
+  ``_source_transposed``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
 from ktinject.errors import WeightError
+
+# GGML type ids (gguf.GGMLQuantizationType) of the plain float formats, for RawTensor.type_id.
+GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +56,44 @@ class TensorInfo:
     stored_type: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RawTensor:
+    """One stored tensor exactly as it is in the file (a zero-copy view of the mapped file where possible).
+
+    - ``stored_name``: its name in the file (``blk.3.ffn_gate_exps.weight``, ``model.layers.3...``).
+    - ``ggml_type``: the GGML type id (``gguf.GGMLQuantizationType``) for GGUF tensors, and for bfloat16
+      tensors of any source (numpy has no bfloat16); ``None`` for plain numpy-typed float tensors.
+    - ``shape``: the logical shape in HF/numpy order (``(E, I, H)`` for ``ffn_gate_exps``).
+    - ``data``: for GGML block types and bfloat16, ``uint8`` of shape ``(*shape[:-1], row_bytes)`` holding
+      the blocks as stored; otherwise the typed array of ``shape`` (float32, float16, ...).
+
+    Views stay valid while the source is alive; an operator that keeps weights copies them.
+    """
+
+    stored_name: str
+    ggml_type: int | None
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def type_id(self) -> int:
+        """The GGML type id of the data, also for plain float arrays (F32/F16); WeightError for others."""
+        if self.ggml_type is not None:
+            return self.ggml_type
+        if self.data.dtype == np.float32:
+            return GGML_F32
+        if self.data.dtype == np.float16:
+            return GGML_F16
+        raise WeightError(f"tensor {self.stored_name!r} is stored as {self.data.dtype}, which has no GGML type")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@runtime_checkable
 class WeightSource(Protocol):
-    """Where an operator's tensors come from."""
+    """Where an operator's tensors come from (names are HF ``state_dict`` names)."""
 
     def names(self) -> Iterable[str]: ...
 
@@ -36,7 +101,23 @@ class WeightSource(Protocol):
 
     def raw(self, name: str) -> object: ...
 
+    def parts(self, name: str) -> list[RawTensor]: ...
+
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor: ...
+
+
+def raw_from_torch(stored_name: str, tensor: torch.Tensor) -> RawTensor:
+    """A CPU torch tensor as a RawTensor (zero-copy; bfloat16 becomes GGML BF16 bytes, numpy has no bfloat16)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    shape = tuple(tensor.shape)
+    if tensor.dtype == torch.bfloat16:
+        data = tensor.contiguous().view(torch.uint8).numpy()
+        if shape:
+            data = data.reshape(*shape[:-1], shape[-1] * 2)
+        return RawTensor(stored_name, GGML_BF16, shape, data)
+    return RawTensor(stored_name, None, shape, tensor.numpy())
 
 
 class ModuleSource:
@@ -67,5 +148,11 @@ class ModuleSource:
     def raw(self, name: str) -> torch.Tensor:
         return self._get(name)
 
+    def parts(self, name: str) -> list[RawTensor]:
+        return [raw_from_torch(name, self._get(name))]
+
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         return self._get(name).to(device=device, dtype=dtype)
+
+    def release(self) -> None:
+        """Nothing to release: the tensors belong to the live module."""

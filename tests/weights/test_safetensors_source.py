@@ -1,0 +1,100 @@
+"""SafetensorsSource: checkpoint keys -> HF v5 names (transformers' own renames), per-expert parts, damage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from ktinject import WeightError
+from ktinject.weights import SafetensorsSource
+from tiny_models import tiny_model
+
+
+def bound(model, path) -> SafetensorsSource:
+    source = SafetensorsSource(path)
+    with init_empty_weights(include_buffers=False):
+        source.bind(AutoModelForCausalLM.from_config(model.config))
+    return source
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    model = tiny_model("qwen3_moe")
+    path = tmp_path_factory.mktemp("st") / "qwen"
+    model.save_pretrained(path, max_shard_size="40KB")  # several shards and an index
+    return model, path
+
+
+def test_sharded_checkpoint_serves_every_hf_tensor(qwen_dir):
+    model, path = qwen_dir
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 2
+    source = bound(model, path)
+    assert len(source.paths) == len(list(path.glob("*.safetensors")))
+    assert set(source.names()) == set(model.state_dict())
+    for name, expected in model.state_dict().items():
+        assert torch.equal(source.tensor(name), expected), name
+
+
+def test_per_expert_keys_are_the_parts_of_the_fused_tensors(qwen_dir):
+    model, path = qwen_dir
+    source = bound(model, path)
+    parts = source.parts("model.layers.0.mlp.experts.gate_up_proj")
+    names = [p.stored_name for p in parts]
+    assert names == [f"model.layers.0.mlp.experts.{e}.gate_proj.weight" for e in range(8)] + [
+        f"model.layers.0.mlp.experts.{e}.up_proj.weight" for e in range(8)]
+    assert all(p.ggml_type is None and p.data.dtype == np.float32 and p.shape == (16, 32) for p in parts)
+    down = source.parts("model.layers.0.mlp.experts.down_proj")
+    assert [p.stored_name for p in down] == [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(8)]
+    info = source.info("model.layers.0.mlp.experts.gate_up_proj")
+    assert info.shape == (8, 32, 32) and info.stored_type == "F32"
+
+
+def test_mixtral_legacy_names_map_through_transformers_conversions(tmp_path):
+    model = tiny_model("mixtral", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    source = bound(model, tmp_path)
+    parts = source.parts("model.layers.1.mlp.experts.gate_up_proj")
+    assert [p.stored_name for p in parts][:5] == [f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight" for e in range(4)] + [
+        "model.layers.1.block_sparse_moe.experts.0.w3.weight"]
+    assert parts[0].ggml_type == 30 and parts[0].data.dtype == np.uint8 and parts[0].data.shape == (16, 64)  # bf16 bytes
+    assert source.raw("model.layers.1.mlp.gate.weight").stored_name == "model.layers.1.block_sparse_moe.gate.weight"
+    fused = source.tensor("model.layers.1.mlp.experts.gate_up_proj")
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, model.state_dict()["model.layers.1.mlp.experts.gate_up_proj"])
+
+
+def test_missing_expert_is_named(tmp_path):
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    source = bound(model, tmp_path)
+    assert source.check("model.layers.2.mlp.experts.gate_up_proj", (8, 32, 32), dequantize=True) == (
+        "missing per-expert tensors model.layers.2.mlp.experts.5.up_proj.weight")
+
+
+def test_index_naming_a_missing_shard(qwen_dir, tmp_path):
+    _, path = qwen_dir
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightError, match=r"model\.safetensors\.index\.json lists shards that do not exist: model-00001-of-"):
+        SafetensorsSource(tmp_path)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:5000])
+    with pytest.raises(WeightError, match=r"model\.safetensors: cannot read the safetensors file \(.*\); the file is truncated or corrupt"):
+        SafetensorsSource(tmp_path)
+
+
+def test_directory_without_weights(tmp_path):
+    with pytest.raises(WeightError, match=r"has no \*\.safetensors files \(give gguf=\.\.\. to load a GGUF instead\)"):
+        SafetensorsSource(tmp_path)
