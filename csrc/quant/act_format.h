@@ -16,6 +16,12 @@
 
 namespace ktinject {
 
+// A block whose largest magnitude is at most this quantizes to zeros: 127 / amax would overflow a float
+// (denormal activations are numerically zero anyway). Every ISA applies the same rule, so their bytes agree.
+constexpr float kMinActAmax = 1e-30f;
+static inline float act_inv_scale(float amax) { return amax > kMinActAmax ? 127.0f / amax : 0.0f; }
+static inline float act_scale(float amax) { return amax > kMinActAmax ? amax / 127.0f : 0.0f; }
+
 static inline size_t round_up_64(size_t n) { return (n + 63) & ~static_cast<size_t>(63); }
 
 struct ActLayout {

@@ -57,8 +57,8 @@ void quantize_act_cols_avx512(WeightType t, const float* x, int64_t cols, int64_
     for (int64_t c = 0; c < ncols; c += 256) {
       const int64_t sb = (col0 + c) / 256;
       const float amax = max_abs(x + c, 16);
-      const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-      d[sb] = amax / 127.0f;
+      const __m512 id = _mm512_set1_ps(act_inv_scale(amax));
+      d[sb] = act_scale(amax);
       for (int g = 0; g < 16; ++g)
         bsum16[16 * sb + g] = static_cast<int16_t>(quantize16(x + c + 16 * g, id, qs + 256 * sb + 16 * g));
       for (int g = 0; g < 8; ++g)
@@ -70,8 +70,8 @@ void quantize_act_cols_avx512(WeightType t, const float* x, int64_t cols, int64_
     for (int64_t c = 0; c < ncols; c += 32) {
       const int64_t b = (col0 + c) / 32;
       const float amax = max_abs(x + c, 2);
-      const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-      d[b] = amax / 127.0f;
+      const __m512 id = _mm512_set1_ps(act_inv_scale(amax));
+      d[b] = act_scale(amax);
       nsum[b] = -128 * (quantize16(x + c, id, qs + 32 * b) + quantize16(x + c + 16, id, qs + 32 * b + 16));
     }
   } else {

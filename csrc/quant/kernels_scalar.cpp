@@ -43,8 +43,8 @@ void quantize_act_cols_scalar(WeightType t, const float* x, int64_t cols, int64_
       for (int64_t c = 0; c < ncols; c += 256) {
         const int64_t sb = (col0 + c) / 256;
         const float amax = max_abs(x + c, 256);
-        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        d[sb] = amax / 127.0f;
+        const float id = act_inv_scale(amax);
+        d[sb] = act_scale(amax);
         for (int g = 0; g < 16; ++g) {
           int s = 0;
           for (int i = 0; i < 16; ++i) {
@@ -64,8 +64,8 @@ void quantize_act_cols_scalar(WeightType t, const float* x, int64_t cols, int64_
       for (int64_t c = 0; c < ncols; c += 32) {
         const int64_t b = (col0 + c) / 32;
         const float amax = max_abs(x + c, 32);
-        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        d[b] = amax / 127.0f;
+        const float id = act_inv_scale(amax);
+        d[b] = act_scale(amax);
         int s = 0;
         for (int i = 0; i < 32; ++i) {
           qs[32 * b + i] = quantize_one(x[c + i], id);
