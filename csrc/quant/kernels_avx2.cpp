@@ -19,23 +19,13 @@
 #include "quant/activation_impl.h"
 #include "quant/isa_kernels.h"
 #include "quant/packed_format.h"
+#include "quant/static_for.h"
 
 namespace ktinject {
 namespace {
 
 constexpr int kMaxTokens = 4;  // tokens per micro-kernel call: with 16 ymm registers, 4 tokens' int16 and
                                // int32 accumulators plus the shared weight vector still fit
-
-// Calls f(std::integral_constant<int, 0>) ... f(<N - 1>): shift counts and byte selectors that depend on
-// the sub-block index must be immediates (a variable vector shift costs an extra port-5 uop).
-template <typename F, int... I>
-inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, typename F>
-inline void static_for(F&& f) {
-  static_for_impl(f, std::make_integer_sequence<int, N>{});
-}
 
 // An integer accumulation acc += p0; acc += p1; ... is a plain vector `+` to GCC, which reassociates it into
 // a tree: every product is computed first and kept live, and with several tokens they spill to the stack
