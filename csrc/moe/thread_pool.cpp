@@ -131,10 +131,17 @@ void ThreadPool::start(Job* job) {
 
 void ThreadPool::wait() {
   if (remaining_.load(std::memory_order_acquire) == 0) return;
-  // A short spin covers small jobs; then block (the caller must not steal a worker's core for long).
-  for (int i = 0; i < 2000; ++i) {
+  // Poll for a while, yielding the core between polls: a caller that shares its core with a worker (the
+  // usual case: the pool has a worker on every CPU) hands the core over at once, and a caller with a core
+  // of its own sees the end of a short job without a futex wake-up. Then block.
+  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+  for (int i = 0;; ++i) {
     if (remaining_.load(std::memory_order_acquire) == 0) return;
     KTINJECT_PAUSE();
+    if ((i & 15) == 15) {
+      if (std::chrono::steady_clock::now() >= spin_until) break;
+      std::this_thread::yield();
+    }
   }
   std::unique_lock<std::mutex> lock(mu_);
   done_cv_.wait(lock, [&] { return remaining_.load(std::memory_order_acquire) == 0; });
@@ -155,7 +162,12 @@ void ThreadPool::worker_main(int index) {
         break;
       }
       KTINJECT_PAUSE();
-      if ((i & 63) == 63 && clock::now() >= spin_until) break;
+      if ((i & 15) == 15) {
+        if (clock::now() >= spin_until) break;
+        // Let the thread that will submit the next job run if it shares this core (it usually does: the
+        // pool has a worker on every CPU). Without a competitor this returns at once.
+        std::this_thread::yield();
+      }
     }
     if (!ready) {
       std::unique_lock<std::mutex> lock(mu_);
@@ -196,7 +208,7 @@ void NodeBarrier::arrive_and_wait() {
   }
   for (int i = 0; phase_.load(std::memory_order_acquire) == phase; ++i) {
     KTINJECT_PAUSE();
-    if (i > 4096) std::this_thread::yield();  // oversubscribed machine: let the straggler run
+    if ((i & 63) == 63) std::this_thread::yield();  // let a straggler (or the caller) run on this core
   }
 }
 
