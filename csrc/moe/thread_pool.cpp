@@ -1,5 +1,8 @@
 #include "moe/thread_pool.h"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -93,7 +96,10 @@ PoolLayout choose_layout(int threads, int nodes) {
 
 ThreadPool::ThreadPool(PoolLayout layout) : layout_(std::move(layout)), spin_us_(spin_microseconds()) {
   for (int n = 0; n < nodes(); ++n)
-    for (int l = 0; l < threads_in(n); ++l) workers_.push_back({n, l, layout_.cpus[n][l]});
+    for (int l = 0; l < threads_in(n); ++l) {
+      workers_.push_back({n, l, layout_.cpus[n][l]});
+      all_cpus_.push_back(layout_.cpus[n][l]);
+    }
   pinned_.assign(workers_.size(), 0);
   threads_.reserve(workers_.size());
   for (size_t i = 0; i < workers_.size(); ++i) threads_.emplace_back(&ThreadPool::worker_main, this, static_cast<int>(i));
@@ -131,16 +137,16 @@ void ThreadPool::start(Job* job) {
 
 void ThreadPool::wait() {
   if (remaining_.load(std::memory_order_acquire) == 0) return;
-  // Poll for a while, yielding the core between polls: a caller that shares its core with a worker (the
-  // usual case: the pool has a worker on every CPU) hands the core over at once, and a caller with a core
-  // of its own sees the end of a short job without a futex wake-up. Then block.
-  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-  for (int i = 0;; ++i) {
-    if (remaining_.load(std::memory_order_acquire) == 0) return;
-    KTINJECT_PAUSE();
-    if ((i & 15) == 15) {
-      if (std::chrono::steady_clock::now() >= spin_until) break;
-      std::this_thread::yield();
+  // A caller running on one of the workers' CPUs blocks at once: any spinning there would take time from
+  // that worker. A caller with a CPU of its own polls for a while (short jobs end without a futex wake-up).
+  const int cpu = sched_getcpu();
+  const bool shares_a_core = cpu < 0 || std::find(all_cpus_.begin(), all_cpus_.end(), cpu) != all_cpus_.end();
+  if (!shares_a_core) {
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    for (int i = 0;; ++i) {
+      if (remaining_.load(std::memory_order_acquire) == 0) return;
+      KTINJECT_PAUSE();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= spin_until) break;
     }
   }
   std::unique_lock<std::mutex> lock(mu_);
@@ -162,7 +168,7 @@ void ThreadPool::worker_main(int index) {
         break;
       }
       KTINJECT_PAUSE();
-      if ((i & 15) == 15) {
+      if ((i & 3) == 3) {
         if (clock::now() >= spin_until) break;
         // Let the thread that will submit the next job run if it shares this core (it usually does: the
         // pool has a worker on every CPU). Without a competitor this returns at once.

@@ -67,6 +67,7 @@ class ThreadPool {
 
   PoolLayout layout_;
   std::vector<Worker> workers_;
+  std::vector<int> all_cpus_;
   std::vector<std::thread> threads_;
   std::vector<char> pinned_;
   int spin_us_;
