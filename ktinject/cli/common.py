@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +35,15 @@ def parse_vars(items: list[str]) -> dict[str, Any]:
 
 def load_config(path: str):
     """A transformers config from a model directory or a config.json file (never from a hub)."""
-    from transformers import AutoConfig
+    from ktinject.loading.model import config_from_json
 
     p = Path(path)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise KtInjectError(f"{p} has no config.json")
-        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+        return config_from_json(p / "config.json")
     if p.is_file():
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise KtInjectError(f"cannot read config {p}: {exc}") from None
-        model_type = data.pop("model_type", None)
-        if not model_type:
-            raise KtInjectError(f"{p} has no model_type")
-        for key in ("architectures", "transformers_version", "auto_map"):
-            data.pop(key, None)
-        try:
-            return AutoConfig.for_model(model_type, **data)
-        except ValueError as exc:
-            raise KtInjectError(f"{p}: {exc}") from None
+        return config_from_json(p)
     raise KtInjectError(f"config not found: {path} (give a model directory or a config.json)")
 
 

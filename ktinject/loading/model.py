@@ -79,7 +79,8 @@ def open_source(inputs: Inputs) -> FileSource:
     return SafetensorsSource(inputs.model_dir)
 
 
-def _config_from_json(path: Path):
+def config_from_json(path: Path):
+    """A transformers config from a config.json, or any JSON file with a model_type (never from a hub)."""
     from transformers import AutoConfig
 
     if path.name == "config.json":
@@ -93,7 +94,10 @@ def _config_from_json(path: Path):
         raise KtInjectError(f"{path} has no model_type")
     for key in ("architectures", "transformers_version", "auto_map"):
         data.pop(key, None)
-    return AutoConfig.for_model(model_type, **data)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise KtInjectError(f"{path}: {exc}") from None
 
 
 def resolve_config(inputs: Inputs, source: FileSource):
@@ -101,7 +105,7 @@ def resolve_config(inputs: Inputs, source: FileSource):
     if inputs.config is not None:
         return inputs.config
     if inputs.config_file is not None:
-        return _config_from_json(inputs.config_file)
+        return config_from_json(inputs.config_file)
     from ktinject.weights.gguf_config import config_from_gguf
     from ktinject.weights.gguf_source import GGUFSource
 
