@@ -195,7 +195,9 @@ def bench_peers(quant: str, threads_list: list[int]) -> list[Row]:
     rows = []
     gguf_type = quant.upper() if quant != "bf16" else "BF16"
     for threads in threads_list:
-        for label, fn in (("llama.cpp", peers.llama_cpp_layer_ms), ("kt-kernel", peers.kt_kernel_layer_ms)):
+        for label, fn in (("llama.cpp", peers.llama_cpp_layer_ms),
+                          ("llama.cpp (no-AMX build)", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="noamx")),
+                          ("kt-kernel", peers.kt_kernel_layer_ms)):
             try:
                 r = fn(gguf_type, threads)
             except Exception as exc:
