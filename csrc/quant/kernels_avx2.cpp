@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "quant/act_format.h"
+#include "quant/act_quantize.h"
 #include "quant/activation_impl.h"
 #include "quant/isa_kernels.h"
 #include "quant/packed_format.h"
@@ -94,36 +95,13 @@ inline int quantize16(const float* x, __m256 id, int8_t* q) {
   return hsum_epi32(_mm256_add_epi32(a, b));
 }
 
+struct ActOps {
+  static float max_abs(const float* x, int n) { return ktinject::max_abs(x, n / 8); }
+  static int quantize16(const float* x, float inv, int8_t* q) { return ktinject::quantize16(x, _mm256_set1_ps(inv), q); }
+};
+
 void quantize_act_cols_avx2(WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row) {
-  const ActLayout L = act_layout(t, cols);
-  int8_t* qs = reinterpret_cast<int8_t*>(row);
-  if (t == WeightType::Q4_K || t == WeightType::Q5_K || t == WeightType::Q6_K) {
-    float* d = reinterpret_cast<float*>(row + L.d_off);
-    int16_t* bsum16 = reinterpret_cast<int16_t*>(row + L.sum_off);
-    int16_t* bsum32 = reinterpret_cast<int16_t*>(row + L.sum32_off);
-    for (int64_t c = 0; c < ncols; c += 256) {
-      const int64_t sb = (col0 + c) / 256;
-      const float amax = max_abs(x + c, 32);
-      const __m256 id = _mm256_set1_ps(act_inv_scale(amax));
-      d[sb] = act_scale(amax);
-      for (int g = 0; g < 16; ++g)
-        bsum16[16 * sb + g] = static_cast<int16_t>(quantize16(x + c + 16 * g, id, qs + 256 * sb + 16 * g));
-      for (int g = 0; g < 8; ++g)
-        bsum32[8 * sb + g] = static_cast<int16_t>(bsum16[16 * sb + 2 * g] + bsum16[16 * sb + 2 * g + 1]);
-    }
-  } else if (t == WeightType::Q8_0) {
-    float* d = reinterpret_cast<float*>(row + L.d_off);
-    int32_t* nsum = reinterpret_cast<int32_t*>(row + L.sum_off);
-    for (int64_t c = 0; c < ncols; c += 32) {
-      const int64_t b = (col0 + c) / 32;
-      const float amax = max_abs(x + c, 4);
-      const __m256 id = _mm256_set1_ps(act_inv_scale(amax));
-      d[b] = act_scale(amax);
-      nsum[b] = -128 * (quantize16(x + c, id, qs + 32 * b) + quantize16(x + c + 16, id, qs + 32 * b + 16));
-    }
-  } else {
-    std::memcpy(reinterpret_cast<float*>(row) + col0, x, ncols * sizeof(float));
-  }
+  quantize_act_cols_with(ActOps{}, t, x, cols, col0, ncols, row);
 }
 
 // ---------------------------------------------------------------------------------------------------

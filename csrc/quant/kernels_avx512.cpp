@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "quant/act_format.h"
+#include "quant/act_quantize.h"
 #include "quant/activation_impl.h"
 #include "quant/isa_kernels.h"
 #include "quant/packed_format.h"
@@ -33,50 +34,23 @@ inline void prefetch_ahead(const uint8_t* p, size_t bytes) {
 // ---------------------------------------------------------------------------------------------------
 // Activation quantization (must produce exactly the scalar kernel's bytes).
 
-inline float max_abs(const float* x, int n16) {
-  __m512 m = _mm512_setzero_ps();
-  for (int i = 0; i < n16; ++i) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + 16 * i)));
-  return _mm512_reduce_max_ps(m);
-}
-
-// 16 floats -> 16 int8 codes (round half to even, as the scalar nearbyint); returns their sum.
-inline int quantize16(const float* x, __m512 id, int8_t* q) {
-  __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), id));
-  v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(v));
-  return _mm512_reduce_add_epi32(v);
-}
+struct ActOps {
+  static float max_abs(const float* x, int n) {
+    __m512 m = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    return _mm512_reduce_max_ps(m);
+  }
+  // Round half to even, as the scalar nearbyint; |x * inv| <= 127 by construction of inv.
+  static int quantize16(const float* x, float inv, int8_t* q) {
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inv)));
+    v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(v));
+    return _mm512_reduce_add_epi32(v);
+  }
+};
 
 void quantize_act_cols_avx512(WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row) {
-  const ActLayout L = act_layout(t, cols);
-  int8_t* qs = reinterpret_cast<int8_t*>(row);
-  if (t == WeightType::Q4_K || t == WeightType::Q5_K || t == WeightType::Q6_K) {
-    float* d = reinterpret_cast<float*>(row + L.d_off);
-    int16_t* bsum16 = reinterpret_cast<int16_t*>(row + L.sum_off);
-    int16_t* bsum32 = reinterpret_cast<int16_t*>(row + L.sum32_off);
-    for (int64_t c = 0; c < ncols; c += 256) {
-      const int64_t sb = (col0 + c) / 256;
-      const float amax = max_abs(x + c, 16);
-      const __m512 id = _mm512_set1_ps(act_inv_scale(amax));
-      d[sb] = act_scale(amax);
-      for (int g = 0; g < 16; ++g)
-        bsum16[16 * sb + g] = static_cast<int16_t>(quantize16(x + c + 16 * g, id, qs + 256 * sb + 16 * g));
-      for (int g = 0; g < 8; ++g)
-        bsum32[8 * sb + g] = static_cast<int16_t>(bsum16[16 * sb + 2 * g] + bsum16[16 * sb + 2 * g + 1]);
-    }
-  } else if (t == WeightType::Q8_0) {
-    float* d = reinterpret_cast<float*>(row + L.d_off);
-    int32_t* nsum = reinterpret_cast<int32_t*>(row + L.sum_off);
-    for (int64_t c = 0; c < ncols; c += 32) {
-      const int64_t b = (col0 + c) / 32;
-      const float amax = max_abs(x + c, 2);
-      const __m512 id = _mm512_set1_ps(act_inv_scale(amax));
-      d[b] = act_scale(amax);
-      nsum[b] = -128 * (quantize16(x + c, id, qs + 32 * b) + quantize16(x + c + 16, id, qs + 32 * b + 16));
-    }
-  } else {
-    std::memcpy(reinterpret_cast<float*>(row) + col0, x, ncols * sizeof(float));
-  }
+  quantize_act_cols_with(ActOps{}, t, x, cols, col0, ncols, row);
 }
 
 // ---------------------------------------------------------------------------------------------------

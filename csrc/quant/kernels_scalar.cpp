@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "quant/act_format.h"
+#include "quant/act_quantize.h"
 #include "quant/activation_impl.h"
 #include "quant/half.h"
 #include "quant/isa_kernels.h"
@@ -19,66 +20,25 @@
 namespace ktinject {
 namespace {
 
-int8_t quantize_one(float x, float id) {
-  const float q = std::nearbyint(x * id);  // ties to even, like the SIMD cvtps
-  return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
-}
-
-float max_abs(const float* x, int n) {
-  float amax = 0.0f;
-  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  return amax;
-}
+struct ActOps {
+  static float max_abs(const float* x, int n) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+    return amax;
+  }
+  static int quantize16(const float* x, float inv, int8_t* q) {
+    int sum = 0;
+    for (int i = 0; i < 16; ++i) {
+      const float v = std::nearbyint(x[i] * inv);  // ties to even, like the SIMD conversions
+      q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+      sum += q[i];
+    }
+    return sum;
+  }
+};
 
 void quantize_act_cols_scalar(WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row) {
-  const ActLayout L = act_layout(t, cols);
-  int8_t* qs = reinterpret_cast<int8_t*>(row);
-  switch (t) {
-    case WeightType::Q4_K:
-    case WeightType::Q5_K:
-    case WeightType::Q6_K: {
-      float* d = reinterpret_cast<float*>(row + L.d_off);
-      int16_t* bsum16 = reinterpret_cast<int16_t*>(row + L.sum_off);
-      int16_t* bsum32 = reinterpret_cast<int16_t*>(row + L.sum32_off);
-      for (int64_t c = 0; c < ncols; c += 256) {
-        const int64_t sb = (col0 + c) / 256;
-        const float amax = max_abs(x + c, 256);
-        const float id = act_inv_scale(amax);
-        d[sb] = act_scale(amax);
-        for (int g = 0; g < 16; ++g) {
-          int s = 0;
-          for (int i = 0; i < 16; ++i) {
-            qs[256 * sb + 16 * g + i] = quantize_one(x[c + 16 * g + i], id);
-            s += qs[256 * sb + 16 * g + i];
-          }
-          bsum16[16 * sb + g] = static_cast<int16_t>(s);
-        }
-        for (int g = 0; g < 8; ++g)
-          bsum32[8 * sb + g] = static_cast<int16_t>(bsum16[16 * sb + 2 * g] + bsum16[16 * sb + 2 * g + 1]);
-      }
-      return;
-    }
-    case WeightType::Q8_0: {
-      float* d = reinterpret_cast<float*>(row + L.d_off);
-      int32_t* nsum = reinterpret_cast<int32_t*>(row + L.sum_off);
-      for (int64_t c = 0; c < ncols; c += 32) {
-        const int64_t b = (col0 + c) / 32;
-        const float amax = max_abs(x + c, 32);
-        const float id = act_inv_scale(amax);
-        d[b] = act_scale(amax);
-        int s = 0;
-        for (int i = 0; i < 32; ++i) {
-          qs[32 * b + i] = quantize_one(x[c + i], id);
-          s += qs[32 * b + i];
-        }
-        nsum[b] = -128 * s;
-      }
-      return;
-    }
-    default:
-      std::memcpy(reinterpret_cast<float*>(row) + col0, x, ncols * sizeof(float));
-      return;
-  }
+  quantize_act_cols_with(ActOps{}, t, x, cols, col0, ncols, row);
 }
 
 // ---- one GGUF block against one activation block -----------------------------------------------------
