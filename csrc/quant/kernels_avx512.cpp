@@ -24,7 +24,10 @@ namespace {
 constexpr int kMaxTokens = 8;  // tokens per micro-kernel call (their accumulators stay in registers)
 
 // Weights are streamed from DRAM at decode: while a tile-block is computed, the next tile-block (at least
-// 2 KiB ahead) is prefetched. Measured at one token: Q8_0 +12%, Q4_K neutral; farther ahead is slower.
+// 2 KiB ahead) is prefetched. Measured at one token, kernel alone, DRAM-resident: Q8_0 +2%, Q6_K +10%, but
+// Q4_K -7% and Q5_K -10% (the hardware streamer keeps up with their lower byte rate; the 36-44 extra
+// instructions per tile-block and L1 fill buffers are the cost), so Q4_K/Q5_K do not prefetch. Farther
+// ahead, or into L2 only (T1/T2), was never faster.
 constexpr size_t kPrefetchAhead = 2048;
 inline void prefetch_ahead(const uint8_t* p, size_t bytes) {
   const size_t ahead = (kPrefetchAhead + bytes - 1) / bytes * bytes;  // whole tile-blocks ahead
@@ -58,13 +61,36 @@ void quantize_act_cols_avx512(WeightType t, const float* x, int64_t cols, int64_
 
 inline __m512i load(const uint8_t* p) { return _mm512_loadu_si512(p); }
 
-inline __m512i bcast32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
+// acc += the 16 dword dot products of w (u8) with the 4 activation bytes at x (s8), broadcast to every
+// lane. For one token it is written with the memory operand's embedded broadcast ({1to16}): compilers
+// emit a separate vpbroadcastd instead, an extra micro-op per dot product, and fewer micro-ops per weight
+// byte let out-of-order execution keep more DRAM reads in flight (Q4_K at one token, DRAM-resident: -5%
+// time). With several tokens the compiler's own schedule is faster (Q4_K prefill-128: 4%), so NT > 1
+// keeps the intrinsic.
+template <int NT>
+inline __m512i dot4(__m512i acc, __m512i w, const int8_t* x) {
+  if constexpr (NT == 1) {
+    asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
+    return acc;
+  } else {
+    int32_t v;
+    std::memcpy(&v, x, 4);
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(v));
+  }
 }
 
-inline __m512i dot4(__m512i acc, __m512i w, const int8_t* x) { return _mm512_dpbusd_epi32(acc, w, bcast32(x)); }
+// acc += the 16 dword dot products of w's int16 pairs with the int16 pair at x, broadcast (as dot4).
+template <int NT>
+inline __m512i dot2w(__m512i acc, __m512i w, const int16_t* x) {
+  if constexpr (NT == 1) {
+    asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
+    return acc;
+  } else {
+    int32_t v;
+    std::memcpy(&v, x, 4);
+    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(v));
+  }
+}
 
 // 16 fp16 values at p -> floats.
 inline __m512 load_f16x16(const uint8_t* p) {
@@ -138,11 +164,10 @@ void tile_q45(const uint8_t* tile, int64_t nsb, const Acts& a, __m512 out[NT]) {
     for (int i = 0; i < NT; ++i) {
       isum[i] = _mm512_setzero_si512();
       msum[i] = _mm512_setzero_si512();
-      for (int q = 0; q < 4; ++q) msum[i] = _mm512_dpwssd_epi32(msum[i], pairs[q], bcast32(a.s32[i] + 8 * sb + 2 * q));
+      for (int q = 0; q < 4; ++q) msum[i] = dot2w<NT>(msum[i], pairs[q], a.s32[i] + 8 * sb + 2 * q);
     }
     const uint8_t* qh = p + 256;
     const uint8_t* qs = p + (FIVE ? 768 : 256);
-    prefetch_ahead(p, kBlock);
     // High nibbles are used in place (16 * q, masked with 0xF0: no shift); their sums are exact multiples
     // of 16 and are divided back once per super-block.
     __m512i isum_hi[NT];
@@ -162,19 +187,10 @@ void tile_q45(const uint8_t* tile, int64_t nsb, const Acts& a, __m512 out[NT]) {
       }
       for (int i = 0; i < NT; ++i) {
         const int8_t* x = a.qs[i] + 256 * sb + 32 * j;
-        __m512i acc;
-        if constexpr (NT == 1) {  // one token: two dependency chains instead of one of 8 dot products
-          __m512i acc2 = _mm512_setzero_si512();
-          acc = _mm512_setzero_si512();
-          for (int k = 0; k < 8; k += 2) {
-            acc = dot4(acc, w[k], x + 4 * k);
-            acc2 = dot4(acc2, w[k + 1], x + 4 * k + 4);
-          }
-          acc = _mm512_add_epi32(acc, acc2);
-        } else {
-          acc = _mm512_setzero_si512();
-          for (int k = 0; k < 8; ++k) acc = dot4(acc, w[k], x + 4 * k);
-        }
+        // One chain of 8 dot products per sub-block: sub-blocks are independent, so out-of-order
+        // execution overlaps the chains (splitting each in two measured 1-3% slower at one token).
+        __m512i acc = _mm512_setzero_si512();
+        for (int k = 0; k < 8; ++k) acc = dot4<NT>(acc, w[k], x + 4 * k);
         if (half && !FIVE) {
           isum_hi[i] = _mm512_add_epi32(isum_hi[i], _mm512_mullo_epi32(acc, scj));
         } else {
@@ -231,8 +247,8 @@ void tile_q6(const uint8_t* tile, int64_t nsb, const Acts& a, __m512 out[NT]) {
           const int8_t* x = a.qs[i] + 256 * sb + 128 * h + 32 * s;
           __m512i acc0 = _mm512_set1_epi32(-32 * a.s16[i][16 * sb + j0]);
           __m512i acc1 = _mm512_set1_epi32(-32 * a.s16[i][16 * sb + j0 + 1]);
-          for (int k = 0; k < 4; ++k) acc0 = dot4(acc0, w[k], x + 4 * k);
-          for (int k = 4; k < 8; ++k) acc1 = dot4(acc1, w[k], x + 4 * k);
+          for (int k = 0; k < 4; ++k) acc0 = dot4<NT>(acc0, w[k], x + 4 * k);
+          for (int k = 4; k < 8; ++k) acc1 = dot4<NT>(acc1, w[k], x + 4 * k);
           isum[i] = _mm512_add_epi32(isum[i], _mm512_add_epi32(_mm512_mullo_epi32(acc0, sc0), _mm512_mullo_epi32(acc1, sc1)));
         }
       }
@@ -260,7 +276,7 @@ void tile_q8(const uint8_t* tile, int64_t nblk, const Acts& a, __m512 out[NT]) {
     for (int i = 0; i < NT; ++i) {
       const int8_t* x = a.qs[i] + 32 * b;
       __m512i acc = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(a.s16[i])[b]);
-      for (int k = 0; k < 8; ++k) acc = dot4(acc, w[k], x + 4 * k);
+      for (int k = 0; k < 8; ++k) acc = dot4<NT>(acc, w[k], x + 4 * k);
       facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(wd, _mm512_set1_ps(a.d[i][b])), facc[i]);
     }
   }
