@@ -137,17 +137,23 @@ void ThreadPool::start(Job* job) {
 
 void ThreadPool::wait() {
   if (remaining_.load(std::memory_order_acquire) == 0) return;
-  // A caller running on one of the workers' CPUs blocks at once: any spinning there would take time from
-  // that worker. A caller with a CPU of its own polls for a while (short jobs end without a futex wake-up).
+  // A caller running on one of the workers' CPUs yields until the job is done: the worker there gets the
+  // core back at once (it never yields while working; the scheduler hands the caller the core about once
+  // per tick and the caller gives it straight back), and when the job ends the caller is already runnable.
+  // Blocking on the condition variable instead cost a futex wake-up and a context switch per call:
+  // 32 -> 6.5 us per call of an empty layer at threads=2 on 2 cores, Q4_K decode -4% per layer.
+  // A caller with a CPU of its own polls for a while (short jobs end without a futex wake-up).
   const int cpu = sched_getcpu();
   const bool shares_a_core = cpu < 0 || std::find(all_cpus_.begin(), all_cpus_.end(), cpu) != all_cpus_.end();
-  if (!shares_a_core) {
-    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-    for (int i = 0;; ++i) {
-      if (remaining_.load(std::memory_order_acquire) == 0) return;
-      KTINJECT_PAUSE();
-      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= spin_until) break;
-    }
+  if (shares_a_core) {
+    while (remaining_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+    return;
+  }
+  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+  for (int i = 0;; ++i) {
+    if (remaining_.load(std::memory_order_acquire) == 0) return;
+    KTINJECT_PAUSE();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= spin_until) break;
   }
   std::unique_lock<std::mutex> lock(mu_);
   done_cv_.wait(lock, [&] { return remaining_.load(std::memory_order_acquire) == 0; });
