@@ -118,20 +118,28 @@ class CpuExperts(Operator):
     def _load_from_float(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
                          down_bias: torch.Tensor | None) -> None:
         """Convert float weights (HF fused layout, any device) to the configured type, a few experts at a time."""
-        wtype = self._float_type(gate_up.dtype)
-        self._create(wtype, wtype, wtype)
+        self._load_float_batches(lambda e0, e1: (gate_up[e0:e1], down[e0:e1]))
         with torch.no_grad():
-            for e0 in range(0, self.spec.num_experts, _EXPERTS_PER_BATCH):
-                e1 = min(self.spec.num_experts, e0 + _EXPERTS_PER_BATCH)
-                gate, up = split_gate_up(gate_up[e0:e1].detach().cpu(), self.spec, transposed=self._source_transposed)
-                d = down[e0:e1].detach().cpu()
-                d = d.transpose(1, 2) if self._source_transposed else d
-                self._moe.load(e0, _to_blocks(gate, wtype), _to_blocks(up, wtype), _to_blocks(d, wtype))
             if gate_up_bias is not None and down_bias is not None:
                 gb, ub = split_gate_up(gate_up_bias.detach().cpu(), self.spec, transposed=self._source_transposed)
                 self._moe.load_bias(_f32(gb), _f32(ub), _f32(down_bias.detach().cpu()))
             elif self.spec.has_bias and gate_up_bias is not None:
                 raise OperatorError(f"cpu_experts for {self.module_name!r}: the module has gate_up_proj_bias but no down_proj_bias")
+
+    def _load_float_batches(self, batch) -> None:
+        """``batch(e0, e1)`` gives experts [e0, e1) of (gate_up_proj, down_proj) in the HF layout; each batch is
+        converted and packed before the next is asked for, so only a few experts' floats exist at a time."""
+        with torch.no_grad():
+            for e0 in range(0, self.spec.num_experts, _EXPERTS_PER_BATCH):
+                e1 = min(self.spec.num_experts, e0 + _EXPERTS_PER_BATCH)
+                gate_up, down = batch(e0, e1)
+                if e0 == 0:
+                    wtype = self._float_type(gate_up.dtype)
+                    self._create(wtype, wtype, wtype)
+                gate, up = split_gate_up(gate_up.detach().cpu(), self.spec, transposed=self._source_transposed)
+                d = down.detach().cpu()
+                d = d.transpose(1, 2) if self._source_transposed else d
+                self._moe.load(e0, _to_blocks(gate, wtype), _to_blocks(up, wtype), _to_blocks(d, wtype))
 
     # ---- loading from a weight source (checkpoint / GGUF) -------------------------------------------
 
@@ -152,7 +160,11 @@ class CpuExperts(Operator):
                 except _Requantize:
                     pass
         if not loaded:
-            self._load_from_float(source.tensor(prefix + "gate_up_proj"), source.tensor(prefix + "down_proj"), None, None)
+            rows = getattr(source, "tensor_rows", None)
+            if rows is not None:  # a few experts at a time: a layer's float experts never exist whole
+                self._load_float_batches(lambda e0, e1: (rows(prefix + "gate_up_proj", e0, e1), rows(prefix + "down_proj", e0, e1)))
+            else:
+                self._load_from_float(source.tensor(prefix + "gate_up_proj"), source.tensor(prefix + "down_proj"), None, None)
         if self.spec.has_bias:
             gb, ub = split_gate_up(source.tensor(prefix + "gate_up_proj_bias"), self.spec, transposed=self._source_transposed)
             self._moe.load_bias(_f32(gb), _f32(ub), _f32(source.tensor(prefix + "down_proj_bias")))
@@ -251,7 +263,10 @@ def _to_blocks(w: torch.Tensor, wtype: str) -> np.ndarray:
 
 
 def _stored_as_blocks(gate_up_parts: list, down_parts: list) -> bool:
-    return all(getattr(p, "ggml_type", None) is not None for p in (*gate_up_parts, *down_parts))
+    """GGUF-style stacked expert tensors (gate_exps, up_exps; down_exps) with a GGML type: packed as stored.
+    Per-expert checkpoint tensors (bf16 safetensors also carry a GGML type) take the float path."""
+    stacked = len(gate_up_parts) == 2 and len(down_parts) == 1 and all(len(p.shape) == 3 for p in (*gate_up_parts, *down_parts))
+    return stacked and all(getattr(p, "ggml_type", None) is not None for p in (*gate_up_parts, *down_parts))
 
 
 def _blocks_view(part, e0: int, e1: int) -> np.ndarray:

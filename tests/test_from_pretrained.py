@@ -6,6 +6,7 @@ into its tensors by the writer's own inverse (tests/gguf_writer.py); for safeten
 
 from __future__ import annotations
 
+import copy
 import mmap
 
 import gguf
@@ -254,3 +255,26 @@ def test_dtypes_match_transformers_from_pretrained(family, dtype, tmp_path):
     loaded = ktinject.from_pretrained(tmp_path, rules=keep_all, dtype=dtype, progress=False)
     assert {k: v.dtype for k, v in loaded.state_dict().items()} == expected
     assert torch.float32 in expected.values() and dtype in expected.values()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bf16_checkpoint_streams_experts_into_cpu_experts(family, tmp_path, monkeypatch):
+    """A bf16 safetensors checkpoint (the usual HF format) goes to cpu_experts a few experts at a time, kept bf16.
+
+    Its per-expert tensors carry a GGML type (BF16) but are not GGUF stacks: they take the float path, which
+    asks the source for batches of experts (tensor_rows) and never for a layer's whole experts tensor.
+    """
+    model = tiny_model(family)
+    with torch.no_grad():  # bf16-exact weights; the float32 model stays the reference (its rope buffers too)
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)
+    whole = []
+    original = FileSource.tensor
+    monkeypatch.setattr(FileSource, "tensor", lambda self, name, *a, **k: whole.append(name) or original(self, name, *a, **k))
+    loaded = ktinject.from_pretrained(tmp_path, **{**LOAD, "rules": torch_rules("cpu_experts")})
+    assert not [n for n in whole if ".mlp.experts." in n and not n.endswith("_bias")]
+    experts = loaded.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "CpuExperts" and "bf16" in repr(experts)
+    # The same bf16 weights in float32 everywhere: cpu_experts computes bf16 weights exactly in f32.
+    assert_same_model(loaded, model, atol=2e-5)

@@ -157,6 +157,10 @@ class LoadingView:
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         return self._source.tensor(self._name(name), dtype=dtype, device=device)
 
+    def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of ``tensor(name)`` (first axis: experts), read without the rest."""
+        return self._source.tensor_rows(self._name(name), start, stop, dtype=dtype)
+
     def release(self) -> None:
         """Drop the file pages of the parts handed out so far from RSS (views stay valid). An operator that
         copies parts in batches calls this between batches, so RAM holds one batch of file pages at a time."""

@@ -7,6 +7,7 @@ files, and turns HF names into :class:`Recipe` objects in ``_recipe`` once it kn
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -14,9 +15,11 @@ import torch
 from torch import nn
 
 from ktinject.errors import WeightError
-from ktinject.weights.layouts import LayoutError, Recipe, Unresolved, assemble, same_up_to_ones
+from ktinject.weights.layouts import LayoutError, Recipe, Unresolved, assemble, assemble_rows, same_up_to_ones
 from ktinject.weights.source import RawTensor, TensorInfo
 from ktinject.weights.stored import StoredTensor, float_dtype_of
+
+logger = logging.getLogger(__name__)
 
 
 class FileSource:
@@ -119,6 +122,29 @@ class FileSource:
         assemble(recipe.layout, parts, out, on_bytes=self.on_bytes)
         hf_shape = self._hf_shapes.get(name, shape)
         return out.reshape(hf_shape)
+
+    def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :meth:`tensor` (first axis, e.g. experts), reading only what they need.
+
+        Falls back to slicing the whole tensor (with a warning: it is materialized) for layouts that do not
+        assemble by rows.
+        """
+        recipe = self.resolve(name)
+        parts = self._parts(recipe)
+        for part in parts:
+            if not part.dequantizable:
+                raise WeightError(f"{self.description}: {name}: stored tensor {part.name} has type {part.type_name}, which cannot be dequantized")
+        shape = self._hf_shapes.get(name) or self._layout_shape(recipe)
+        if not 0 <= start <= stop <= shape[0]:
+            raise WeightError(f"{self.description}: {name}: rows [{start}, {stop}) are outside its {shape[0]} rows")
+        out = torch.empty((stop - start, *self._layout_shape(recipe)[1:]), dtype=dtype or float_dtype_of(parts))
+        try:
+            assemble_rows(recipe.layout, parts, out, start, stop, on_bytes=self.on_bytes)
+        except LayoutError:
+            logger.warning("%s: %s (%s) is assembled whole to take rows [%d, %d)", self.description, name,
+                           recipe.layout.describe(), start, stop)
+            return self.tensor(name, dtype)[start:stop]
+        return out.reshape(stop - start, *shape[1:])
 
     # -- checking and releasing ----------------------------------------------------------------------
     def check(self, name: str, expected_shape: tuple[int, ...] | None, *, dequantize: bool) -> str | None:

@@ -4,7 +4,8 @@ A recipe names the stored parts in HF order and a :class:`Layout` that says wher
 know only shapes, so a whole model's recipes are checked against the HF shapes before any data is read.
 Assembly reads each part a few rows (along its first axis) at a time, writes them straight into the
 output tensor on its device and dtype, and drops the file pages it has consumed: a part is never held whole
-in float32, and RAM stays close to the size of what is kept.
+in float32, and RAM stays close to the size of what is kept. ``assemble_rows`` builds only some rows of the
+first axis (a few experts of a stacked experts tensor), reading only the parts and rows they come from.
 
 Layouts (each the inverse of a conversion a real converter does):
 
@@ -242,15 +243,63 @@ def assemble(
     """Fill ``out`` (of ``layout.shape``) from ``parts``, a chunk of rows at a time, releasing file pages."""
     shapes = [p.shape for p in parts]
     for index, part in enumerate(parts):
-        n = part.num_rows
-        if layout.chunkable:
-            floats_per_row = max(1, math.prod(part.shape[1:]))
-            step = max(1, CHUNK_BYTES // (4 * floats_per_row))
-        else:
-            step = n
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            layout.write(out, shapes, index, start, stop, part.rows(start, stop))
-            part.release(start, stop)
-            if on_bytes is not None:
-                on_bytes((stop - start) * part.row_bytes)
+
+        def write(start, stop, rows, index=index):
+            layout.write(out, shapes, index, start, stop, rows)
+
+        _copy_rows(part, 0, part.num_rows, write, on_bytes, whole=not layout.chunkable)
+
+
+def _copy_rows(part, start: int, stop: int, write: Callable[[int, int, torch.Tensor], None],
+               on_bytes: Callable[[int], None] | None, *, whole: bool = False) -> None:
+    """Rows [start, stop) of ``part`` a chunk at a time (all at once if ``whole``) into
+    ``write(chunk_start, chunk_stop, rows)``, dropping each chunk's file pages after it is written."""
+    floats_per_row = max(1, math.prod(part.shape[1:]))
+    step = max(1, stop - start) if whole else max(1, CHUNK_BYTES // (4 * floats_per_row))
+    for lo in range(start, stop, step):
+        hi = min(stop, lo + step)
+        write(lo, hi, part.rows(lo, hi))
+        part.release(lo, hi)
+        if on_bytes is not None:
+            on_bytes((hi - lo) * part.row_bytes)
+
+
+def assemble_rows(
+    layout: Layout,
+    parts: Sequence,  # StoredTensor
+    out: torch.Tensor,
+    start: int,
+    stop: int,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Fill ``out`` with rows ``[start, stop)`` (first axis) of the assembled tensor, reading only their parts.
+
+    This is how an operator streams a stacked experts tensor a few experts at a time: the whole tensor (a
+    layer's experts, tens of GiB for the largest models in bf16) never exists at once. Layouts whose first
+    axis is the experts axis are supported; LayoutError for the others (use :func:`assemble`).
+    """
+    shapes = [tuple(p.shape) for p in parts]
+    rows = stop - start
+    if isinstance(layout, StackConcat):  # one part per expert and group: take the window's experts
+        n = len(parts) // layout.groups
+        window = [g * n + e for g in range(layout.groups) for e in range(start, stop)]
+        window_shapes = [shapes[i] for i in window]
+        for new_index, index in enumerate(window):
+            part = parts[index]
+
+            def write(lo, hi, chunk, new_index=new_index):
+                layout.write(out, window_shapes, new_index, lo, hi, chunk)
+
+            _copy_rows(part, 0, part.num_rows, write, on_bytes)
+        return
+    if isinstance(layout, (Direct, Transpose, Interleave)) or (isinstance(layout, Concat) and layout.dim != 0):
+        window_shapes = [(rows, *s[1:]) for s in shapes]  # part row r is output row r
+        for index, part in enumerate(parts):
+
+            def write(lo, hi, chunk, index=index):
+                layout.write(out, window_shapes, index, lo - start, hi - start, chunk)
+
+            _copy_rows(part, start, stop, write, on_bytes)
+        return
+    raise LayoutError(f"{layout.describe()} does not assemble by rows of its first axis")

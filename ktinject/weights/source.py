@@ -105,6 +105,9 @@ class WeightSource(Protocol):
 
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor: ...
 
+    # Optional: ``tensor_rows(name, start, stop, dtype=None)``, rows [start, stop) of ``tensor(name)`` read
+    # without the rest (operators that stream experts use it when present).
+
 
 def raw_from_torch(stored_name: str, tensor: torch.Tensor) -> RawTensor:
     """A CPU torch tensor as a RawTensor (zero-copy; bfloat16 becomes GGML BF16 bytes, numpy has no bfloat16)."""
@@ -153,6 +156,9 @@ class ModuleSource:
 
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         return self._get(name).to(device=device, dtype=dtype)
+
+    def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._get(name)[start:stop].to(dtype=dtype)
 
     def release(self) -> None:
         """Nothing to release: the tensors belong to the live module."""
