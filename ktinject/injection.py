@@ -52,7 +52,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent._modules[child] = new
 
 
-def _build_operator(model: nn.Module, entry: PlanEntry) -> None:
+def build_operator(model: nn.Module, entry: PlanEntry) -> None:
+    """Replace ``entry``'s module in ``model`` by its rule's operator (built from the live module, or on meta
+    when loading from files). Shared by optimize() and from_pretrained(); errors name the rule."""
     if entry.module_name == "":
         raise KtInjectError(f"rule {entry.rule.label} ({entry.rule.location}) would replace the whole model; use op: keep for the root")
     module = model.get_submodule(entry.module_name)
@@ -96,7 +98,9 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _input_mover(device: torch.device):
+def input_mover(device: torch.device):
+    """A forward pre-hook moving a kept module's tensor inputs to ``device`` (models spanning devices)."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return _to_device(args, device), _to_device(kwargs, device)
 
@@ -122,7 +126,7 @@ def optimize(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | No
     with torch.no_grad():
         for entry in p.entries:
             if not entry.is_keep:
-                _build_operator(model, entry)
+                build_operator(model, entry)
         moved: dict[int, Any] = {}
         multi_device = len(p.devices()) > 1
         for entry in p.entries:
@@ -130,7 +134,7 @@ def optimize(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | No
                 module = model.get_submodule(entry.module_name)
                 _move_owned_tensors(module, entry.module_name, entry.device, claimed, moved)
                 if multi_device and entry.device.type != "meta":
-                    module.register_forward_pre_hook(_input_mover(entry.device), with_kwargs=True)
+                    module.register_forward_pre_hook(input_mover(entry.device), with_kwargs=True)
     setattr(model, PLAN_ATTRIBUTE, p)
     return p
 

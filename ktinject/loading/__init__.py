@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ktinject.errors import KtInjectError
-from ktinject.injection import PLAN_ATTRIBUTE, _build_operator, check_devices
+from ktinject.injection import PLAN_ATTRIBUTE, build_operator, check_devices
 from ktinject.loading.model import (
     PathLike,
     build_meta_model,
@@ -110,7 +110,7 @@ def from_pretrained(
     with torch.no_grad():
         for entry in p.entries:
             if not entry.is_keep:
-                _build_operator(model, entry)
+                build_operator(model, entry)
 
     needs = collect_needs(model, p, specs, placer)
     resolved = check_needs(needs, source, aliases)

@@ -125,7 +125,7 @@ def check_nothing_on_meta(model: nn.Module, plan: Plan) -> None:
 def add_input_movers(model: nn.Module, plan: Plan, needs: list[Need]) -> None:
     """When the model spans several devices, kept modules move their inputs to their device (as optimize()
     does; operators move their own inputs)."""
-    from ktinject.injection import _input_mover
+    from ktinject.injection import input_mover
 
     devices = plan.devices() | {n.device for n in needs if n.device is not None}
     if len(devices) < 2:
@@ -138,4 +138,4 @@ def add_input_movers(model: nn.Module, plan: Plan, needs: list[Need]) -> None:
         if module_name not in hooked:
             hooked.add(module_name)
             module = model.get_submodule(module_name) if module_name else model
-            module.register_forward_pre_hook(_input_mover(need.device), with_kwargs=True)
+            module.register_forward_pre_hook(input_mover(need.device), with_kwargs=True)
