@@ -102,6 +102,11 @@ class FileSource:
             self.on_bytes(sum(self._stored[p].nbytes for p in fresh))
         return [p.raw() for p in parts]
 
+    def _progress(self, recipe: Recipe) -> Callable[[int], None] | None:
+        """The progress callback for reading ``recipe``'s parts: none when parts() already counted them all (an
+        operator that looked at the stored parts and then asks for floats reads the same bytes once)."""
+        return None if all(p in self._handed_out for p in recipe.parts) else self.on_bytes
+
     def raw(self, name: str) -> RawTensor:
         recipe = self.resolve(name)
         if len(recipe.parts) != 1:
@@ -119,7 +124,7 @@ class FileSource:
                 raise WeightError(f"{self.description}: {name}: stored tensor {part.name} has type {part.type_name}, which cannot be dequantized")
         shape = self._layout_shape(recipe)
         out = torch.empty(shape or (1,), dtype=dtype or float_dtype_of(parts), device=device)
-        assemble(recipe.layout, parts, out, on_bytes=self.on_bytes)
+        assemble(recipe.layout, parts, out, on_bytes=self._progress(recipe))
         hf_shape = self._hf_shapes.get(name, shape)
         return out.reshape(hf_shape)
 
@@ -139,7 +144,7 @@ class FileSource:
             raise WeightError(f"{self.description}: {name}: rows [{start}, {stop}) are outside its {shape[0]} rows")
         out = torch.empty((stop - start, *self._layout_shape(recipe)[1:]), dtype=dtype or float_dtype_of(parts))
         try:
-            assemble_rows(recipe.layout, parts, out, start, stop, on_bytes=self.on_bytes)
+            assemble_rows(recipe.layout, parts, out, start, stop, on_bytes=self._progress(recipe))
         except LayoutError:
             logger.warning("%s: %s (%s) is assembled whole to take rows [%d, %d)", self.description, name,
                            recipe.layout.describe(), start, stop)

@@ -68,3 +68,20 @@ def test_rows_out_of_range_name_the_tensor(tmp_path):
     name = experts_names(model)[0]
     with pytest.raises(WeightError, match="outside"):
         source.tensor_rows(name, 0, 10_000)
+
+
+def test_parts_then_rows_count_the_bytes_once(tmp_path):
+    """cpu_experts looks at the stored parts, then reads floats: the progress bar counts those bytes once."""
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    source = bind(SafetensorsSource(tmp_path), model)
+    name = next(n for n in experts_names(model) if n.endswith("gate_up_proj"))
+    read = []
+    source.on_bytes = read.append
+    source.parts(name)
+    handed_out = sum(read)
+    experts = model.state_dict()[name].shape[0]
+    for e in range(experts):
+        source.tensor_rows(name, e, e + 1)
+    source.tensor(name)
+    assert sum(read) == handed_out == source.stored_bytes(name)
