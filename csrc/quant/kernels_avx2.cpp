@@ -520,19 +520,6 @@ void run_group(WeightType t, const uint8_t* tile, int64_t cols, const uint8_t* c
   }
 }
 
-// The last n < kMaxTokens tokens of a tile.
-template <int NT>
-void run_rest(int64_t n, WeightType t, const uint8_t* tile, int64_t cols, const uint8_t* const* act, int64_t i0,
-              int64_t valid, const GemmOut& o, int64_t off) {
-  if constexpr (NT > 0) {
-    if (n == NT) {
-      run_group<NT>(t, tile, cols, act, i0, valid, o, off);
-    } else {
-      run_rest<NT - 1>(n, t, tile, cols, act, i0, valid, o, off);
-    }
-  }
-}
-
 void gemm_avx2(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
                const uint8_t* const* act, int64_t n_tokens, const GemmOut& out) {
   const size_t tb = tile_bytes(t, cols);
@@ -540,9 +527,7 @@ void gemm_avx2(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, 
     const uint8_t* tp = packed + tile * tb;
     const int64_t valid = std::min<int64_t>(kTileRows, rows - tile * kTileRows);
     const int64_t off = (tile - tile0) * kTileRows;
-    int64_t i0 = 0;
-    for (; i0 + kMaxTokens <= n_tokens; i0 += kMaxTokens) run_group<kMaxTokens>(t, tp, cols, act, i0, valid, out, off);
-    run_rest<kMaxTokens - 1>(n_tokens - i0, t, tp, cols, act, i0, valid, out, off);
+    for_token_groups<kMaxTokens>(n_tokens, [&](auto NT, int64_t i0) { run_group<NT>(t, tp, cols, act, i0, valid, out, off); });
   }
 }
 
