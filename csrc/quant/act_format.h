@@ -55,4 +55,28 @@ static inline ActLayout act_layout(WeightType t, int64_t cols) {
   return l;
 }
 
+// A SIMD micro-kernel's view of its token group's activation rows (up to kMax rows), split into their parts.
+template <int kMax>
+struct ActRows {
+  const int8_t* qs[kMax];
+  const float* d[kMax];
+  const int16_t* s16[kMax];  // K-quants: bsum16; Q8_0: nsum (read as int32)
+  const int16_t* s32[kMax];  // K-quants: bsum32
+  const float* f[kMax];      // float weight types: the f32 activations themselves
+};
+
+template <int kMax>
+static inline ActRows<kMax> split_act_rows(WeightType t, const uint8_t* const* act, int n, int64_t cols) {
+  const ActLayout L = act_layout(t, cols);
+  ActRows<kMax> a{};
+  for (int i = 0; i < n; ++i) {
+    a.qs[i] = reinterpret_cast<const int8_t*>(act[i]);
+    a.d[i] = reinterpret_cast<const float*>(act[i] + L.d_off);
+    a.s16[i] = reinterpret_cast<const int16_t*>(act[i] + L.sum_off);
+    a.s32[i] = reinterpret_cast<const int16_t*>(act[i] + L.sum32_off);
+    a.f[i] = reinterpret_cast<const float*>(act[i]);
+  }
+  return a;
+}
+
 }  // namespace ktinject

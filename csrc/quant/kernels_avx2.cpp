@@ -144,27 +144,7 @@ inline void split_f16_pairs(__m256i v, __m256& lo, __m256& hi) {
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(g, 1));
 }
 
-struct Acts {  // the token group's activation rows, split into their parts
-  const int8_t* qs[kMaxTokens];
-  const float* d[kMaxTokens];
-  const int16_t* s16[kMaxTokens];  // K-quants: bsum16 (Q8_0's nsum is not needed here, see tile_q8)
-  const int16_t* s32[kMaxTokens];
-  const float* f[kMaxTokens];
-};
-
-template <int NT>
-Acts split_acts(WeightType t, const uint8_t* const* act, int64_t cols) {
-  const ActLayout L = act_layout(t, cols);
-  Acts a{};
-  for (int i = 0; i < NT; ++i) {
-    a.qs[i] = reinterpret_cast<const int8_t*>(act[i]);
-    a.d[i] = reinterpret_cast<const float*>(act[i] + L.d_off);
-    a.s16[i] = reinterpret_cast<const int16_t*>(act[i] + L.sum_off);
-    a.s32[i] = reinterpret_cast<const int16_t*>(act[i] + L.sum32_off);
-    a.f[i] = reinterpret_cast<const float*>(act[i]);
-  }
-  return a;
-}
+using Acts = ActRows<kMaxTokens>;  // the token group's activation rows, split into their parts
 
 // out[i][h]: token i's results for rows 8h .. 8h+7 of the tile.
 template <int NT>
@@ -509,7 +489,7 @@ inline void store8(float* dst, __m256 v, const float* scale, int64_t n) {
 template <int NT>
 void run_group(WeightType t, const uint8_t* tile, int64_t cols, const uint8_t* const* act, int64_t i0, int64_t valid,
                const GemmOut& o, int64_t off) {
-  const Acts a = split_acts<NT>(t, act + i0, cols);
+  const Acts a = split_act_rows<kMaxTokens>(t, act + i0, NT, cols);
   __m256 v[NT][2] = {};  // tile_dispatch writes it for every WeightType; zeroed for any other value
   tile_dispatch<NT>(t, tile, cols, a, v);
   for (int i = 0; i < NT; ++i) {  // in token order: two tokens may share an output row

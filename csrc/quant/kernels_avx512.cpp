@@ -97,27 +97,7 @@ inline __m512 load_f16x16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-struct Acts {  // the token group's activation rows, split into their parts
-  const int8_t* qs[kMaxTokens];
-  const float* d[kMaxTokens];
-  const int16_t* s16[kMaxTokens];  // K-quants: bsum16; Q8_0: nsum (read as int32)
-  const int16_t* s32[kMaxTokens];
-  const float* f[kMaxTokens];
-};
-
-template <int NT>
-Acts split_acts(WeightType t, const uint8_t* const* act, int64_t cols) {
-  const ActLayout L = act_layout(t, cols);
-  Acts a{};
-  for (int i = 0; i < NT; ++i) {
-    a.qs[i] = reinterpret_cast<const int8_t*>(act[i]);
-    a.d[i] = reinterpret_cast<const float*>(act[i] + L.d_off);
-    a.s16[i] = reinterpret_cast<const int16_t*>(act[i] + L.sum_off);
-    a.s32[i] = reinterpret_cast<const int16_t*>(act[i] + L.sum32_off);
-    a.f[i] = reinterpret_cast<const float*>(act[i]);
-  }
-  return a;
-}
+using Acts = ActRows<kMaxTokens>;  // the token group's activation rows, split into their parts
 
 // vpshufb patterns (one shuffle instead of shift + mask, and on another port than the dot products):
 // byte b of every dword into its low byte, zeroing the rest; bytes b, b+1 into its two int16 halves.
@@ -346,7 +326,7 @@ void tile_dispatch(WeightType t, const uint8_t* tile, int64_t cols, const Acts& 
 template <int NT>
 void run_group(WeightType t, const uint8_t* tile, int64_t cols, const uint8_t* const* act, int64_t i0, __mmask16 mask,
                const GemmOut& o, int64_t off) {
-  const Acts a = split_acts<NT>(t, act + i0, cols);
+  const Acts a = split_act_rows<kMaxTokens>(t, act + i0, NT, cols);
   __m512 v[NT];
   tile_dispatch<NT>(t, tile, cols, a, v);
   for (int i = 0; i < NT; ++i) {  // in token order: two tokens may share an output row
