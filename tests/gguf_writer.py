@@ -55,6 +55,19 @@ def _rope_params(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
 
+def _add_grouped_sigmoid_experts(w, c) -> None:
+    """DeepSeek-V3 / GLM-4-MoE routing metadata: routed + shared experts, sigmoid gating over expert groups."""
+    w.add_expert_count(c.n_routed_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_expert_shared_count(c.n_shared_experts)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_expert_weights_scale(c.routed_scaling_factor)
+    w.add_expert_weights_norm(bool(c.norm_topk_prob))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(c.n_group)
+    w.add_expert_group_used_count(c.topk_group)
+
+
 def write_metadata(writer: gguf.GGUFWriter, config) -> None:
     """Hyperparameters under the keys llama.cpp's converter uses for each family."""
     c = config
@@ -109,30 +122,14 @@ def write_metadata(writer: gguf.GGUFWriter, config) -> None:
         w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
         w.add_value_length_mla(c.v_head_dim)
         w.add_rope_dimension_count(c.qk_rope_head_dim)
-        w.add_expert_count(c.n_routed_experts)
-        w.add_expert_used_count(c.num_experts_per_tok)
-        w.add_expert_shared_count(c.n_shared_experts)
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-        w.add_expert_weights_scale(c.routed_scaling_factor)
-        w.add_expert_weights_norm(bool(c.norm_topk_prob))
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_group_count(c.n_group)
-        w.add_expert_group_used_count(c.topk_group)
+        _add_grouped_sigmoid_experts(w, c)
     elif mt == "glm4_moe":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
         w.add_nextn_predict_layers(0)
         w.add_leading_dense_block_count(c.first_k_dense_replace)
-        w.add_expert_count(c.n_routed_experts)
-        w.add_expert_used_count(c.num_experts_per_tok)
-        w.add_expert_shared_count(c.n_shared_experts)
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-        w.add_expert_weights_scale(c.routed_scaling_factor)
-        w.add_expert_weights_norm(bool(c.norm_topk_prob))
-        w.add_expert_group_count(c.n_group)
-        w.add_expert_group_used_count(c.topk_group)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        _add_grouped_sigmoid_experts(w, c)
     elif mt == "gpt_oss":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
