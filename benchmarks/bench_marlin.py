@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.marlin.backends import BACKENDS, PackedWeight  # noqa: E402
-from operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4  # noqa: E402
+from ktinject.operators.marlin.backends import BACKENDS, PackedWeight  # noqa: E402
+from ktinject.operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

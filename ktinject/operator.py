@@ -98,12 +98,12 @@ def register_operator(name: str):
 
 
 def _import_builtin_operators() -> None:
-    # The shipped operators live in the top-level ``operators`` package, which depends on ktinject (never
+    # The shipped operators live in the ``ktinject.operators`` package (the repository's top-level operators/ folder), which depends on ktinject (never
     # the other way at import time): import it lazily, the first time a short name is looked up.
     global _BUILTINS_IMPORTED
     if not _BUILTINS_IMPORTED:
         _BUILTINS_IMPORTED = True
-        importlib.import_module("operators")
+        importlib.import_module("ktinject.operators")
 
 
 def registered_operators() -> dict[str, type[Operator]]:

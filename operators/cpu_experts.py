@@ -24,7 +24,7 @@ from torch import nn
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import Operator, OperatorConfig, register_operator
-from operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
+from ktinject.operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
 
 logger = logging.getLogger("ktinject")
 

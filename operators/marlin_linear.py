@@ -28,9 +28,9 @@ from torch import nn
 from ktinject.errors import OperatorError, WeightError
 from ktinject.operator import Operator, OperatorConfig, register_operator
 from ktinject.weights import ModuleSource
-from operators.devices import frozen_parameter
-from operators.marlin.backends import Backend, BackendName, PackedWeight, select_backend
-from operators.marlin.format import (
+from ktinject.operators.devices import frozen_parameter
+from ktinject.operators.marlin.backends import Backend, BackendName, PackedWeight, select_backend
+from ktinject.operators.marlin.format import (
     check_gptq_g_idx,
     check_gptq_symmetric,
     marlin_padded_shape,

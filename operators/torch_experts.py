@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ktinject.operator import Operator, OperatorConfig, register_operator
-from operators.devices import DtypeName, frozen_parameter, resolve_dtype
-from operators.experts_layout import (
+from ktinject.operators.devices import DtypeName, frozen_parameter, resolve_dtype
+from ktinject.operators.experts_layout import (
     ExpertsSpec,
     ExpertWeights,
     apply_activation,

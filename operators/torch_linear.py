@@ -14,7 +14,7 @@ from torch import nn
 
 from ktinject.errors import OperatorError
 from ktinject.operator import Operator, OperatorConfig, register_operator
-from operators.devices import DtypeName, frozen_parameter, resolve_dtype
+from ktinject.operators.devices import DtypeName, frozen_parameter, resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,7 +155,7 @@ class RawExperts(Operator):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        from operators.experts_layout import experts_spec
+        from ktinject.operators.experts_layout import experts_spec
 
         self.spec = experts_spec(module)
         self.parts: dict[str, list] = {}
@@ -175,7 +175,7 @@ class RawExperts(Operator):
         return torch.from_numpy(np.concatenate(arrays, axis=1).astype(np.float32))
 
     def forward(self, hidden, top_k_index, top_k_weights):
-        from operators.experts_layout import apply_activation
+        from ktinject.operators.experts_layout import apply_activation
 
         gate_up, down = self._dequantized("gate_up_proj"), self._dequantized("down_proj")
         inter = self.spec.intermediate_size

@@ -11,7 +11,7 @@ from gguf_writer import torch_rules, write_gguf
 from ktinject import KtInjectError, WeightError
 from ktinject.operator import OperatorConfig
 from ktinject.weights.stored import GGUFStoredTensor, TorchStoredTensor
-from operators.torch_experts import TorchExperts
+from ktinject.operators.torch_experts import TorchExperts
 from tiny_models import tiny_model
 
 LOAD = dict(rules=torch_rules(), dtype=torch.float32, progress=False)

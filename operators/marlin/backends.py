@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ktinject.errors import OperatorError
-from operators.marlin.format import dequantize_marlin, marlin_gemm_reference
+from ktinject.operators.marlin.format import dequantize_marlin, marlin_gemm_reference
 
 logger = logging.getLogger("ktinject")
 
@@ -95,7 +95,7 @@ class CudaBackend(Backend):
         reason = _cuda_capability_reason(packed.qweight.device)
         if reason:
             return reason
-        from operators.marlin import cuda_kernel
+        from ktinject.operators.marlin import cuda_kernel
 
         try:
             cuda_kernel.load_library()
@@ -105,7 +105,7 @@ class CudaBackend(Backend):
 
     def __init__(self, packed: PackedWeight) -> None:
         super().__init__(packed)
-        from operators.marlin import cuda_kernel
+        from ktinject.operators.marlin import cuda_kernel
 
         self._lib = cuda_kernel.load_library()
 
@@ -121,7 +121,7 @@ class TritonBackend(Backend):
     @classmethod
     def unavailable(cls, packed: PackedWeight) -> str | None:
         try:
-            kernel = importlib.import_module("operators.marlin.triton_kernel")
+            kernel = importlib.import_module("ktinject.operators.marlin.triton_kernel")
         except ImportError as exc:
             return f"triton is not installed ({exc})"
         device = packed.qweight.device
@@ -133,7 +133,7 @@ class TritonBackend(Backend):
 
     def __init__(self, packed: PackedWeight) -> None:
         super().__init__(packed)
-        self._kernel = importlib.import_module("operators.marlin.triton_kernel")
+        self._kernel = importlib.import_module("ktinject.operators.marlin.triton_kernel")
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         p = self.packed
@@ -146,7 +146,7 @@ class TorchInt4Backend(Backend):
 
     @classmethod
     def unavailable(cls, packed: PackedWeight) -> str | None:
-        from operators.marlin.torch_int4 import SUPPORTED_GROUPS, int4pack_group_size
+        from ktinject.operators.marlin.torch_int4 import SUPPORTED_GROUPS, int4pack_group_size
 
         device = packed.qweight.device
         if device.type == "cuda":
@@ -163,7 +163,7 @@ class TorchInt4Backend(Backend):
 
     def __init__(self, packed: PackedWeight) -> None:
         super().__init__(packed)
-        from operators.marlin import torch_int4
+        from ktinject.operators.marlin import torch_int4
 
         self._int4 = torch_int4
         self._packed, self._scales_and_zeros, self._group = torch_int4.convert_to_int4pack(

@@ -27,7 +27,7 @@ _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 def library_candidates() -> list[Path]:
     """Where the library is looked for, first match wins (``$KTINJECT_MARLIN_LIB`` alone when it is set).
 
-    Next to this file (a wheel), ``operators/marlin/`` under each ``sys.path`` entry (an editable install keeps
+    Next to this file (a wheel), ``ktinject/operators/marlin/`` under each ``sys.path`` entry (an editable install keeps
     built files in site-packages while this file stays in the source tree), then ``build/cuda`` of the tree.
     """
     override = os.environ.get(ENV_VAR)
@@ -35,7 +35,7 @@ def library_candidates() -> list[Path]:
         return [Path(override)]
     here = Path(__file__).resolve().parent
     candidates = [here / LIBRARY_NAME]
-    candidates += [Path(entry) / "operators" / "marlin" / LIBRARY_NAME for entry in sys.path if entry]
+    candidates += [Path(entry) / "ktinject" / "operators" / "marlin" / LIBRARY_NAME for entry in sys.path if entry]
     candidates.append(here.parents[1] / "build" / "cuda" / LIBRARY_NAME)
     return list(dict.fromkeys(candidates))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from operators.marlin.format import unpack_marlin
+from ktinject.operators.marlin.format import unpack_marlin
 
 SUPPORTED_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = 8  # K is padded to a multiple of 128 = 8 * 16

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4, unpack_marlin
+from ktinject.operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4, unpack_marlin
 from tiny_models import COMMON, tiny_model
 
 PROJECTION = r"\.(self_attn|mlp)\.\w+_proj$"
@@ -135,9 +135,9 @@ def triton_interpreter() -> ModuleType | None:
         return
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("operators.marlin.triton_kernel", None)
+    sys.modules.pop("ktinject.operators.marlin.triton_kernel", None)
     try:
-        yield importlib.import_module("operators.marlin.triton_kernel")
+        yield importlib.import_module("ktinject.operators.marlin.triton_kernel")
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)

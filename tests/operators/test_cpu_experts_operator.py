@@ -17,8 +17,8 @@ if not native_available():
     pytest.skip("ktinject._native is not built", allow_module_level=True)
 
 from moe_reference import TYPES, Layer, assert_moe_close, reference  # noqa: E402
-from operators.cpu_experts import CpuExperts, CpuExpertsConfig  # noqa: E402
-from operators.experts_layout import canonical_weights, experts_spec  # noqa: E402
+from ktinject.operators.cpu_experts import CpuExperts, CpuExpertsConfig  # noqa: E402
+from ktinject.operators.experts_layout import canonical_weights, experts_spec  # noqa: E402
 from tiny_models import tiny_model, twin  # noqa: E402
 
 H, I, E, K = 256, 512, 8, 2

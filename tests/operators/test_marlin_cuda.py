@@ -19,8 +19,8 @@ import torch
 
 import ktinject
 from marlin_helpers import linear_rules, marlin_ops, random_packed, rel_error, tiny
-from operators.marlin import cuda_kernel
-from operators.marlin.format import marlin_gemm_reference
+from ktinject.operators.marlin import cuda_kernel
+from ktinject.operators.marlin.format import marlin_gemm_reference
 
 REPO = Path(__file__).resolve().parents[2]
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -240,7 +240,7 @@ def test_cuda_kernel_is_deterministic_and_reuses_its_workspace(cuda_lib):
 @pytest.mark.gpu
 @pytest.mark.parametrize("group_size", [128, -1])
 def test_gpu_backends_agree_on_one_layer(cuda_lib, group_size):
-    from operators.marlin.backends import BACKENDS, PackedWeight
+    from ktinject.operators.marlin.backends import BACKENDS, PackedWeight
 
     qweight, scales, _ = random_packed(4096, 1024, group_size, torch.bfloat16)
     packed = PackedWeight(qweight.cuda(), scales.cuda(), group_size, 1000)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from operators.marlin.format import (
+from ktinject.operators.marlin.format import (
     check_gptq_symmetric,
     dequantize_marlin,
     marlin_gemm_reference,

@@ -15,10 +15,10 @@ import ktinject
 from ktinject import OperatorError, RuleError, WeightError
 from ktinject.weights import ModuleSource
 from marlin_helpers import DictSource, gptq_pack, linear_rules, tiny, triton_interpreter  # noqa: F401 (a pytest fixture)
-from operators.marlin import backends
-from operators.marlin.backends import PackedWeight, first_available
-from operators.marlin.format import marlin_padded_shape, pack_marlin, pad_for_marlin, quantize_int4
-from operators.marlin_linear import MarlinLinear, MarlinLinearConfig
+from ktinject.operators.marlin import backends
+from ktinject.operators.marlin.backends import PackedWeight, first_available
+from ktinject.operators.marlin.format import marlin_padded_shape, pack_marlin, pad_for_marlin, quantize_int4
+from ktinject.operators.marlin_linear import MarlinLinear, MarlinLinearConfig
 
 CPU = torch.device("cpu")
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}

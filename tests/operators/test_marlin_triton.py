@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from marlin_helpers import random_packed, triton_interpreter  # noqa: F401 (a pytest fixture)
-from operators.marlin.format import marlin_gemm_reference
+from ktinject.operators.marlin.format import marlin_gemm_reference
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -28,7 +28,7 @@ CASES = [  # M, K, N, group_size, dtype, n_out, bias
 def kernel(triton_interpreter):
     if torch.cuda.is_available():
         pytest.importorskip("triton")
-        from operators.marlin import triton_kernel
+        from ktinject.operators.marlin import triton_kernel
 
         return triton_kernel, torch.device("cuda")
     if triton_interpreter is None:

@@ -6,8 +6,8 @@ from torch import nn
 
 from ktinject import OperatorError
 from ktinject.weights import ModuleSource
-from operators.torch_experts import TorchExperts, TorchExpertsConfig
-from operators.torch_linear import TorchLinear, TorchLinearConfig
+from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
+from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
 from tiny_models import tiny_model
 
 CPU = torch.device("cpu")

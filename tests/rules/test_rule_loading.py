@@ -58,7 +58,7 @@ def test_plain_list_file_and_yaml_string(tmp_path):
 
 def test_dotted_class_and_operator_paths():
     rs = ktinject.load_rules(
-        "rules:\n  - match: {class: torch.nn.Linear}\n    replace: {op: operators.torch_linear.TorchLinear, device: cpu}\n"
+        "rules:\n  - match: {class: torch.nn.Linear}\n    replace: {op: ktinject.operators.torch_linear.TorchLinear, device: cpu}\n"
     )
     rule = rs.rules[0]
     assert rule.match.class_type is torch.nn.Linear
