@@ -1,13 +1,19 @@
 // Python bindings of the CPU MoE layer (moe/moe.h) and its thread pool. Every array argument is checked
 // here (dtype, shape, contiguity) and a mismatch raises ValueError naming the argument; the C++ layer
 // below trusts its inputs. Arrays handed to submit() are kept alive until sync().
+//
+// Waits (for another thread's call, for the result) run without the GIL in slices of kSignalPoll, and
+// pending signals are handled between slices, so Ctrl-C interrupts a long call within about that time:
+// the call is cancelled, ended, and KeyboardInterrupt raised, leaving the layer usable.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <chrono>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,6 +30,17 @@ namespace ktinject {
 namespace {
 
 using namespace bind;
+
+constexpr auto kSignalPoll = std::chrono::milliseconds(50);
+
+// Python's pending signal handlers (run in the main thread only); true when one raised (e.g. Ctrl-C).
+bool signal_raised() { return PyErr_CheckSignals() != 0; }
+
+// One call in flight from one Python thread: the native call and the arrays it reads and writes.
+struct PendingCall {
+  std::unique_ptr<MoeCall> call;
+  std::vector<py::object> arrays;
+};
 
 class PyMoe {
  public:
@@ -52,14 +69,10 @@ class PyMoe {
   }
 
   ~PyMoe() {
-    if (layer_ && layer_->pending()) {
-      py::gil_scoped_release release;
-      try {
-        layer_->sync();
-      } catch (...) {
-        // an unsynced call's error has nobody left to report to
-      }
-    }
+    // Calls never synced must end before the layer (and the arrays they use) go away.
+    std::map<std::thread::id, PendingCall> pending = std::move(pending_);
+    py::gil_scoped_release release;
+    for (auto& entry : pending) entry.second.call->wait_until(MoeCall::Clock::time_point::max());
   }
 
   void load(int64_t first, const py::object& gate_obj, const py::object& up_obj, const py::object& down_obj) {
@@ -88,6 +101,7 @@ class PyMoe {
     const py::array u = checked_array(up_obj, "up_bias", f32, "float32", {s.num_experts, s.intermediate});
     const py::array d = checked_array(down_obj, "down_bias", f32, "float32", {s.num_experts, s.hidden});
     try {
+      py::gil_scoped_release release;
       layer_->load_bias(static_cast<const float*>(g.data()), static_cast<const float*>(u.data()), static_cast<const float*>(d.data()));
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
@@ -103,34 +117,53 @@ class PyMoe {
     const py::array w = checked_array(w_obj, "top_k_weights", py::dtype::of<float>(), "float32", {T, K});
     py::array out = checked_array(out_obj, "out", py::dtype::of<float>(), "float32", {T, s.hidden});
     if (!out.writeable()) bad_arg("out", "must be writeable");
-    if (layer_->pending()) sync();
-    const auto* xp = static_cast<const float*>(x.data());
-    const auto* ip = static_cast<const int64_t*>(ids.data());
-    const auto* wp = static_cast<const float*>(w.data());
-    auto* op = static_cast<float*>(out.mutable_data());
+    const std::thread::id me = std::this_thread::get_id();
+    if (pending_.count(me)) throw CallOrderError("submit() called twice from the same thread without sync() in between");
+    auto call = std::make_unique<MoeCall>(*layer_, static_cast<const float*>(x.data()), T,
+                                          static_cast<const int64_t*>(ids.data()), static_cast<const float*>(w.data()), K,
+                                          static_cast<float*>(out.mutable_data()));
     try {
-      py::gil_scoped_release release;
-      layer_->submit(xp, T, ip, wp, K, op);
+      py::gil_scoped_release release;  // start() waits for the pool's job in flight
+      layer_->submit(*call);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(std::string("argument 'top_k_index': ") + e.what());
     }
-    keep_ = {x, ids, w, out};
+    pending_[me] = PendingCall{std::move(call), {x, ids, w, out}};
   }
 
+  // Ends the calling thread's call in flight.
   void sync() {
-    struct Release {
-      std::vector<py::object>& keep;
-      ~Release() { keep.clear(); }
-    } release_refs{keep_};
+    auto it = pending_.find(std::this_thread::get_id());
+    if (it == pending_.end()) throw CallOrderError("sync() called without a submit() in flight from this thread");
+    PendingCall pending = std::move(it->second);
+    pending_.erase(it);
+    while (true) {
+      bool done;
+      {
+        py::gil_scoped_release release;
+        done = pending.call->wait_until(MoeCall::Clock::now() + kSignalPoll);
+      }
+      if (done) break;
+      if (signal_raised()) {  // e.g. Ctrl-C: cancel, let the workers drop the rest, raise
+        py::error_already_set interrupt;
+        pending.call->cancel();
+        {
+          py::gil_scoped_release release;
+          pending.call->wait_until(MoeCall::Clock::time_point::max());
+        }
+        throw interrupt;
+      }
+    }
     py::gil_scoped_release release;
-    layer_->sync();
+    pending.call->finish();
   }
 
+  bool pending() const { return pending_.count(std::this_thread::get_id()) != 0; }
   MoeLayer& layer() { return *layer_; }
 
  private:
   std::unique_ptr<MoeLayer> layer_;
-  std::vector<py::object> keep_;
+  std::map<std::thread::id, PendingCall> pending_;  // by submitting thread; touched only with the GIL held
 };
 
 // Read bandwidth of this machine with the pool's pinned workers (for the benchmark's roofline).
@@ -168,8 +201,7 @@ double measure_read_bandwidth(size_t bytes, int threads, int repeats) {
   for (int r = 0; r < repeats; ++r) {
     ReadJob job(buf.data(), bytes, pool->threads());
     const auto t0 = std::chrono::steady_clock::now();
-    pool->start(&job);
-    pool->wait();
+    pool->wait(pool->start(&job));
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, static_cast<double>(bytes) / s / 1e9);
   }
@@ -179,6 +211,8 @@ double measure_read_bandwidth(size_t bytes, int threads, int repeats) {
 }  // namespace
 
 void bind_moe(py::module_& m) {
+  // submit() twice from one thread without sync(), sync() without submit(): a ValueError subclass.
+  py::register_local_exception<CallOrderError>(m, "CallOrderError", PyExc_ValueError);
   py::class_<PyMoe>(m, "MoE", "The routed experts of one MoE layer on the CPU (see csrc/moe/moe.h).")
       .def(py::init<int64_t, int64_t, int64_t, int, int, int, const std::string&, bool, float, float, int, int, const std::string&>(),
            py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::kw_only(), py::arg("gate_type"),
@@ -195,8 +229,12 @@ void bind_moe(py::module_& m) {
       .def("submit", &PyMoe::submit, py::arg("hidden_states"), py::arg("top_k_index"), py::arg("top_k_weights"),
            py::arg("out"),
            "Start out = MoE(hidden_states) (float32 [T, hidden]; top_k_index int64 [T, k]; top_k_weights float32 "
-           "[T, k]) and return at once. The arrays are kept alive until sync().")
-      .def("sync", &PyMoe::sync, "Wait for the submitted call; an error raised in a worker is raised here.")
+           "[T, k]) and return at once. The arrays are kept alive until sync(). Each thread may have one call "
+           "in flight per layer (a second submit() from it raises CallOrderError); calls from several threads "
+           "run one after the other.")
+      .def("sync", &PyMoe::sync,
+           "Wait for this thread's submitted call; an error raised in a worker is raised here. Ctrl-C cancels "
+           "the call and raises KeyboardInterrupt within ~50 ms.")
       .def("_fail_next_call", [](PyMoe& p) { p.layer().fail_next_call(); }, "Test hook: the next call fails in a worker.")
       .def_property_readonly("isa", [](PyMoe& p) { return std::string(isa_name(p.layer().isa())); })
       .def_property_readonly("threads", [](PyMoe& p) { return p.layer().pool().threads(); })
@@ -211,7 +249,7 @@ void bind_moe(py::module_& m) {
                                return s;
                              })
       .def_property_readonly("weight_bytes", [](PyMoe& p) { return p.layer().weight_bytes(); })
-      .def_property_readonly("pending", [](PyMoe& p) { return p.layer().pending(); });
+      .def_property_readonly("pending", &PyMoe::pending, "Whether the calling thread has a call in flight.");
   m.def(
       "pool_layout",
       [](int threads, int numa_nodes) {

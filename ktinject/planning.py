@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ktinject.errors import OperatorError
 from ktinject.rules import RuleSet
 from ktinject.rules.schema import Rule
 
@@ -88,7 +89,7 @@ def plan(model: nn.Module, rules: RuleSet) -> Plan:
             used.add(rule.index)
             claimed_names.add(name)
             replace = rule.replace
-            estimate = 0 if replace.is_keep else replace.op_class.estimate_bytes(module, replace.config)
+            estimate = 0 if replace.is_keep else _estimate(rule, name, module)
             entries.append(PlanEntry(name, type(module).__name__, rule, estimate))
             if not replace.is_keep or not rule.recursive:
                 return
@@ -102,6 +103,15 @@ def plan(model: nn.Module, rules: RuleSet) -> Plan:
     entries = _fill_keep_estimates(model, entries, claimed_names, own_bytes)
     unmatched = tuple(r for r in rules.rules if r.index not in used)
     return Plan(tuple(entries), rules, unmatched, tuple(uncovered))
+
+
+def _estimate(rule: Rule, name: str, module: nn.Module) -> int:
+    """The operator's memory estimate; an operator that cannot replace the module says so here, at plan time."""
+    try:
+        return rule.replace.op_class.estimate_bytes(module, rule.replace.config)
+    except OperatorError as exc:
+        raise OperatorError(f"rule {rule.label} ({rule.location}) matches {name or '<root>'} "
+                            f"({type(module).__name__}), which {rule.replace.op} cannot replace: {exc}") from None
 
 
 def _fill_keep_estimates(model: nn.Module, entries: list[PlanEntry], claimed: set[str], own_bytes) -> list[PlanEntry]:

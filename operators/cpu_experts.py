@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any, Literal
 
 import numpy as np
@@ -71,7 +72,8 @@ class CpuExperts(Operator):
         self._source_transposed = transposed
         self._moe: Any = None  # the native MoE, created once the weight types are known
         self._types: tuple[str, str, str] | None = None
-        self._pending: tuple[torch.Tensor, torch.device, torch.dtype] | None = None
+        # Per submitting thread (threading.get_ident()): the output of its call in flight, its device and dtype.
+        self._pending: dict[int, tuple[torch.Tensor, torch.device, torch.dtype]] = {}
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -88,6 +90,7 @@ class CpuExperts(Operator):
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:
+        experts_spec(module)  # an OperatorError when the rule matched something that is not an experts module
         gate_up, down = module.gate_up_proj, module.down_proj
         name = config.weight_type if config.weight_type != "auto" else _DTYPE_TO_TYPE.get(gate_up.dtype, "f32")
         return int((gate_up.numel() + down.numel()) * BYTES_PER_WEIGHT[name])
@@ -207,30 +210,39 @@ class CpuExperts(Operator):
     # ---- running ----------------------------------------------------------------------------------
 
     def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        """Start the experts on the CPU and return at once; ``sync()`` returns the result."""
+        """Start the experts on the CPU and return at once; ``sync()`` returns the result.
+
+        Thread-safe: every thread may have one call in flight (submitting twice from one thread without
+        ``sync`` is an OperatorError); calls from several threads run one after the other on the pool.
+        """
         if self._moe is None:
             raise OperatorError(f"cpu_experts for {self.module_name!r} has no weights yet (load_weights was not called)")
-        if self._pending is not None:
-            raise OperatorError(f"cpu_experts for {self.module_name!r}: submit() called twice without sync()")
         validate_routing(hidden_states, top_k_index, top_k_weights, self.spec, self.module_name)
+        _check_call_inputs(hidden_states, top_k_index, top_k_weights, self.module_name)
         x = hidden_states.detach().to(device="cpu", dtype=torch.float32).contiguous()
         ids = top_k_index.detach().to(device="cpu", dtype=torch.int64).contiguous()
         weights = top_k_weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
         out = torch.empty_like(x)
-        if x.shape[0]:
-            try:
-                self._moe.submit(x.numpy(), ids.numpy(), weights.numpy(), out.numpy())
-            except ValueError as exc:
-                raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
-        self._pending = (out, hidden_states.device, hidden_states.dtype)
+        try:
+            self._moe.submit(x.numpy(), ids.numpy(), weights.numpy(), out.numpy())
+        except ValueError as exc:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
+        self._pending[threading.get_ident()] = (out, hidden_states.device, hidden_states.dtype)
 
     def sync(self) -> torch.Tensor:
-        """Wait for the submitted call; returns its result on the caller's device and dtype."""
-        if self._pending is None:
-            raise OperatorError(f"cpu_experts for {self.module_name!r}: sync() without submit()")
-        out, device, dtype = self._pending
-        self._pending = None
-        self._moe.sync()
+        """Wait for the submitted call; returns its result on the caller's device and dtype.
+
+        Ctrl-C while waiting cancels the call and raises KeyboardInterrupt within ~50 ms; the operator stays
+        usable.
+        """
+        pending = self._pending.pop(threading.get_ident(), None)
+        if pending is None:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: sync() without submit() from this thread")
+        out, device, dtype = pending
+        try:
+            self._moe.sync()
+        except ValueError as exc:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
         return out.to(device=device, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -242,6 +254,19 @@ class CpuExperts(Operator):
         types = "/".join(self._types) if self._types else "not loaded"
         where = f"isa={self._moe.isa}, threads={self._moe.threads}, numa_nodes={self._moe.numa_nodes}" if self._moe is not None else ""
         return f"experts={s.num_experts}, hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, weights={types}, {where}"
+
+
+def _check_call_inputs(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, name: str) -> None:
+    """What the shape checks do not catch: tensors without data, and routing ids that are not integers (a float
+    or bool index would be truncated into some other expert's id)."""
+    for arg, tensor in (("hidden_states", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if tensor.is_meta:
+            raise OperatorError(f"cpu_experts for {name!r}: {arg} is on the meta device (no data); load the model's "
+                                "weights before running it")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise OperatorError(f"cpu_experts for {name!r}: top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    if not (top_k_weights.dtype.is_floating_point):
+        raise OperatorError(f"cpu_experts for {name!r}: top_k_weights must be a floating-point tensor, got {top_k_weights.dtype}")
 
 
 class _Requantize(Exception):

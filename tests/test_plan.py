@@ -1,5 +1,6 @@
 """plan(): a dry run with a readable table, unmatched rules and uncovered modules listed."""
 
+import pytest
 import torch
 
 import ktinject
@@ -65,3 +66,15 @@ def test_non_recursive_keep_claims_the_whole_subtree():
     """
     plan = ktinject.plan(model, rules)
     assert [e.module_name for e in plan if e.op == "torch_experts"] == ["model.layers.2.mlp.experts"]
+
+
+def test_an_operator_matched_to_a_module_it_cannot_replace_fails_at_plan_time():
+    model = tiny_model("qwen3_moe")
+    rules = """
+    - name: experts-rule-on-the-block
+      match: {name: 'layers\\.0\\.mlp$'}
+      replace: {op: cpu_experts, device: cpu}
+    """
+    with pytest.raises(ktinject.OperatorError, match=r"rule experts-rule-on-the-block \(.*\) matches model\.layers\.0\.mlp "
+                       r"\(Qwen3MoeSparseMoeBlock\), which cpu_experts cannot replace: .*not a fused experts module"):
+        ktinject.plan(model, rules)

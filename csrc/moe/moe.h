@@ -11,18 +11,23 @@
 //      activation, then quantize h for the down weight type (slices are whole activation blocks)
 //   B. tasks (slice of the hidden rows): for every active expert, down gemm accumulated into the output
 //      scaled by the routing weight (experts in ascending order: results do not depend on threads)
-// then the last node to finish adds the other nodes' partial outputs into `out`.
+// then the last node to finish adds the other nodes' partial outputs into `out`. Before phase 0 one
+// worker plans the call (routing pairs grouped by expert, task lists, scratch sizes).
+//
+// Concurrency: a call is a MoeCall (pool_call.h) owned by its caller; any number may be in flight, from
+// any threads. The layer's routing tables and scratch are touched only inside the calls' jobs, which the
+// pool runs one at a time, so calls never see each other's state and results do not depend on timing.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <utility>
 #include <vector>
 
 #include "moe/node_buffer.h"
+#include "moe/pool_call.h"
 #include "moe/thread_pool.h"
 #include "quant/kernels.h"
 
@@ -41,6 +46,26 @@ struct MoeSpec {
   bool has_bias = false;
 };
 
+class MoeLayer;
+
+// One call: out[T, hidden] = MoE(x[T, hidden]) with ids/weights [T, top_k]. The caller keeps the buffers
+// alive and unchanged until finish() returns.
+class MoeCall : public PoolCall {
+ public:
+  MoeCall(MoeLayer& layer, const float* x, int64_t tokens, const int64_t* ids, const float* weights, int64_t top_k,
+          float* out);
+  void run(int node, int local) override;
+
+  MoeLayer& layer;
+  const float* x;
+  const int64_t tokens;
+  const int64_t* ids;
+  const float* weights;
+  const int64_t top_k;
+  float* out;
+  std::atomic<int> nodes_done{0};
+};
+
 class MoeLayer {
  public:
   // Throws std::invalid_argument naming the bad field (shapes that the weight types cannot tile...).
@@ -52,6 +77,7 @@ class MoeLayer {
   const MoeSpec& spec() const { return spec_; }
   Isa isa() const { return isa_; }
   const ThreadPool& pool() const { return *pool_; }
+  const std::shared_ptr<ThreadPool>& shared_pool() const { return pool_; }
   // The intermediate slice [i0, i1) held by node group n.
   std::pair<int64_t, int64_t> slice(int node) const { return {nodes_[node]->i0, nodes_[node]->i1}; }
   // Bytes of packed weights over all nodes (the GGUF size, plus row padding to tiles of 16).
@@ -66,18 +92,17 @@ class MoeLayer {
   // spec.has_bias.
   void load_bias(const float* gate_bias, const float* up_bias, const float* down_bias);
 
-  // Starts out[T, hidden] = MoE(x[T, hidden]) and returns at once. ids/weights are [T, top_k]; an id
-  // equal to num_experts marks an unused slot (transformers' convention). Buffers must stay alive and
-  // unchanged until sync(). Throws std::invalid_argument (nothing started) on an id out of range.
-  void submit(const float* x, int64_t tokens, const int64_t* ids, const float* weights, int64_t top_k, float* out);
-  // Waits for the submitted call; rethrows an error raised by a worker. No-op when nothing is pending.
-  void sync();
-  bool pending() const { return pending_; }
+  // Checks `call`'s inputs and starts it; returns at once (after the pool's job in flight, if any).
+  // Throws std::invalid_argument (nothing started) on an expert id out of range (an id equal to
+  // num_experts marks an unused slot, transformers' convention) or when the weights are not loaded.
+  // End the call with call.finish(), which rethrows an error raised by a worker.
+  void submit(MoeCall& call);
 
   // Test hook: the next call raises std::runtime_error inside a worker.
-  void fail_next_call() { fail_next_ = true; }
+  void fail_next_call() { fail_next_.store(true); }
 
  private:
+  friend class MoeCall;
   struct TaskA {
     int64_t expert, r0, r1;
   };
@@ -86,7 +111,7 @@ class MoeLayer {
     size_t gate_bytes = 0, up_bytes = 0, down_bytes = 0;
     NodeBuffer weights;
     std::vector<float> gate_bias, up_bias;  // [E, i1 - i0]
-    // per call
+    // scratch of the call being run
     NodeBuffer xq_gate, xq_up, hq, partial, scratch;
     std::vector<const uint8_t*> act_gate, act_up, act_h;  // per pair
     std::vector<float*> out_rows;                          // per pair
@@ -98,41 +123,35 @@ class MoeLayer {
     NodeBarrier barrier;
     int64_t inter() const { return i1 - i0; }
   };
-  class CallJob;
   class LoadJob;
 
   const uint8_t* gate_of(const Node& n, int64_t e) const;
   const uint8_t* up_of(const Node& n, int64_t e) const;
   const uint8_t* down_of(const Node& n, int64_t e) const;
-  void plan_call(int64_t tokens, int64_t top_k);
-  void run_call(int node, int local);
-  void phase_a(Node& nd, int node, int local, const TaskA& task);
-  void phase_b(Node& nd, int node, int64_t task);
-  void record_error(std::exception_ptr e);
-  void wait_for_pool();
+  void plan_call(const MoeCall& call);
+  void plan_node(const MoeCall& call, size_t ni);
+  void run_call(MoeCall& call, int node, int local);
+  void phase_a(const MoeCall& call, Node& nd, int local, const TaskA& task);
+  void phase_b(const MoeCall& call, Node& nd, int node, int64_t task);
 
   MoeSpec spec_;
   std::shared_ptr<ThreadPool> pool_;
   Isa isa_;
   std::vector<std::unique_ptr<Node>> nodes_;
+  mutable std::mutex loaded_mu_;
   std::vector<char> loaded_;
   std::vector<float> down_bias_;  // [E, hidden]; added once, by node 0
+  std::atomic<bool> bias_loaded_{false};
+  std::atomic<bool> fail_next_{false};
 
-  // current call
-  const float* x_ = nullptr;
-  float* out_ = nullptr;
-  int64_t tokens_ = 0;
+  // The call being run (written by its planning worker, read by all after the start barrier).
   std::vector<int64_t> offsets_;     // pairs of expert e: [offsets_[e], offsets_[e+1])
   std::vector<int64_t> pair_token_;  // token of each pair, grouped by expert
   std::vector<float> pair_weight_;
   std::vector<int64_t> active_;      // experts with pairs, ascending
-  std::vector<int64_t> scratch_fill_, scratch_order_;
-  std::atomic<int> nodes_done_{0};
-  std::unique_ptr<Job> call_job_;
-  bool pending_ = false;
-  bool fail_next_ = false;
-  std::mutex error_mu_;
-  std::exception_ptr error_;
+  std::vector<int64_t> fill_, order_;
+  bool plan_failed_ = false;
+  NodeBarrier start_barrier_;        // every worker of the pool: planning done
 };
 
 }  // namespace ktinject

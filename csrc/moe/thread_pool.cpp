@@ -109,7 +109,7 @@ ThreadPool::ThreadPool(PoolLayout layout) : layout_(std::move(layout)), spin_us_
 }
 
 ThreadPool::~ThreadPool() {
-  wait();
+  wait(generation_.load());
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_.store(true);
@@ -125,18 +125,23 @@ std::vector<int> ThreadPool::unpinned_cpus() const {
   return out;
 }
 
-void ThreadPool::start(Job* job) {
+uint64_t ThreadPool::start(Job* job) {
+  std::lock_guard<std::mutex> handover(start_mu_);
+  wait(generation_.load(std::memory_order_acquire));  // the job in flight, if any
   job_ = job;
   remaining_.store(static_cast<int>(workers_.size()), std::memory_order_seq_cst);
-  generation_.fetch_add(1, std::memory_order_seq_cst);
+  const uint64_t ticket = generation_.fetch_add(1, std::memory_order_seq_cst) + 1;
   if (sleeping_.load(std::memory_order_seq_cst) > 0) {
     { std::lock_guard<std::mutex> lock(mu_); }  // a sleeper checks its predicate under this lock
     work_cv_.notify_all();
   }
+  return ticket;
 }
 
-void ThreadPool::wait() {
-  if (remaining_.load(std::memory_order_acquire) == 0) return;
+void ThreadPool::wait(uint64_t ticket) { wait_until(ticket, Clock::time_point::max()); }
+
+bool ThreadPool::wait_until(uint64_t ticket, Clock::time_point deadline) {
+  if (finished(ticket)) return true;
   // A caller running on one of the workers' CPUs yields until the job is done: the worker there gets the
   // core back at once (it never yields while working; the scheduler hands the caller the core about once
   // per tick and the caller gives it straight back), and when the job ends the caller is already runnable.
@@ -146,17 +151,21 @@ void ThreadPool::wait() {
   const int cpu = sched_getcpu();
   const bool shares_a_core = cpu < 0 || std::find(all_cpus_.begin(), all_cpus_.end(), cpu) != all_cpus_.end();
   if (shares_a_core) {
-    while (remaining_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
-    return;
+    // The deadline is checked after every yield: on a busy machine one yield can last a time slice.
+    while (!finished(ticket)) {
+      std::this_thread::yield();
+      if (deadline != Clock::time_point::max() && Clock::now() >= deadline) return finished(ticket);
+    }
+    return true;
   }
-  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+  const auto spin_until = std::min(deadline, Clock::now() + std::chrono::microseconds(spin_us_));
   for (int i = 0;; ++i) {
-    if (remaining_.load(std::memory_order_acquire) == 0) return;
+    if (finished(ticket)) return true;
     KTINJECT_PAUSE();
-    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= spin_until) break;
+    if ((i & 63) == 63 && Clock::now() >= spin_until) break;
   }
   std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [&] { return remaining_.load(std::memory_order_acquire) == 0; });
+  return done_cv_.wait_until(lock, deadline, [&] { return finished(ticket); });
 }
 
 void ThreadPool::worker_main(int index) {
@@ -191,6 +200,8 @@ void ThreadPool::worker_main(int index) {
     seen = generation_.load(std::memory_order_acquire);
     job_->run(w.node, w.local);
     if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // Jobs never overlap, so the last worker out finishes job `seen`.
+      completed_.store(seen, std::memory_order_release);
       { std::lock_guard<std::mutex> lock(mu_); }
       done_cv_.notify_all();
     }

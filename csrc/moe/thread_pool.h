@@ -1,12 +1,14 @@
 // A persistent pool of worker threads, each pinned to one CPU, grouped by NUMA node.
 //
 // Work is handed over as a Job: start() wakes every worker, each calls job.run(node, local) once, and
-// wait() returns when all of them are done. Between jobs workers spin briefly (so back-to-back MoE
+// wait(ticket) returns when all of them are done. Between jobs workers spin briefly (so back-to-back MoE
 // layers start within a microsecond) and then sleep on a condition variable: an idle pool uses no CPU.
-// One job at a time; callers serialize (the MoE layer does, see moe.h).
+// Jobs run one at a time, in the order they were started, whichever threads start them: start() waits
+// for the job in flight and hands the workers the next one as a single step under a lock.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -50,11 +52,24 @@ class ThreadPool {
   // CPUs whose pinning failed (the worker then runs unpinned).
   std::vector<int> unpinned_cpus() const;
 
-  // Wakes all workers on `job`. Precondition: no job in flight (wait() returned). job outlives wait().
-  void start(Job* job);
-  // Blocks until every worker has finished the current job. No-op when none is in flight.
-  void wait();
-  bool busy() const { return remaining_.load(std::memory_order_acquire) != 0; }
+  using Clock = std::chrono::steady_clock;
+
+  // Runs `job` on every worker and returns its ticket at once. Any thread may call it: a job still in
+  // flight is waited for first (jobs never overlap). `job` must stay alive until wait(ticket) returns.
+  uint64_t start(Job* job);
+  // Blocks until the job with `ticket` (and so every earlier one) has finished.
+  void wait(uint64_t ticket);
+  // As wait(), giving up at `deadline`; returns whether the job has finished.
+  bool wait_until(uint64_t ticket, Clock::time_point deadline);
+  bool finished(uint64_t ticket) const { return completed_.load(std::memory_order_acquire) >= ticket; }
+  // Runs fn() in the calling thread while no job runs (after the job in flight; none starts until fn
+  // returns): for changing state that jobs read.
+  template <typename F>
+  void exclusive(F&& fn) {
+    std::lock_guard<std::mutex> handover(start_mu_);
+    wait(generation_.load(std::memory_order_acquire));
+    fn();
+  }
 
   // Pools are shared by every MoE layer with the same layout; the registry holds them weakly.
   static std::shared_ptr<ThreadPool> get(const PoolLayout& layout);
@@ -73,7 +88,9 @@ class ThreadPool {
   int spin_us_;
 
   Job* job_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
+  std::mutex start_mu_;                  // one start() at a time: wait for the previous job + hand over
+  std::atomic<uint64_t> generation_{0};  // ticket of the last job started
+  std::atomic<uint64_t> completed_{0};   // ticket of the last job finished
   std::atomic<int> remaining_{0};
   std::atomic<int> sleeping_{0};
   std::atomic<int> started_{0};
