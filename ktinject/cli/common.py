@@ -41,10 +41,15 @@ def load_config(path: str):
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise KtInjectError(f"{p} has no config.json")
-        return config_from_json(p / "config.json")
-    if p.is_file():
+        p = p / "config.json"
+    elif not p.is_file():
+        raise KtInjectError(f"config not found: {path} (give a model directory or a config.json)")
+    try:
         return config_from_json(p)
-    raise KtInjectError(f"config not found: {path} (give a model directory or a config.json)")
+    except KtInjectError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # transformers' own words for configs it cannot read
+        raise KtInjectError(f"{p}: transformers cannot read this config: {_cause(exc)}") from exc
 
 
 def meta_model(config):
@@ -55,5 +60,18 @@ def meta_model(config):
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
+        model_type = getattr(config, "model_type", "?")
+        raise KtInjectError(f"transformers cannot build a causal LM from this {model_type!r} config: {_cause(exc)}") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """An exception in one line: transformers' messages run for pages (the first line says what is wrong)."""
+    text = str(exc).strip().strip("'\"")
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, KeyError):
+        return f"unknown key {first!r}" if first else "KeyError"
+    return first or type(exc).__name__

@@ -19,22 +19,48 @@ def _read(path: str) -> str:
 
 
 def report() -> list[tuple[str, str]]:
-    """(label, value) rows; never raises, so it works on a half-broken install too."""
+    """(label, value) rows; never raises, so it works on a half-broken install or environment too.
+
+    Each probe that can fail (a bad ``KTINJECT_ISA``, a missing extension, an odd topology) becomes a row
+    saying what went wrong, and the other rows are still shown.
+    """
+    rows: list[tuple[str, str]] = []
+    for probe in (_versions, _native_rows):
+        try:
+            probe(rows)
+        except Exception as exc:  # doctor must report, not fail
+            rows.append((probe.__name__.strip("_").replace("_rows", ""), f"ERROR: {type(exc).__name__}: {exc}"))
+    return rows
+
+
+def _versions(rows: list[tuple[str, str]]) -> None:
     import torch
     import transformers
 
     from ktinject import __version__
-    from ktinject.native import native
 
-    rows = [("ktinject", __version__), ("python", platform.python_version()), ("torch", torch.__version__),
-            ("transformers", transformers.__version__)]
+    rows += [("ktinject", __version__), ("python", platform.python_version()), ("torch", torch.__version__),
+             ("transformers", transformers.__version__)]
     cuda = torch.cuda.is_available()
     rows.append(("cuda", f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}" if cuda else "not available"))
+
+
+def _row(rows: list[tuple[str, str]], label: str, probe) -> None:
+    """Append ``(label, probe())``, or the error ``probe`` raised."""
+    try:
+        rows.append((label, probe()))
+    except Exception as exc:  # one broken probe must not hide the others
+        rows.append((label, f"ERROR: {exc}"))
+
+
+def _native_rows(rows: list[tuple[str, str]]) -> None:
+    from ktinject.native import native
+
     try:
         ext = native()
     except Exception as exc:  # doctor must report, not fail
         rows.append(("native extension", f"NOT AVAILABLE: {exc}"))
-        return rows
+        return
     rows.append(("native extension", getattr(ext, "__file__", "?")))
     features = ext.cpu_features()
     isa = [name for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -42,7 +68,7 @@ def report() -> list[tuple[str, str]]:
     rows.append(("cpu", platform.processor() or platform.machine()))
     rows.append(("isa", " ".join(isa) or "baseline x86-64 only"))
     if hasattr(ext, "best_isa"):
-        rows.append(("kernel path", ext.best_isa() + " (force with KTINJECT_ISA=scalar|avx2|avx512)"))
+        _row(rows, "kernel path", lambda: ext.best_isa() + " (force with KTINJECT_ISA=scalar|avx2|avx512)")
     nodes = ext.numa_topology()
     rows.append(("numa nodes", str(len(nodes))))
     for node in nodes:
@@ -52,14 +78,17 @@ def report() -> list[tuple[str, str]]:
     rows.append(("numa_balancing", balancing + hint))
     rows.append(("built with NUMA", "yes (libnuma)" if ext.built_with_numa else "no (libnuma-dev was missing at build time; one node)"))
     if hasattr(ext, "pool_layout"):
-        try:
-            groups, memory_nodes = ext.pool_layout(0, 0)
-            desc = "; ".join(f"node {mem if mem >= 0 else '?'}: cpus {_compress(cpus)}" for cpus, mem in zip(groups, memory_nodes))
-            rows.append(("cpu_experts default", f"{sum(len(g) for g in groups)} pinned threads in {len(groups)} node group(s) ({desc}); "
-                         "kwargs threads= / numa_nodes= change it"))
-        except ValueError as exc:
-            rows.append(("cpu_experts default", f"cannot place workers: {exc}"))
-    return rows
+        _row(rows, "cpu_experts default", lambda: _pool_default(ext))
+
+
+def _pool_default(ext) -> str:
+    try:
+        groups, memory_nodes = ext.pool_layout(0, 0)
+    except ValueError as exc:
+        return f"cannot place workers: {exc}"
+    desc = "; ".join(f"node {mem if mem >= 0 else '?'}: cpus {_compress(cpus)}" for cpus, mem in zip(groups, memory_nodes))
+    return (f"{sum(len(g) for g in groups)} pinned threads in {len(groups)} node group(s) ({desc}); "
+            "kwargs threads= / numa_nodes= change it")
 
 
 def _compress(cpus: list[int]) -> str:

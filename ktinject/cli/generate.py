@@ -1,27 +1,36 @@
-"""``ktinject generate --model DIR [--gguf FILE] --prompt TEXT``: load with rules, generate, report speeds."""
+"""``ktinject generate --model DIR [--gguf FILE] --prompt TEXT``: load with rules, generate, report speeds.
+
+Runs the model's own ``generate()`` (greedy unless ``--temperature``), the path every transformers user has.
+"""
 
 from __future__ import annotations
 
 import resource
 import sys
 import time
-from pathlib import Path
 
-from ktinject.cli.common import add_vars_option, parse_vars
+from ktinject.cli.model_options import (
+    add_model_options,
+    add_sampling_options,
+    check_model_args,
+    encode_prompt,
+    load_model,
+    load_tokenizer,
+    model_vars,
+    require_chat_template,
+    sampling_values,
+)
 from ktinject.errors import KtInjectError
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="load a model with rules (safetensors or GGUF) and generate text")
-    p.add_argument("--model", help="model directory (config.json, tokenizer, safetensors); optional with --gguf")
-    p.add_argument("--gguf", help="GGUF file (any file of a split set); weights come from it")
-    p.add_argument("--rules", default="auto", help="rule file, built-in name, or 'auto' (by model_type; default)")
+    add_model_options(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default=None, help="model dtype: bfloat16, float16, float32 (default: the config's)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
-    add_vars_option(p)
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    add_sampling_options(p)
     p.set_defaults(run=run)
 
 
@@ -31,69 +40,70 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def load_tokenizer(model_dir: str | None, gguf: str | None):
-    """The directory's tokenizer, else the one transformers rebuilds from the GGUF metadata."""
-    from transformers import AutoTokenizer
-
-    errors = []
-    if model_dir is not None:
-        try:
-            return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            errors.append(f"{model_dir}: {exc}")
-    if gguf is not None:
-        path = Path(gguf)
-        if not path.is_file() and model_dir is not None:
-            path = Path(model_dir) / gguf
-        try:
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-        except Exception as exc:  # transformers raises many kinds for GGUFs without a usable tokenizer
-            errors.append(f"{path}: {type(exc).__name__}: {exc}")
-    raise KtInjectError("no tokenizer found (" + "; ".join(errors or ["give --model DIR with tokenizer files"]) + ")")
-
-
 class _Timer:
-    """A generate() streamer that records when the prompt was taken and when each new token came out."""
+    """A generate() streamer that records when the prompt was taken and when each new token came out;
+    with ``tokenizer`` it also prints the text as it grows."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer=None, prompt_ids: list[int] | None = None) -> None:
         self.times: list[float] = []
+        self._printer = None
+        if tokenizer is not None:
+            from ktinject.serving.text import TextStream
+
+            self._printer = TextStream(tokenizer, prompt_ids or [])
 
     def put(self, value) -> None:
         self.times.append(time.perf_counter())
+        if self._printer is not None and len(self.times) > 1:  # the first put() is the prompt itself
+            for token in value.reshape(-1).tolist():
+                print(self._printer.push(int(token)), end="", flush=True)
 
     def end(self) -> None:
-        pass
+        if self._printer is not None:
+            print(self._printer.flush(), flush=True)
 
 
 def run(args) -> int:
     import torch
 
-    import ktinject
+    check_model_args(args)
+    if args.max_new_tokens < 1:
+        raise KtInjectError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    sampling = sampling_values(args)
+    vars = model_vars(args)
+    tokenizer = load_tokenizer(args.model, args.gguf)
+    if args.chat:
+        require_chat_template(tokenizer, args.model or args.gguf)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
 
-    if args.model is None and args.gguf is None:
-        raise KtInjectError("give --model DIR, --gguf FILE, or both")
     start = time.perf_counter()
-    model = ktinject.from_pretrained(args.model, gguf=args.gguf, rules=args.rules, vars=parse_vars(args.vars),
-                                     dtype=args.dtype, progress=not args.no_progress)
+    model = load_model(args, vars=vars)
     load_s = time.perf_counter() - start
     print(f"loaded in {load_s:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
 
-    tokenizer = load_tokenizer(args.model, args.gguf)
-    prompt = args.prompt
-    if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    inputs = tokenizer(prompt, return_tensors="pt")
     device = model.get_input_embeddings().weight.device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    prompt_len = inputs["input_ids"].shape[1]
+    input_ids = torch.tensor([prompt_ids], device=device)
+    prompt_len = input_ids.shape[1]
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    if sampling["temperature"] > 0:
+        from ktinject.serving.sampling import model_sampling_defaults
 
-    timer = _Timer()
+        defaults = model_sampling_defaults(model.generation_config)
+        gen.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling.get("top_p", defaults.get("top_p", 1.0)),
+                   top_k=sampling.get("top_k", defaults.get("top_k", 0)))
+        if sampling["seed"] is not None:
+            torch.manual_seed(sampling["seed"])
+
+    if args.stream:
+        print(tokenizer.decode(prompt_ids, skip_special_tokens=True), end="", flush=True)
+    timer = _Timer(tokenizer, prompt_ids) if args.stream else _Timer()
     begin = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=timer)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=timer, **gen)
     end = time.perf_counter()
     new = out[0, prompt_len:]
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    if not args.stream:
+        print(tokenizer.decode(out[0], skip_special_tokens=True))
     token_times = timer.times[1:]  # the first put() is the prompt itself
     if token_times:
         prefill = token_times[0] - begin
