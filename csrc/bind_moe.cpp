@@ -1,10 +1,7 @@
 // Python bindings of the CPU MoE layer (moe/moe.h) and its thread pool. Every array argument is checked
 // here (dtype, shape, contiguity) and a mismatch raises ValueError naming the argument; the C++ layer
 // below trusts its inputs. Arrays handed to submit() are kept alive until sync().
-//
-// Waits (for another thread's call, for the result) run without the GIL in slices of kSignalPoll, and
-// pending signals are handled between slices, so Ctrl-C interrupts a long call within about that time:
-// the call is cancelled, ended, and KeyboardInterrupt raised, leaving the layer usable.
+// sync() waits interruptibly (bind_call.h): Ctrl-C ends a long call within ~50 ms, the layer stays usable.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,9 +16,10 @@
 #include <vector>
 
 #include "bind_args.h"
+#include "bind_call.h"
 #include "moe/moe.h"
-#include "moe/node_buffer.h"
-#include "moe/thread_pool.h"
+#include "runtime/node_buffer.h"
+#include "runtime/thread_pool.h"
 #include "quant/kernels.h"
 
 namespace py = pybind11;
@@ -31,10 +29,6 @@ namespace {
 
 using namespace bind;
 
-constexpr auto kSignalPoll = std::chrono::milliseconds(50);
-
-// Python's pending signal handlers (run in the main thread only); true when one raised (e.g. Ctrl-C).
-bool signal_raised() { return PyErr_CheckSignals() != 0; }
 
 // One call in flight from one Python thread: the native call and the arrays it reads and writes.
 struct PendingCall {
@@ -137,25 +131,7 @@ class PyMoe {
     if (it == pending_.end()) throw CallOrderError("sync() called without a submit() in flight from this thread");
     PendingCall pending = std::move(it->second);
     pending_.erase(it);
-    while (true) {
-      bool done;
-      {
-        py::gil_scoped_release release;
-        done = pending.call->wait_until(MoeCall::Clock::now() + kSignalPoll);
-      }
-      if (done) break;
-      if (signal_raised()) {  // e.g. Ctrl-C: cancel, let the workers drop the rest, raise
-        py::error_already_set interrupt;
-        pending.call->cancel();
-        {
-          py::gil_scoped_release release;
-          pending.call->wait_until(MoeCall::Clock::time_point::max());
-        }
-        throw interrupt;
-      }
-    }
-    py::gil_scoped_release release;
-    pending.call->finish();
+    finish_interruptibly(*pending.call);
   }
 
   bool pending() const { return pending_.count(std::this_thread::get_id()) != 0; }

@@ -6,11 +6,13 @@ namespace ktinject {
 void bind_system(pybind11::module_& m);
 void bind_quant(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
+void bind_linear(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "ktinject native kernels (CPU features, NUMA topology, CPU MoE)";
+  m.doc() = "ktinject native kernels (CPU features, NUMA topology, CPU MoE and linear layers)";
   ktinject::bind_system(m);
   ktinject::bind_quant(m);
   ktinject::bind_moe(m);
+  ktinject::bind_linear(m);
 }

@@ -75,6 +75,11 @@ class Operator(nn.Module):
         """Bytes this operator will hold for ``module`` (for the plan's memory table). Default: the module's."""
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
+    @classmethod
+    def check_device(cls, device: torch.device, config: OperatorConfig) -> None:
+        """Raise OperatorError when this operator cannot run on ``device`` with ``config`` (checked at plan time,
+        before anything is built). Default: any device."""
+
 
 _REGISTRY: dict[str, type[Operator]] = {}
 _BUILTINS_IMPORTED = False

@@ -106,9 +106,15 @@ def plan(model: nn.Module, rules: RuleSet) -> Plan:
 
 
 def _estimate(rule: Rule, name: str, module: nn.Module) -> int:
-    """The operator's memory estimate; an operator that cannot replace the module says so here, at plan time."""
+    """The operator's memory estimate; an operator that cannot replace the module, or cannot run on the rule's
+    device, says so here, at plan time."""
+    replace = rule.replace
     try:
-        return rule.replace.op_class.estimate_bytes(module, rule.replace.config)
+        replace.op_class.check_device(replace.device, replace.config)
+    except OperatorError as exc:
+        raise OperatorError(f"rule {rule.label} ({rule.location}): {exc}") from None
+    try:
+        return replace.op_class.estimate_bytes(module, replace.config)
     except OperatorError as exc:
         raise OperatorError(f"rule {rule.label} ({rule.location}) matches {name or '<root>'} "
                             f"({type(module).__name__}), which {rule.replace.op} cannot replace: {exc}") from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,19 +25,18 @@ from torch import nn
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operators.cpu_weights import (
+    GGML_TYPE_NAMES,
+    GGML_TYPES,
+    IsaName,
+    WeightTypeName,
+    bytes_per_weight,
+    float_type_of,
+    to_blocks,
+)
 from ktinject.operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
 
 logger = logging.getLogger("ktinject")
-
-WeightTypeName = Literal["auto", "q4_k", "q5_k", "q6_k", "q8_0", "bf16", "f16", "f32"]
-IsaName = Literal["auto", "avx512", "avx2", "scalar"]
-
-# GGML type ids (the kernels' WeightType values) and bytes per element, for memory estimates.
-GGML_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14, "bf16": 30}
-GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
-BYTES_PER_WEIGHT: dict[str, float] = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_k": 144 / 256, "q5_k": 176 / 256, "q6_k": 210 / 256}
-FLOAT_STORAGE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_TO_TYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 # Experts converted per batch when quantizing a live module (bounds the temporary float32 copy).
 _EXPERTS_PER_BATCH = 8
@@ -92,8 +91,13 @@ class CpuExperts(Operator):
     def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:
         experts_spec(module)  # an OperatorError when the rule matched something that is not an experts module
         gate_up, down = module.gate_up_proj, module.down_proj
-        name = config.weight_type if config.weight_type != "auto" else _DTYPE_TO_TYPE.get(gate_up.dtype, "f32")
-        return int((gate_up.numel() + down.numel()) * BYTES_PER_WEIGHT[name])
+        name = config.weight_type if config.weight_type != "auto" else (float_type_of(gate_up.dtype) or "f32")
+        return int((gate_up.numel() + down.numel()) * bytes_per_weight(name))
+
+    @classmethod
+    def check_device(cls, device: torch.device, config: CpuExpertsConfig) -> None:
+        if device.type != "cpu":
+            raise OperatorError(f"cpu_experts computes on the CPU, not on {device} (use device: cpu)")
 
     def _create(self, gate_type: str, up_type: str, down_type: str) -> None:
         s, c = self.spec, self.config
@@ -114,9 +118,10 @@ class CpuExperts(Operator):
     def _float_type(self, dtype: torch.dtype) -> str:
         if self.config.weight_type != "auto":
             return self.config.weight_type
-        if dtype not in _DTYPE_TO_TYPE:
+        name = float_type_of(dtype)
+        if name is None:
             raise OperatorError(f"cpu_experts for {self.module_name!r}: cannot keep dtype {dtype}; set weight_type")
-        return _DTYPE_TO_TYPE[dtype]
+        return name
 
     def _load_from_float(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
                          down_bias: torch.Tensor | None) -> None:
@@ -142,7 +147,7 @@ class CpuExperts(Operator):
                 gate, up = split_gate_up(gate_up.detach().cpu(), self.spec, transposed=self._source_transposed)
                 d = down.detach().cpu()
                 d = d.transpose(1, 2) if self._source_transposed else d
-                self._moe.load(e0, _to_blocks(gate, wtype), _to_blocks(up, wtype), _to_blocks(d, wtype))
+                self._moe.load(e0, to_blocks(gate, wtype), to_blocks(up, wtype), to_blocks(d, wtype))
 
     # ---- loading from a weight source (checkpoint / GGUF) -------------------------------------------
 
@@ -275,16 +280,6 @@ class _Requantize(Exception):
 
 def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.to(torch.float32).numpy())
-
-
-def _to_blocks(w: torch.Tensor, wtype: str) -> np.ndarray:
-    """[e, rows, cols] float tensor -> uint8 [e, rows, row_bytes] in GGUF layout of ``wtype``."""
-    e, rows, cols = w.shape
-    if wtype in FLOAT_STORAGE:
-        t = w.to(FLOAT_STORAGE[wtype]).contiguous()
-        return t.view(torch.uint8).numpy().reshape(e, rows, -1) if t.dtype != torch.float32 else t.numpy().view(np.uint8).reshape(e, rows, -1)
-    flat = np.ascontiguousarray(w.to(torch.float32).numpy().reshape(e * rows, cols))
-    return native().quantize(GGML_TYPES[wtype], flat).reshape(e, rows, -1)
 
 
 def _stored_as_blocks(gate_up_parts: list, down_parts: list) -> bool:

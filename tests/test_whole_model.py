@@ -21,7 +21,11 @@ def pair(request):
 def test_builtin_rules_claim_experts_and_projections(pair):
     family, _, optimized, plan = pair
     ops = {entry.op for entry in plan}
-    assert "keep" in ops and "torch_linear" in ops
+    assert "keep" in ops and "linear" in ops
+    # on the CPU `linear` is our kernels: every projection and the LM head
+    projections = [e.module_name for e in plan if e.op == "linear"]
+    assert "lm_head" in projections and any(n.endswith("self_attn.o_proj") for n in projections)
+    assert {type(optimized.get_submodule(n)).__name__ for n in projections} == {"CpuLinear"}
     if family != "llama":
         experts = [e for e in plan if e.op == "cpu_experts"]
         assert experts and all(e.module_name.endswith("mlp.experts") for e in experts)

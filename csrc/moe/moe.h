@@ -26,9 +26,9 @@
 #include <utility>
 #include <vector>
 
-#include "moe/node_buffer.h"
-#include "moe/pool_call.h"
-#include "moe/thread_pool.h"
+#include "runtime/node_buffer.h"
+#include "runtime/pool_call.h"
+#include "runtime/thread_pool.h"
 #include "quant/kernels.h"
 
 namespace ktinject {

@@ -161,6 +161,10 @@ class LoadingView:
         """Rows [start, stop) of ``tensor(name)`` (first axis: experts), read without the rest."""
         return self._source.tensor_rows(self._name(name), start, stop, dtype=dtype)
 
+    def stored_rows(self, name: str):
+        """The stored data of ``name`` in HF row order (blocks stay blocks), or None (see FileSource.stored_rows)."""
+        return self._source.stored_rows(self._name(name))
+
     def release(self) -> None:
         """Drop the file pages of the parts handed out so far from RSS (views stay valid). An operator that
         copies parts in batches calls this between batches, so RAM holds one batch of file pages at a time."""

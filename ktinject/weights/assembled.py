@@ -7,10 +7,12 @@ files, and turns HF names into :class:`Recipe` objects in ``_recipe`` once it kn
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -155,6 +157,21 @@ class FileSource:
     def check(self, name: str, expected_shape: tuple[int, ...] | None, *, dequantize: bool) -> str | None:
         """What is wrong with loading ``name`` (missing, shape, type), or None; reads no data."""
         recipe = self._resolved(name)
+    def stored_rows(self, name: str) -> RawTensor | None:
+        """``name`` as stored (blocks stay blocks) with its rows in the HF order, or None when the file's layout
+        changes rows' contents (transposed, interleaved, split tensors: use ``tensor()``). Zero-copy unless the
+        rows are permuted (llama.cpp's rope order of ``attn_q``/``attn_k``), which copies the blocks."""
+        recipe = self.resolve(name)
+        if len(recipe.parts) != 1:
+            return None
+        order = recipe.layout.stored_row_order([p.shape for p in self._parts(recipe)])
+        if order is False:
+            return None
+        (raw,) = self.parts(name)
+        if order is None:
+            return raw
+        return dataclasses.replace(raw, data=np.ascontiguousarray(raw.data[order.numpy()]))
+
         if isinstance(recipe, Unresolved):
             return recipe.reason
         parts = self._parts(recipe)

@@ -52,6 +52,12 @@ class Layout:
     def describe(self) -> str:
         return type(self).__name__
 
+    def stored_row_order(self, shapes: Sequence[Shape]) -> torch.Tensor | None | bool:
+        """How the assembled tensor's rows (first axis) map onto one stored part's rows, each row intact:
+        ``None`` when they are the stored rows in order, an index tensor when they are a permutation of them,
+        ``False`` when assembly changes rows' contents (then only dequantized values can be had)."""
+        return False
+
 
 def _count(shapes: Sequence[Shape], n: int, what: str) -> None:
     if len(shapes) != n:
@@ -66,6 +72,9 @@ class Direct(Layout):
 
     def write(self, out, shapes, index, start, stop, rows):
         out[start:stop].copy_(rows.reshape(out[start:stop].shape))
+
+    def stored_row_order(self, shapes):
+        return None
 
 
 def _concat_shape(shapes: Sequence[Shape], dim: int) -> Shape:
@@ -186,6 +195,10 @@ class UnpermuteRope(Layout):
 
     def describe(self):
         return f"undo llama.cpp's rope row order ({self.heads} heads)"
+
+    def stored_row_order(self, shapes):
+        n = self.shape(shapes)[0]
+        return torch.arange(n).reshape(self.heads, n // self.heads // 2, 2).transpose(1, 2).reshape(n)
 
 
 @dataclasses.dataclass(frozen=True)

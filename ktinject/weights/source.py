@@ -106,7 +106,8 @@ class WeightSource(Protocol):
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor: ...
 
     # Optional: ``tensor_rows(name, start, stop, dtype=None)``, rows [start, stop) of ``tensor(name)`` read
-    # without the rest (operators that stream experts use it when present).
+    # without the rest (operators that stream experts use it when present); ``stored_rows(name)``, the stored
+    # data (blocks stay blocks) in HF row order, or None when the file's layout changes rows' contents.
 
 
 def raw_from_torch(stored_name: str, tensor: torch.Tensor) -> RawTensor:
@@ -159,6 +160,10 @@ class ModuleSource:
 
     def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._get(name)[start:stop].to(dtype=dtype)
+
+    def stored_rows(self, name: str) -> RawTensor:
+        """The tensor itself (a live module stores it in the HF layout)."""
+        return self.parts(name)[0]
 
     def release(self) -> None:
         """Nothing to release: the tensors belong to the live module."""

@@ -8,6 +8,7 @@ Scenarios (each prints "ok ..." and exits 0, or raises):
 - many-ops: N threads, each with its own operator (one per layer, as in a model), all sharing one pool.
 - interleaved: each thread submits to two operators before syncing either (the async pattern), while the
   other threads do the same in other orders.
+- linear: N threads call cpu_linear operators (one shared by all, one per thread) between experts calls.
 Every result must be bit-identical to the same call made single-threaded beforehand: the kernels' results do
 not depend on scheduling, so any difference is a race.
 """
@@ -122,14 +123,40 @@ def interleaved(n: int, m: int) -> None:
     run_threads(n, work)
 
 
+def make_linear(seed: int, weight_type: str = "q8_0"):
+    from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
+
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(H, 3 * H + 16, bias=True)
+    return CpuLinear.from_module(module, name=f"layers.{seed}.proj", device=torch.device("cpu"),
+                                 config=CpuLinearConfig(weight_type=weight_type))
+
+
+def linear(n: int, m: int) -> None:
+    shared, experts = make_linear(100), make_op(0)
+    own = [make_linear(i) for i in range(n)]
+    inputs = [[make_inputs(1000 * i + j) for j in range(m)] for i in range(n)]
+    expected = [[(shared(x), own[i](x), experts(x, ids, w)) for x, ids, w in inputs[i]] for i in range(n)]
+
+    def work(i: int) -> None:
+        for j, (x, ids, w) in enumerate(inputs[i]):
+            want_shared, want_own, want_experts = expected[i][j]
+            check(f"shared linear thread {i} call {j}", shared(x), want_shared)
+            check(f"experts thread {i} call {j}", experts(x, ids, w), want_experts)
+            check(f"own linear thread {i} call {j}", own[i](x), want_own)
+
+    run_threads(n, work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["same-op", "many-ops", "interleaved"])
+    parser.add_argument("scenario", choices=["same-op", "many-ops", "interleaved", "linear"])
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--calls", type=int, default=40)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    {"same-op": same_op, "many-ops": many_ops, "interleaved": interleaved}[args.scenario](args.threads, args.calls)
+    scenarios = {"same-op": same_op, "many-ops": many_ops, "interleaved": interleaved, "linear": linear}
+    scenarios[args.scenario](args.threads, args.calls)
     print(f"ok {args.scenario} threads={args.threads} calls={args.calls} in {time.perf_counter() - start:.1f} s")
     return 0
 

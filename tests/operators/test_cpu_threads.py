@@ -33,7 +33,7 @@ def run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         pytest.fail(f"{' '.join(args)} did not finish in {timeout} s (deadlock?):\n{exc.stdout}\n{exc.stderr}")
 
 
-@pytest.mark.parametrize("scenario", ["same-op", "many-ops", "interleaved"])
+@pytest.mark.parametrize("scenario", ["same-op", "many-ops", "interleaved", "linear"])
 def test_threads_get_the_single_threaded_results(scenario):
     result = run_script([str(STRESS), scenario, "--threads", "4", "--calls", "16"], timeout=180)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"

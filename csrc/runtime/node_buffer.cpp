@@ -1,4 +1,4 @@
-#include "moe/node_buffer.h"
+#include "runtime/node_buffer.h"
 
 #include <sys/mman.h>
 

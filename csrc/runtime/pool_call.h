@@ -13,7 +13,7 @@
 #include <mutex>
 #include <stdexcept>
 
-#include "moe/thread_pool.h"
+#include "runtime/thread_pool.h"
 
 namespace ktinject {
 

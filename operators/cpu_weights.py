@@ -1,0 +1,55 @@
+"""Weight types of the CPU kernels (csrc/quant): names, GGML ids and sizes, and conversion to GGUF blocks.
+
+The one place the CPU operators (``cpu_experts``, ``cpu_linear``) learn these facts. Ids and block sizes come
+from gguf-py's tables (the file format's own definition); the extension reads the same GGML ids.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import gguf
+import numpy as np
+import torch
+
+from ktinject.native import native
+
+WeightTypeName = Literal["auto", "q4_k", "q5_k", "q6_k", "q8_0", "bf16", "f16", "f32"]
+IsaName = Literal["auto", "avx512", "avx2", "scalar"]
+
+# The stored types the kernels read: lower-case name -> GGML type id.
+GGML_TYPES: dict[str, int] = {name: int(gguf.GGMLQuantizationType[name.upper()])
+                              for name in ("f32", "f16", "q8_0", "q4_k", "q5_k", "q6_k", "bf16")}
+GGML_TYPE_NAMES: dict[int, str] = {v: k for k, v in GGML_TYPES.items()}
+FLOAT_STORAGE: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_TO_TYPE: dict[torch.dtype, str] = {v: k for k, v in FLOAT_STORAGE.items()}
+
+
+def bytes_per_weight(name: str) -> float:
+    """Average stored bytes per weight of type ``name`` (block bytes / block elements)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(GGML_TYPES[name])]
+    return size / block
+
+
+def column_multiple(name: str) -> int:
+    """Input features must be a multiple of this for ``name`` (the block size; 2 for 16-bit floats)."""
+    if name in ("f16", "bf16"):
+        return 2
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(GGML_TYPES[name])][0]
+
+
+def float_type_of(dtype: torch.dtype) -> str | None:
+    """The stored type that keeps ``dtype`` exactly (f32/f16/bf16), or None."""
+    return DTYPE_TO_TYPE.get(dtype)
+
+
+def to_blocks(w: torch.Tensor, wtype: str) -> np.ndarray:
+    """[..., rows, cols] float tensor -> uint8 [..., rows, row_bytes] in the GGUF layout of ``wtype``
+    (float types are their bytes; integer types are quantized by our quantizers)."""
+    *lead, cols = w.shape
+    if wtype in FLOAT_STORAGE:
+        t = w.detach().to("cpu", FLOAT_STORAGE[wtype]).contiguous()
+        data = t.numpy().view(np.uint8) if t.dtype == torch.float32 else t.view(torch.uint8).numpy()
+        return data.reshape(*lead, -1)
+    flat = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy().reshape(-1, cols))
+    return native().quantize(GGML_TYPES[wtype], flat).reshape(*lead, -1)

@@ -1,0 +1,60 @@
+"""``linear``: an ``nn.Linear`` with the fastest kernels we have on the rule's device.
+
+On the CPU it is ``cpu_linear`` (our C++ kernels over stored GGUF blocks or float rows); on any other device it
+is ``torch_linear`` in the dtype ``weight_type`` names. The built-in rules use it so that one rule file runs
+every projection at full speed whether ``${vars.gpu}`` is a GPU or the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ktinject.errors import OperatorError
+from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
+from ktinject.operators.cpu_weights import IsaName, WeightTypeName
+from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
+
+# weight_type -> torch_linear's dtype, for devices other than the CPU.
+_TORCH_DTYPES = {"auto": "auto", "bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig(OperatorConfig):
+    weight_type: WeightTypeName = "auto"  # CPU: any stored type; other devices: auto | bf16 | f16 | f32
+    threads: int = 0  # CPU only: worker threads (0 = every CPU)
+    numa_nodes: int = 0  # CPU only: node groups (0 = every node)
+    isa: IsaName = "auto"  # CPU only
+
+    def __post_init__(self) -> None:
+        CpuLinearConfig(weight_type=self.weight_type, threads=self.threads, numa_nodes=self.numa_nodes, isa=self.isa)
+
+
+@register_operator("linear")
+class Linear(Operator):
+    """Dispatches to ``cpu_linear`` on the CPU and ``torch_linear`` elsewhere."""
+
+    Config = LinearConfig
+
+    @classmethod
+    def check_device(cls, device: torch.device, config: LinearConfig) -> None:
+        if device.type != "cpu" and config.weight_type not in _TORCH_DTYPES:
+            raise OperatorError(f"linear: weight_type {config.weight_type} runs on the CPU only; on {device} use "
+                                "auto, bf16, f16 or f32 (or marlin_linear for 4-bit weights)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: LinearConfig) -> nn.Module:
+        cls.check_device(device, config)
+        if device.type == "cpu":
+            cpu = CpuLinearConfig(weight_type=config.weight_type, threads=config.threads, numa_nodes=config.numa_nodes,
+                                  isa=config.isa)
+            return CpuLinear.from_module(module, name=name, device=device, config=cpu)
+        return TorchLinear.from_module(module, name=name, device=device,
+                                       config=TorchLinearConfig(dtype=_TORCH_DTYPES[config.weight_type]))
+
+    @classmethod
+    def estimate_bytes(cls, module: nn.Module, config: LinearConfig) -> int:
+        return CpuLinear.estimate_bytes(module, CpuLinearConfig(weight_type=config.weight_type))
