@@ -7,6 +7,11 @@ Mixtral's ``block_sparse_moe.experts.{e}.w1`` or the per-expert ``experts.{e}.ga
 Qwen/DeepSeek -> ``mlp.experts.gate_up_proj``), so a family that transformers loads is named here the same
 way. Of the conversion operations we support the ones checkpoints of our families use (stacking experts,
 concatenating gate and up); others are reported, per tensor, before loading starts.
+
+Nothing in the files is trusted: an index must be a JSON object whose ``weight_map`` maps tensor names to
+shard file names inside the checkpoint directory (``../`` and absolute paths are refused before anything is
+opened), every tensor it names must be in the shard it names, and a header safetensors cannot parse is a
+``WeightError`` naming the file.
 """
 
 from __future__ import annotations
@@ -28,6 +33,38 @@ from ktinject.weights.stored import StoredTensor, TorchStoredTensor
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def _shard_path(root: Path, index: Path, name: str) -> Path:
+    """The file a ``weight_map`` entry names, refusing names that would leave the checkpoint directory.
+
+    Checked on the name itself, not on resolved links: a hub cache keeps shards as links into a blob store
+    next to the snapshot, and that is the directory owner's choice; a name in the index is not.
+    """
+    parts = Path(name).parts
+    if not name or "\0" in name or Path(name).is_absolute() or ".." in parts:
+        raise WeightError(f"{index}: shard {name!r} is not a file name inside {root} (absolute paths and '..' are "
+                          "refused: an index must not make ktinject open files outside the checkpoint)")
+    return root / name
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors index (tensor name -> shard file name), checked for shape."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise WeightError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise WeightError(f"{index}: not a safetensors index (expected a JSON object with a \"weight_map\" key, "
+                          f"found {type(data).__name__}{' without weight_map' if isinstance(data, dict) else ''})")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise WeightError(f"{index}: weight_map must be an object of tensor name -> shard file, found a "
+                          f"{type(weight_map).__name__}")
+    for key, value in weight_map.items():
+        if not isinstance(value, str):
+            raise WeightError(f"{index}: weight_map[{key!r}] must be a shard file name, found {value!r}")
+    return weight_map
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the index's shards, every ``*.safetensors``, or ``path`` itself."""
     if path.is_file():
@@ -36,11 +73,10 @@ def checkpoint_files(path: Path) -> list[Path]:
         raise WeightError(f"checkpoint not found: {path}")
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise WeightError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        weight_map = read_index(index)
+        files = [_shard_path(path, index, name) for name in dict.fromkeys(weight_map.values())]
+        if not files:
+            raise WeightError(f"{index}: weight_map is empty (no shards)")
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise WeightError(f"{index} lists shards that do not exist: {', '.join(missing)}")
@@ -49,6 +85,19 @@ def checkpoint_files(path: Path) -> list[Path]:
     if not files:
         raise WeightError(f"{path} has no *.safetensors files (give gguf=... to load a GGUF instead)")
     return files
+
+
+def check_index_tensors(path: Path, stored: dict[str, StoredTensor]) -> None:
+    """Every tensor the index names is in the shard it names (a shard cut short or swapped shows here)."""
+    index = path / INDEX_FILE
+    if not path.is_dir() or not index.is_file():
+        return
+    for key, shard in read_index(index).items():
+        tensor = stored.get(key)
+        if tensor is None:
+            raise WeightError(f"{index}: tensor {key} is listed in {shard}, but no shard has it")
+        if tensor.path != path / shard:
+            raise WeightError(f"{index}: tensor {key} is listed in {shard}, but it is in {tensor.path.name}")
 
 
 def _open(file: Path) -> dict[str, StoredTensor]:
@@ -81,6 +130,7 @@ class SafetensorsSource(FileSource):
                 if key in stored:
                     raise WeightError(f"{file}: tensor {key} is also in {stored[key].path}")
                 stored[key] = tensor
+        check_index_tensors(Path(path), stored)
         super().__init__(files, stored)
         self._by_target: dict[str, Recipe | Unresolved] = {}
 

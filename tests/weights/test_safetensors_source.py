@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -97,4 +98,75 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 
 def test_directory_without_weights(tmp_path):
     with pytest.raises(WeightError, match=r"has no \*\.safetensors files \(give gguf=\.\.\. to load a GGUF instead\)"):
+        SafetensorsSource(tmp_path)
+
+
+def write_index(directory, weight_map) -> None:
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"metadata": {}, "weight_map": ["model-00001.safetensors"]}, r"weight_map must be an object of tensor name -> shard file, found a list"),
+    ({"weight_map": {"lm_head.weight": 3}}, r"weight_map\['lm_head\.weight'\] must be a shard file name, found 3"),
+    (["weight_map"], r"not a safetensors index \(expected a JSON object with a \"weight_map\" key, found list\)"),
+    ({"metadata": {}}, r"not a safetensors index \(expected a JSON object with a \"weight_map\" key, found dict without weight_map\)"),
+    ({"weight_map": {}}, r"weight_map is empty \(no shards\)"),
+])
+def test_index_of_the_wrong_shape(tmp_path, content, message):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(content))
+    with pytest.raises(WeightError, match=rf"model\.safetensors\.index\.json: {message}"):
+        SafetensorsSource(tmp_path)
+
+
+def test_index_that_is_not_json(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text("[" * 100000)
+    with pytest.raises(WeightError, match=r"model\.safetensors\.index\.json: not a safetensors index \((JSONDecodeError|RecursionError)"):
+        SafetensorsSource(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../../x.safetensors", "../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_shard_outside_the_checkpoint_is_refused(tmp_path, shard):
+    checkpoint = tmp_path / "a" / "b"
+    checkpoint.mkdir(parents=True)
+    tiny_model("llama").save_pretrained(tmp_path / "a")  # a real file one level up: must not be opened
+    (tmp_path / "a" / "outside.safetensors").write_bytes((tmp_path / "a" / "model.safetensors").read_bytes())
+    write_index(checkpoint, {"lm_head.weight": shard})
+    with pytest.raises(WeightError, match=rf"model\.safetensors\.index\.json: shard '{re.escape(shard)}' is not a file name "
+                                          r"inside .*b \(absolute paths and '\.\.' are refused"):
+        SafetensorsSource(checkpoint)
+
+
+def test_shards_linked_into_a_blob_store_load(tmp_path, qwen_dir):
+    """A hub cache keeps snapshots as links into ../../blobs: the links are the owner's choice, not the index's."""
+    model, path = qwen_dir
+    snapshot, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in path.iterdir():
+        (blobs / file.name).write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(blobs / file.name)
+    source = bound(model, snapshot)
+    assert torch.equal(source.tensor("model.norm.weight"), model.state_dict()["model.norm.weight"])
+
+
+def test_index_naming_a_tensor_no_shard_has(qwen_dir, tmp_path):
+    _, path = qwen_dir
+    for file in path.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.layers.9.mlp.gate.weight"] = shard
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightError, match=rf"model\.safetensors\.index\.json: tensor model\.layers\.9\.mlp\.gate\.weight is listed "
+                                          rf"in {shard}, but no shard has it"):
+        SafetensorsSource(tmp_path)
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 8, (10**6).to_bytes(8, "little") + b"{", (20).to_bytes(8, "little") + b'{"a": {"dtype": 1}}  '])
+def test_corrupt_header_is_a_clear_error(tmp_path, header):
+    tiny_model("llama").save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(header + data[len(header):])
+    with pytest.raises(WeightError, match=r"model\.safetensors: cannot read the safetensors file \(.*\); the file is truncated or corrupt"):
         SafetensorsSource(tmp_path)
