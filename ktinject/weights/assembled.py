@@ -62,6 +62,10 @@ class FileSource:
             self._recipes[name] = self._recipe(name)
         return self._recipes[name]
 
+    def resolves(self, name: str) -> bool:
+        """Whether ``name`` maps to stored tensors (their shapes and types are :meth:`check`'s business)."""
+        return isinstance(self._resolved(name), Recipe)
+
     def resolve(self, name: str) -> Recipe:
         """The recipe for ``name``; WeightError naming the file and the missing pieces otherwise."""
         recipe = self._resolved(name)
@@ -153,10 +157,6 @@ class FileSource:
             return self.tensor(name, dtype)[start:stop]
         return out.reshape(stop - start, *shape[1:])
 
-    # -- checking and releasing ----------------------------------------------------------------------
-    def check(self, name: str, expected_shape: tuple[int, ...] | None, *, dequantize: bool) -> str | None:
-        """What is wrong with loading ``name`` (missing, shape, type), or None; reads no data."""
-        recipe = self._resolved(name)
     def stored_rows(self, name: str) -> RawTensor | None:
         """``name`` as stored (blocks stay blocks) with its rows in the HF order, or None when the file's layout
         changes rows' contents (transposed, interleaved, split tensors: use ``tensor()``). Zero-copy unless the
@@ -172,6 +172,10 @@ class FileSource:
             return raw
         return dataclasses.replace(raw, data=np.ascontiguousarray(raw.data[order.numpy()]))
 
+    # -- checking and releasing ----------------------------------------------------------------------
+    def check(self, name: str, expected_shape: tuple[int, ...] | None, *, dequantize: bool) -> str | None:
+        """What is wrong with loading ``name`` (missing, shape, type), or None; reads no data."""
+        recipe = self._resolved(name)
         if isinstance(recipe, Unresolved):
             return recipe.reason
         parts = self._parts(recipe)

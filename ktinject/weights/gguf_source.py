@@ -1,8 +1,10 @@
 """``GGUFSource``: a GGUF model (one file or ``-00001-of-0000N.gguf`` splits) as a WeightSource.
 
 Files are read with gguf-py's ``GGUFReader`` (mmap; header and tensor index only, no tensor data is touched
-when opening). Any damage a reader can meet (wrong magic, truncated header, tensor data past the end of
-the file, a missing split) is a ``WeightError`` naming the file, never a crash deep in numpy.
+when opening) and checked as llama.cpp checks them (``gguf_reader``): any damage (wrong magic, truncated
+header, a tensor index whose offsets, types or count do not add up, a missing split, a block count that
+disagrees with the tensors) is a ``WeightError`` naming the file, never a crash deep in numpy nor weights
+read from the wrong bytes. Metadata values are type- and range-checked when used (``gguf_metadata``).
 HF names are mapped to GGUF names by ``gguf_names`` when the source is bound to a model.
 """
 
@@ -13,12 +15,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from ktinject.errors import WeightError
 from ktinject.weights.assembled import FileSource
+from ktinject.weights.gguf_file_checks import check_blocks, check_names, check_splits
+from ktinject.weights.gguf_metadata import GGUFMetadata
 from ktinject.weights.gguf_names import GGUFNaming
+from ktinject.weights.gguf_reader import open_gguf
 from ktinject.weights.stored import GGUFStoredTensor, StoredTensor
 
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -37,52 +41,12 @@ def split_paths(path: Path) -> list[Path]:
     return files
 
 
-def _open_reader(path: Path):
-    from gguf import GGUFReader
-
-    if not path.is_file():
-        raise WeightError(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    if size < 24:
-        raise WeightError(f"{path}: not a GGUF file ({size} bytes; a GGUF header alone is 24)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise WeightError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # whatever a damaged header makes the reader trip over: never a crash
-        raise WeightError(f"{path}: cannot read the GGUF header and tensor index ({type(exc).__name__}: {exc}); "
-                          "the file is truncated or corrupt") from None
-    if reader.byte_order != "I":
-        raise WeightError(f"{path}: a big-endian GGUF file; ktinject reads little-endian GGUF files only")
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != int(t.n_bytes):
-            raise WeightError(f"{path}: tensor {t.name} ends at byte {end} but the file has {size} bytes; "
-                              "the file is truncated")
-    return reader
-
-
-def _value(field) -> Any:
-    """A GGUF metadata field as a Python value (str, int, float, bool or list)."""
-    from gguf import GGUFValueType
-
-    value = field.contents()
-    kind = field.types[0] if field.types else None
-    if kind == GGUFValueType.BOOL:
-        return bool(value)
-    if kind == GGUFValueType.FLOAT32:  # 1e-6 was stored as float32: give back 1e-06, not 9.99999997e-07
-        return float(str(np.float32(value)))
-    return value
-
-
 class GGUFSource(FileSource):
     """Tensors of a GGUF model, named as in the HF model once :meth:`bind` has seen the model."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         files = split_paths(Path(path))
-        readers = [_open_reader(f) for f in files]
+        readers = [open_gguf(f) for f in files]
         stored: dict[str, StoredTensor] = {}
         for reader, file in zip(readers, files):
             for t in reader.tensors:
@@ -90,29 +54,33 @@ class GGUFSource(FileSource):
                     raise WeightError(f"{file}: tensor {t.name} is also in {stored[t.name].path}")
                 stored[t.name] = GGUFStoredTensor(t, file)
         super().__init__(files, stored)
-        self._metadata = {key: field for reader in reversed(readers) for key, field in reader.fields.items()}
-        arch = self.metadata("general.architecture")
-        if not isinstance(arch, str):
+        check_splits(readers, files, len(stored))
+        # Later files repeat only the split.* keys; the first file's value wins.
+        self.meta = GGUFMetadata({key: field for reader in reversed(readers) for key, field in reader.fields.items()},
+                                 self.description)
+        arch = self.meta.text("general.architecture", None)
+        if arch is None:
             raise WeightError(f"{files[0]}: no general.architecture in the GGUF metadata")
         self.architecture: str = arch
-        count = self.metadata("split.count", None)
-        if count is not None and int(count) != len(files):
-            raise WeightError(f"{files[0]}: the metadata says {count} splits, found {len(files)} files")
+        self.meta.arch = arch
+        check_blocks(self.meta, list(stored))
+        check_names(self.meta, list(stored))
         self._naming: GGUFNaming | None = None
 
     def metadata(self, key: str, default: Any = ...) -> Any:
-        """A metadata value (``{arch}`` in ``key`` is replaced by the architecture); KeyError without default."""
-        key = key.replace("{arch}", getattr(self, "architecture", ""))
-        field = self._metadata.get(key)
-        if field is None:
+        """A metadata value (``{arch}`` in ``key`` is replaced by the architecture); KeyError without default.
+
+        Decoded safely but not type-checked: use :attr:`meta` (:class:`GGUFMetadata`) for checked values.
+        """
+        if key not in self.meta:
             if default is ...:
-                raise KeyError(key)
+                raise KeyError(self.meta.key(key))
             return default
-        return _value(field)
+        return self.meta.value(key)
 
     def _prepare(self, model: nn.Module) -> None:
         self._naming = GGUFNaming(self.architecture, model, set(self._stored), self.description,
-                                  block_count=self.metadata("{arch}.block_count", None))
+                                  block_count=self.meta.integer("{arch}.block_count", None))
 
     def _recipe(self, name: str):
         if self._naming is None:

@@ -46,12 +46,11 @@ def test_missing_metadata_key_is_named(tmp_path):
     import gguf
 
     writer = gguf.GGUFWriter(tmp_path / "x.gguf", "qwen3moe")
-    writer.add_block_count(2)
     writer.add_embedding_length(32)
     writer.add_head_count(4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     writer.close()
-    with pytest.raises(WeightError, match=r"x\.gguf: GGUF metadata key qwen3moe\.expert_count is missing \(needed for the qwen3_moe config\)"):
+    with pytest.raises(WeightError, match=r"x\.gguf: GGUF metadata key qwen3moe\.block_count is missing \(needed for the qwen3_moe config\)"):
         config_from_gguf(GGUFSource(tmp_path / "x.gguf"))

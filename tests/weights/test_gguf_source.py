@@ -147,8 +147,8 @@ def small_file(tmp_path):
 def test_truncated_data_is_a_clear_error(small_file):
     data = small_file.read_bytes()
     small_file.write_bytes(data[: int(len(data) * 0.7)])
-    with pytest.raises(WeightError, match=rf"{small_file}: cannot read the GGUF header and tensor index \(ValueError: .*\); "
-                                          "the file is truncated or corrupt"):
+    with pytest.raises(WeightError, match=rf"{small_file}: tensor blk\.\d+\.\w+\.weight \(\w+, shape \[[\d, ]+\]\) ends at "
+                                          rf"byte \d+ but the file has {int(len(data) * 0.7)} bytes; the file is truncated"):
         GGUFSource(small_file)
 
 
@@ -178,3 +178,17 @@ def test_not_a_gguf_file(tmp_path):
         GGUFSource(path)
     with pytest.raises(WeightError, match="GGUF file not found"):
         GGUFSource(tmp_path / "absent.gguf")
+
+
+def test_split_keys_must_agree_with_the_files(tmp_path):
+    from gguf_bytes import set_metadata
+
+    files = write_gguf(tiny_model("mixtral"), tmp_path / "mix.gguf", split_max_tensors=8)
+    set_metadata(files[1], "split.tensors.count", 22)
+    with pytest.raises(WeightError, match=rf"^{files[1]}: GGUF metadata key split\.tensors\.count is 22, but the {len(files)} files "
+                                          r"hold 23 tensors; a tensor count or index is wrong"):
+        GGUFSource(files[0])
+    set_metadata(files[1], "split.tensors.count", 23)
+    set_metadata(files[2], "split.no", 1)
+    with pytest.raises(WeightError, match=rf"^{files[2]}: GGUF metadata key split\.no is 1, but the file is split 3 of 3"):
+        GGUFSource(files[0])
