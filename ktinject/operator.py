@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -29,10 +30,14 @@ import torch
 from torch import nn
 
 from ktinject.errors import OperatorError
+from ktinject.messages import exception_text, show
 
 __all__ = [
+    "C_INT_MAX",
+    "KwargError",
     "Operator",
     "OperatorConfig",
+    "check_int",
     "register_operator",
     "resolve_operator",
     "registered_operators",
@@ -138,24 +143,67 @@ def resolve_operator(spec: str) -> type[Operator]:
     return obj
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+C_INT_MAX = (1 << 31) - 1  # the largest value a C++ ``int`` argument takes
+_MAX_VALUE_DEPTH = 64  # kwargs nest like the YAML they come from (a caller's cyclic list stops here)
+
+
+class KwargError(OperatorError):
+    """One bad operator kwarg; ``key`` names it, so a rule error points at that key's line.
+
+    A Config's ``__post_init__`` raises it (usually through :func:`check_int`) for values of the right type
+    but outside what the operator can use.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def check_int(key: str, value: Any, low: int, high: int, meaning: str = "") -> None:
+    """Raise KwargError unless ``value`` is an int (not a bool) with ``low <= value <= high``.
+
+    For Config ``__post_init__``: a kwarg that reaches C++ must fit its C type and make sense there; checked
+    when the rule file is loaded, it is a rule error with file:line instead of a failure in pybind11 or a kernel.
+    ``meaning`` (e.g. ``" (0 = every CPU)"``) follows the range in the message.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise KwargError(key, f"{key} must be an integer, got {show(value)}")
+    if not low <= value <= high:
+        raise KwargError(key, f"{key} must be >= {low} and <= {high}{meaning}, got {show(value)}")
+
+
+def _type_ok(value: Any, annotation: Any, depth: int = 0) -> bool:
     if annotation is Any:
         return True
+    if depth > _MAX_VALUE_DEPTH:
+        return False
     origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:  # 1 == True and 1 == 1.0 in Python; a Literal[1] takes neither
+        return any(type(value) is type(a) and value == a for a in args)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+        return any(_type_ok(value, arg, depth) for arg in args)
     if annotation is type(None):
         return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:  # never a bool or a float (1e3 would truncate silently); 64 bits at most
+        return isinstance(value, int) and not isinstance(value, bool) and _INT64_MIN <= value <= _INT64_MAX
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return abs(value) < (1 << 1023) if isinstance(value, int) else math.isfinite(value)
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_ok(v, a, depth + 1) for v, a in zip(value, args))
+        return not args or all(_type_ok(v, args[0], depth + 1) for v in value)
     if origin is dict:
-        return isinstance(value, Mapping)
+        if not isinstance(value, Mapping):
+            return False
+        return not args or all(_type_ok(k, args[0], depth + 1) and _type_ok(v, args[1], depth + 1) for k, v in value.items())
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True
@@ -169,31 +217,38 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if annotation is int:
+        return "an integer (64-bit)"
+    if annotation is float:
+        return "a finite number"
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
     return getattr(annotation, "__name__", str(annotation))
 
 
 def validate_config(op_cls: type[Operator], kwargs: Mapping[str, Any]) -> OperatorConfig:
     """Check ``kwargs`` against ``op_cls.Config`` and build it; OperatorError names the bad key.
 
-    Raises an OperatorError whose message starts with the offending key so rule loading can prefix
-    ``file:line: replace.kwargs.<key>``; ``.key`` on the exception carries the key.
+    Types are checked here, generally (no bool or float for an int, ints within 64 bits, finite floats,
+    list/dict element types); ranges in the Config's ``__post_init__`` (:class:`KwargError`). The
+    OperatorError's message starts with the offending key and ``.key`` carries it, so rule loading can
+    prefix ``file:line: replace.kwargs.<key>``.
     """
     config_cls = op_cls.Config
+    op_name = op_cls.op_name or op_cls.__name__
     hints = typing.get_type_hints(config_cls)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for key, value in kwargs.items():
         if key not in fields:
             allowed = ", ".join(sorted(fields)) or "none"
-            err = OperatorError(f"unknown kwarg {key!r} for operator {op_cls.op_name or op_cls.__name__} (allowed: {allowed})")
-            err.key = key  # type: ignore[attr-defined]
-            raise err
+            raise KwargError(key, f"unknown kwarg {show(key)} for operator {op_name} (allowed: {allowed})")
         annotation = hints.get(key, Any)
         if not _type_ok(value, annotation):
-            err = OperatorError(f"kwarg {key!r} must be {_describe(annotation)}, got {value!r}")
-            err.key = key  # type: ignore[attr-defined]
-            raise err
+            raise KwargError(key, f"kwarg {key!r} must be {_describe(annotation)}, got {show(value)}")
     try:
         config = config_cls(**dict(kwargs))
-    except (TypeError, ValueError) as exc:
-        raise OperatorError(f"bad kwargs for operator {op_cls.op_name or op_cls.__name__}: {exc}") from exc
+    except KwargError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise OperatorError(f"bad kwargs for operator {op_name}: {exception_text(exc)}") from exc
     return config

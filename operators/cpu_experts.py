@@ -50,10 +50,17 @@ class CpuExpertsConfig(OperatorConfig):
     isa: IsaName = "auto"  # kernel family; auto = the best this CPU runs (or KTINJECT_ISA)
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = all CPUs), got {self.threads}")
-        if self.numa_nodes < 0:
-            raise ValueError(f"numa_nodes must be >= 0 (0 = all nodes), got {self.numa_nodes}")
+        # What the pool can pin (csrc choose_layout): at most one worker per CPU this process may run on, at
+        # least one worker per node group; checked here so a rule file fails at load time, not in the extension.
+        import os
+
+        from ktinject.operator import KwargError, check_int
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        check_int("threads", self.threads, 0, cpus, f" (0 = every CPU; this process may run on {cpus})")
+        check_int("numa_nodes", self.numa_nodes, 0, cpus, f" (0 = every node; each node group needs one of the {cpus} CPUs)")
+        if self.threads and self.numa_nodes > self.threads:
+            raise KwargError("numa_nodes", f"numa_nodes={self.numa_nodes} needs at least as many threads, got threads={self.threads}")
 
 
 @register_operator("cpu_experts")

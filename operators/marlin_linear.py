@@ -53,10 +53,13 @@ class MarlinLinearConfig(OperatorConfig):
     checkpoint: Literal["dense", "gptq", "marlin"] = "dense"  # what load_weights reads
 
     def __post_init__(self) -> None:
-        if self.bits != 4:
-            raise ValueError(f"marlin_linear supports bits=4 only, got bits={self.bits}")
+        from ktinject.operator import C_INT_MAX, KwargError, check_int
+
+        if type(self.bits) is not int or self.bits != 4:
+            raise KwargError("bits", f"marlin_linear supports bits=4 only, got bits={self.bits!r}")
+        check_int("group_size", self.group_size, -1, C_INT_MAX, " (it reaches the kernels as a C int)")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 16):
-            raise ValueError(f"group_size must be -1 (per-channel) or a positive multiple of 16, got {self.group_size}")
+            raise KwargError("group_size", f"group_size must be -1 (per-channel) or a positive multiple of 16, got {self.group_size}")
 
 
 @register_operator("marlin_linear")
