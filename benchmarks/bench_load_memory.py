@@ -101,7 +101,8 @@ def measure(path: Path, rules: str, gpu: str) -> dict:
     except OSError:
         pass
     start = time.perf_counter()
-    model = ktinject.from_pretrained(gguf=path, rules=TORCH_RULES if rules == "torch" else rules, vars={"gpu": gpu},
+    model = ktinject.from_pretrained(gguf=path, rules=TORCH_RULES if rules == "torch" else rules,
+                                     vars=None if rules == "torch" else {"gpu": gpu},  # the torch rules declare no variables
                                      dtype=torch.bfloat16, progress=False)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")

@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ktinject.errors import KtInjectError
+from ktinject.errors import KtInjectError, RuleError
 
 
 def add_vars_option(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +21,22 @@ def add_vars_option(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_vars(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are read as YAML scalars (8 -> int, true -> bool, cuda:0 -> str)."""
+    """KEY=VALUE pairs; values are read as YAML (8 -> int, true -> bool, cuda:0 -> str) under the rule files'
+    bounds. A value that is not YAML is a RuleError naming the --set; unknown KEYs are rejected by rule loading."""
+    from ktinject.messages import exception_text, show
+    from ktinject.rules.yaml_reader import YamlProblem, read_value
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise KtInjectError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+            raise RuleError(f"--set expects KEY=VALUE, got {show(item)}")
+        try:
+            out[key] = read_value(value) if value.strip() else ""
+        except YamlProblem as problem:
+            raise RuleError(f"--set {show(item)}: the value is not valid YAML: {exception_text(problem)} "
+                            "(quote it, e.g. --set 'KEY=\"...\"', to pass a string)") from None
     return out
 
 

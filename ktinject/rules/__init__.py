@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ktinject.errors import RuleError
+from ktinject.messages import show
 from ktinject.rules.builtin import builtin_rule_names, builtin_rule_path, rules_for_model_type
 from ktinject.rules.loader import load_rule_file, parse_rules
 from ktinject.rules.schema import Match, Replace, Rule, RuleSet, SourceLocation
@@ -32,6 +33,13 @@ def _looks_like_yaml(text: str) -> bool:
     return "\n" in text.strip() or stripped.startswith(("rules:", "include:", "vars:", "- ", "{", "["))
 
 
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte) is no file
+        return False
+
+
 def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None) -> RuleSet:
     """Load rules from a file path, a built-in name (``"qwen3_moe"``), YAML text, or pass a RuleSet through.
 
@@ -52,12 +60,12 @@ def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model
         rules = rules_for_model_type(model_type)
     if _looks_like_yaml(rules):
         return parse_rules(rules, vars=vars)
-    if Path(rules).is_file():
+    if _is_file(rules):
         return load_rule_file(rules, vars=vars)
     builtin = builtin_rule_path(rules)
     if builtin is not None:
         return load_rule_file(builtin, vars=vars)
     raise RuleError(
-        f"{rules!r} is not a rule file, a built-in rule name or YAML text "
+        f"{show(rules)} is not a rule file, a built-in rule name or YAML text "
         f"(built-in: {', '.join(n for n in builtin_rule_names() if not n.startswith('base/'))})"
     )

@@ -44,14 +44,16 @@ def builtin_rule_names() -> list[str]:
 
 def builtin_rule_path(name: str) -> Path | None:
     """The file for a built-in name (``qwen3_moe``, ``base/moe.yaml``...), or None."""
-    try:
-        root = builtin_rules_dir()
-    except RuleError:
+    if not name or len(name) > 255 or not name.isprintable():  # no built-in name is long or holds control characters
         return None
-    candidate = (root / name).resolve()
-    if candidate.suffix != ".yaml":
-        candidate = candidate.with_name(candidate.name + ".yaml")
-    if root.resolve() not in candidate.parents or not candidate.is_file():
+    try:
+        root = builtin_rules_dir().resolve()
+        candidate = (root / name).resolve()
+        if candidate.suffix != ".yaml":
+            candidate = candidate.with_name(candidate.name + ".yaml")
+        if root not in candidate.parents or not candidate.is_file():
+            return None
+    except (RuleError, OSError, RuntimeError, ValueError):  # no rules directory, or a name the OS refuses
         return None
     return candidate
 

@@ -1,4 +1,4 @@
-"""Read rule files: YAML (safe) with line numbers, ``include``, ``vars`` interpolation, full validation.
+"""Read rule files: YAML (safe, bounded) with line numbers, ``include``, ``vars`` interpolation, full validation.
 
 File format (see DESIGN.md and the README)::
 
@@ -12,15 +12,18 @@ File format (see DESIGN.md and the README)::
 
 Order: a file's own rules come before the rules of the files it includes (first match wins), includes in
 the order listed, each file's rules once even if included twice. Variables: included files give
-defaults, the including file overrides them, and the caller's ``vars=`` override everything; interpolation
-runs after all files are read, so a family file can change a value a shared base file uses.
+defaults, the including file overrides them, and the caller's ``vars=`` override everything (only
+variables some file declares); interpolation runs after all files are read, so a family file can change
+a value a shared base file uses.
 
-Every mistake raises ``RuleError("file:line: key.path: what is wrong")``.
+Every mistake raises ``RuleError("file:line: key.path: what is wrong")`` on one line, and the work is
+bounded for any input (see ``limits``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections.abc import Mapping
 from difflib import get_close_matches
@@ -28,91 +31,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ktinject.errors import OperatorError, RuleError
+from ktinject.messages import exception_text, show
 from ktinject.operator import resolve_operator, validate_config
 from ktinject.rules.builtin import builtin_rule_path
 from ktinject.rules.known_classes import is_known_class_name, known_class_names
+from ktinject.rules.limits import (
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    MAX_INCLUDE_DEPTH,
+    MAX_NAME_CHARS,
+    MAX_REGEX_CHARS,
+    MAX_RULES,
+    MAX_TOTAL_BYTES,
+)
 from ktinject.rules.schema import Match, Replace, Rule, RuleSet, SourceLocation
+from ktinject.rules.variables import Declaration, Variables, check_name
+from ktinject.rules.yaml_reader import Document, KeyPath, read_document, rule_error
 
 _TOP_KEYS = ("include", "vars", "rules")
 _RULE_KEYS = ("name", "match", "replace", "recursive")
 _MATCH_KEYS = ("name", "class")
 _REPLACE_KEYS = ("op", "device", "kwargs")
 
-Path_ = tuple[Any, ...]  # a key path inside one document: ("rules", 0, "replace", "op")
-
-
-@dataclasses.dataclass
-class _Document:
-    """One parsed YAML file: its data plus the line of every key path."""
-
-    file: str
-    data: Any
-    lines: dict[Path_, int]
-
-    def line(self, path: Path_) -> int:
-        while path not in self.lines and path:
-            path = path[:-1]
-        return self.lines.get(path, 1)
-
-    def error(self, path: Path_, message: str) -> RuleError:
-        return RuleError(f"{self.file}:{self.line(path)}: {_format_path(path)}: {message}")
-
-
-def _format_path(path: Path_) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top>"
-
 
 def _unknown_key_message(key: Any, allowed: tuple[str, ...]) -> str:
-    hint = get_close_matches(str(key), allowed, n=1)
-    return f"unknown key {key!r} (allowed: {', '.join(allowed)})" + (f"; did you mean {hint[0]!r}?" if hint else "")
-
-
-def _record_lines(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str) -> None:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        seen: set[Any] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                raise RuleError(f"{file}:{key_node.start_mark.line + 1}: {_format_path(path + (key,))}: duplicate key {key!r}")
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _record_lines(value_node, path + (key,), lines, file)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _record_lines(item, path + (i,), lines, file)
-
-
-def _parse_yaml(text: str, file: str) -> _Document:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise RuleError(f"{file}:{line}: <yaml>: {problem} (rule files are plain YAML; Python tags are not allowed)") from None
-    except yaml.YAMLError as exc:
-        raise RuleError(f"{file}:1: <yaml>: {exc}") from None
-    lines: dict[Path_, int] = {}
-    if node is not None:
-        _record_lines(node, (), lines, file)
-    return _Document(file=file, data=data, lines=lines)
+    hint = get_close_matches(key, allowed, n=1) if isinstance(key, str) and len(key) <= 64 else []
+    return f"unknown key {show(key)} (allowed: {', '.join(allowed)})" + (f"; did you mean {hint[0]!r}?" if hint else "")
 
 
 @dataclasses.dataclass
 class _RawRule:
     """A rule before interpolation and validation, with the document it came from."""
 
-    doc: _Document
-    path: Path_
+    doc: Document
+    path: KeyPath
     data: dict
 
 
@@ -121,27 +75,47 @@ class _LoadState:
     rules: list[_RawRule] = dataclasses.field(default_factory=list)
     files: list[str] = dataclasses.field(default_factory=list)
     loaded: set[str] = dataclasses.field(default_factory=set)  # resolved paths already read (diamond includes)
+    bytes_read: int = 0
 
 
-def _resolve_include(name: Any, including: Path | None, doc: _Document, path: Path_) -> Path:
+def _include_name(name: Any, doc: Document, path: KeyPath) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise doc.error(path, f"an include must be a file name or built-in rule name, got {name!r}")
-    candidates = []
-    if including is not None:
-        candidates.append(including.parent / name)
-    else:
-        candidates.append(Path(name))
-    for candidate in candidates:
-        if candidate.is_file():
+        raise doc.error(path, f"an include must be a file name or built-in rule name, got {show(name)}")
+    if len(name) > MAX_NAME_CHARS:
+        raise doc.error(path, f"include name of {len(name):,} characters (at most {MAX_NAME_CHARS:,})")
+    if not name.isprintable():
+        raise doc.error(path, f"include name {show(name)} holds control characters")
+    return name
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name the OS refuses (too long for it, ...) names no file
+        return False
+
+
+def _resolve_include(name: Any, including: Path | None, doc: Document, path: KeyPath) -> Path:
+    name = _include_name(name, doc, path)
+    candidate = including.parent / name if including is not None else Path(name)
+    if _is_file(candidate):
+        try:
             return candidate.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise doc.error(path, f"cannot resolve included file {show(name)}: {exception_text(exc)}") from None
     builtin = builtin_rule_path(name)
     if builtin is not None:
-        return builtin.resolve()
+        return builtin
     where = f" (looked in {including.parent} and the built-in rules)" if including else " (looked in the working directory and the built-in rules)"
-    raise doc.error(path, f"included file {name!r} not found{where}")
+    raise doc.error(path, f"included file {show(name)} not found{where}")
 
 
-def _collect(doc: _Document, file_path: Path | None, state: _LoadState, stack: list[str]) -> dict:
+def _optional(data: dict, key: str, default: Any) -> Any:
+    value = data.get(key)
+    return default if value is None else value
+
+
+def _collect(doc: Document, file_path: Path | None, state: _LoadState, stack: list[str]) -> dict[str, Declaration]:
     """Read one document: its own rules first, then its includes (depth first).
 
     Returns the document's variables: those of its includes (later includes win), overridden by its own.
@@ -151,33 +125,36 @@ def _collect(doc: _Document, file_path: Path | None, state: _LoadState, stack: l
         data = {}
     if isinstance(data, list):
         data = {"rules": data}
-        doc.lines = {("rules",) + k if k else ("rules",): v for k, v in doc.lines.items()}
+        doc.lines = {("rules",) + k: v for k, v in doc.lines.items()}
     if not isinstance(data, dict):
         raise doc.error((), f"a rule file must be a mapping with {', '.join(_TOP_KEYS)} or a list of rules, got {type(data).__name__}")
     for key in data:
         if key not in _TOP_KEYS:
             raise doc.error((key,), _unknown_key_message(key, _TOP_KEYS))
 
-    includes = data.get("include") or []
+    includes = _optional(data, "include", [])
     if isinstance(includes, str):
         includes = [includes]
         doc.lines[("include", 0)] = doc.line(("include",))
     if not isinstance(includes, list):
         raise doc.error(("include",), f"include must be a file name or a list of them, got {type(includes).__name__}")
 
-    file_vars = data.get("vars") or {}
+    file_vars = _optional(data, "vars", {})
     if not isinstance(file_vars, dict):
         raise doc.error(("vars",), f"vars must be a mapping of names to values, got {type(file_vars).__name__}")
+    own_vars = {check_name(name, doc, ("vars", name)): Declaration(value, doc, ("vars", name)) for name, value in file_vars.items()}
 
-    rules = data.get("rules") or []
+    rules = _optional(data, "rules", [])
     if not isinstance(rules, list):
         raise doc.error(("rules",), f"rules must be a list, got {type(rules).__name__}")
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict):
             raise doc.error(("rules", i), f"a rule must be a mapping with keys {', '.join(_RULE_KEYS)}, got {type(rule).__name__}")
+        if len(state.rules) >= MAX_RULES:
+            raise doc.error(("rules", i), f"more than {MAX_RULES:,} rules in this rule set")
         state.rules.append(_RawRule(doc=doc, path=("rules", i), data=rule))
 
-    merged_vars: dict = {}
+    merged_vars: dict[str, Declaration] = {}
     for i, name in enumerate(includes):
         target = _resolve_include(name, file_path, doc, ("include", i))
         key = str(target)
@@ -186,82 +163,99 @@ def _collect(doc: _Document, file_path: Path | None, state: _LoadState, stack: l
             raise doc.error(("include", i), f"include cycle: {chain}")
         if key in state.loaded:
             continue
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            raise doc.error(("include", i), f"includes nested more than {MAX_INCLUDE_DEPTH} files deep")
+        if len(state.files) >= MAX_FILES:
+            raise doc.error(("include", i), f"more than {MAX_FILES} files in this rule set")
         state.loaded.add(key)
         state.files.append(key)
-        child = _read_file(target)
+        child = _read_file(target, state)
         merged_vars.update(_collect(child, target, state, [*stack, key]))
-    merged_vars.update(file_vars)
+    merged_vars.update(own_vars)
     return merged_vars
 
 
-def _read_file(path: Path) -> _Document:
+def _read_file(path: Path, state: _LoadState) -> Document:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RuleError(f"{path}:1: <file>: cannot read rule file: {exc.strerror or exc}") from None
-    return _parse_yaml(text, str(path))
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # a longer file is refused without reading it all
+    except (OSError, ValueError) as exc:
+        raise rule_error(str(path), 1, "<file>", f"cannot read rule file: {getattr(exc, 'strerror', None) or exception_text(exc)}") from None
+    state.bytes_read += len(data)
+    if state.bytes_read > MAX_TOTAL_BYTES:
+        raise rule_error(str(path), 1, "<file>", f"the files of this rule set hold more than {MAX_TOTAL_BYTES:,} bytes together")
+    return read_document(data, str(path))
 
 
-class _Interpolator:
-    """Resolves ``${...}`` in strings with OmegaConf against the merged variables."""
-
-    def __init__(self, variables: dict) -> None:
-        self._vars = variables
-
-    def __call__(self, value: Any, doc: _Document, path: Path_) -> Any:
-        if isinstance(value, dict):
-            return {k: self(v, doc, path + (k,)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self(v, doc, path + (i,)) for i, v in enumerate(value)]
-        if not isinstance(value, str) or "${" not in value:
-            return value
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-
-        try:
-            conf = OmegaConf.create({"vars": self._vars, "__value__": value})
-            return OmegaConf.to_container(conf, resolve=True)["__value__"]
-        except OmegaConfBaseException as exc:
-            message = str(exc).splitlines()[0]
-            raise doc.error(path, f"cannot resolve {value!r}: {message} (variables: {', '.join(sorted(self._vars)) or 'none'})") from None
+_DEVICE_RE = re.compile(r"^(cpu|meta|cuda|xpu|mps|hpu|npu)(:\d{1,6})?$")
 
 
-_DEVICE_RE = re.compile(r"^(cpu|meta|cuda|xpu|mps|hpu|npu)(:\d+)?$")
-
-
-def _parse_device(value: Any, doc: _Document, path: Path_) -> torch.device:
+def _parse_device(value: Any, doc: Document, path: KeyPath) -> torch.device:
     if not isinstance(value, str) or not _DEVICE_RE.match(value.strip()):
-        raise doc.error(path, f"bad device {value!r} (expected 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')")
+        raise doc.error(path, f"bad device {show(value)} (expected 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')")
     try:
         return torch.device(value.strip())
     except (RuntimeError, ValueError) as exc:
-        raise doc.error(path, f"bad device {value!r}: {exc}") from None
+        raise doc.error(path, f"bad device {show(value)}: {exception_text(exc)}") from None
 
 
-def _resolve_class(spec: str, doc: _Document, path: Path_) -> tuple[str | None, type | None]:
+def _is_dotted_path(spec: str) -> bool:
+    parts = spec.split(".")
+    return len(parts) >= 2 and all(part.isidentifier() for part in parts)
+
+
+def _resolve_class(spec: str, doc: Document, path: KeyPath) -> tuple[str | None, type | None]:
     if "." in spec:
-        import importlib
-
+        if not _is_dotted_path(spec):
+            raise doc.error(path, f"{show(spec)} is neither a class name nor a dotted path such as 'mypkg.modeling.MyExperts'")
         module_path, _, attr = spec.rpartition(".")
         try:
             obj = getattr(importlib.import_module(module_path), attr)
         except (ImportError, AttributeError) as exc:
-            raise doc.error(path, f"cannot import class {spec!r}: {exc}") from None
+            raise doc.error(path, f"cannot import class {show(spec)}: {exception_text(exc)}") from None
+        except (Exception, SystemExit) as exc:  # the named module's own code failed (or exited) while importing
+            raise doc.error(path, f"importing {module_path!r} for class {show(spec)} failed: {type(exc).__name__}: {exception_text(exc)}") from None
         if not isinstance(obj, type):
-            raise doc.error(path, f"{spec!r} is not a class")
+            raise doc.error(path, f"{show(spec)} is not a class")
         return None, obj
+    if not spec.isidentifier():
+        raise doc.error(path, f"{show(spec)} is neither a class name nor a dotted path such as 'mypkg.modeling.MyExperts'")
     if not is_known_class_name(spec):
-        hint = get_close_matches(spec, known_class_names(), n=1)
+        hint = get_close_matches(spec, known_class_names(), n=1) if len(spec) <= 128 else []
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
         raise doc.error(
             path,
-            f"unknown class {spec!r}: not a transformers model class, torch.nn module or ktinject operator{suggestion} "
+            f"unknown class {show(spec)}: not a transformers model class, torch.nn module or ktinject operator{suggestion} "
             "(use a dotted path such as 'mypkg.modeling.MyExperts' for classes defined elsewhere)",
         )
     return spec, None
 
 
-def _build_rule(raw: _RawRule, index: int, interpolate: _Interpolator) -> Rule:
+def _resolve_op(op: str, doc: Document, path: KeyPath):
+    if len(op) > 256 or ("." in op and not _is_dotted_path(op)):
+        raise doc.error(path, f"{show(op)} is neither an operator name nor a dotted path such as 'mypkg.ops.MyExperts'")
+    try:
+        return resolve_operator(op)
+    except OperatorError as exc:
+        raise doc.error(path, exception_text(exc, 1000)) from None
+    except (Exception, SystemExit) as exc:  # the named module's own code failed (or exited) while importing
+        raise doc.error(path, f"importing operator {show(op)} failed: {type(exc).__name__}: {exception_text(exc)}") from None
+
+
+def _compile_regex(regex: Any, doc: Document, path: KeyPath) -> re.Pattern[str]:
+    if not isinstance(regex, str):
+        raise doc.error(path, f"match.name must be a regex string, got {show(regex)}")
+    if len(regex) > MAX_REGEX_CHARS:
+        raise doc.error(path, f"a regex of {len(regex):,} characters (at most {MAX_REGEX_CHARS:,})")
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise doc.error(path, f"bad regex {show(regex)}: {exc}") from None
+    except (RecursionError, OverflowError, ValueError) as exc:  # groups nested thousands deep, huge repeat counts
+        raise doc.error(path, f"bad regex {show(regex)}: {type(exc).__name__}: {exception_text(exc)}") from None
+
+
+def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
     doc, base, data = raw.doc, raw.path, raw.data
     for key in data:
         if key not in _RULE_KEYS:
@@ -269,7 +263,7 @@ def _build_rule(raw: _RawRule, index: int, interpolate: _Interpolator) -> Rule:
 
     name = data.get("name")
     if name is not None and not isinstance(name, str):
-        raise doc.error(base + ("name",), f"name must be a string, got {name!r}")
+        raise doc.error(base + ("name",), f"name must be a string, got {show(name)}")
 
     match_data = data.get("match")
     if not isinstance(match_data, dict) or not match_data:
@@ -277,21 +271,13 @@ def _build_rule(raw: _RawRule, index: int, interpolate: _Interpolator) -> Rule:
     for key in match_data:
         if key not in _MATCH_KEYS:
             raise doc.error(base + ("match", key), _unknown_key_message(key, _MATCH_KEYS))
-    match_data = interpolate(match_data, doc, base + ("match",))
-    pattern = None
-    if "name" in match_data:
-        regex = match_data["name"]
-        if not isinstance(regex, str):
-            raise doc.error(base + ("match", "name"), f"match.name must be a regex string, got {regex!r}")
-        try:
-            pattern = re.compile(regex)
-        except re.error as exc:
-            raise doc.error(base + ("match", "name"), f"bad regex {regex!r}: {exc}") from None
+    match_data = variables.interpolate(match_data, doc, base + ("match",))
+    pattern = _compile_regex(match_data["name"], doc, base + ("match", "name")) if "name" in match_data else None
     class_name = class_type = None
     if "class" in match_data:
         cls = match_data["class"]
         if not isinstance(cls, str) or not cls:
-            raise doc.error(base + ("match", "class"), f"match.class must be a class name or dotted path, got {cls!r}")
+            raise doc.error(base + ("match", "class"), f"match.class must be a class name or dotted path, got {show(cls)}")
         class_name, class_type = _resolve_class(cls, doc, base + ("match", "class"))
 
     replace_data = data.get("replace")
@@ -300,30 +286,27 @@ def _build_rule(raw: _RawRule, index: int, interpolate: _Interpolator) -> Rule:
     for key in replace_data:
         if key not in _REPLACE_KEYS:
             raise doc.error(base + ("replace", key), _unknown_key_message(key, _REPLACE_KEYS))
-    replace_data = interpolate(replace_data, doc, base + ("replace",))
+    replace_data = variables.interpolate(replace_data, doc, base + ("replace",))
     for required in ("op", "device"):
         if required not in replace_data:
             raise doc.error(base + ("replace",), f"replace.{required} is required")
     op = replace_data["op"]
     if not isinstance(op, str) or not op:
-        raise doc.error(base + ("replace", "op"), f"op must be an operator name or dotted path, got {op!r}")
-    try:
-        op_class = resolve_operator(op)
-    except OperatorError as exc:
-        raise doc.error(base + ("replace", "op"), str(exc)) from None
+        raise doc.error(base + ("replace", "op"), f"op must be an operator name or dotted path, got {show(op)}")
+    op_class = _resolve_op(op, doc, base + ("replace", "op"))
     device = _parse_device(replace_data["device"], doc, base + ("replace", "device"))
-    kwargs = replace_data.get("kwargs") or {}
+    kwargs = _optional(replace_data, "kwargs", {})
     if not isinstance(kwargs, dict):
-        raise doc.error(base + ("replace", "kwargs"), f"kwargs must be a mapping, got {kwargs!r}")
+        raise doc.error(base + ("replace", "kwargs"), f"kwargs must be a mapping, got {show(kwargs)}")
     try:
         config = validate_config(op_class, kwargs)
     except OperatorError as exc:
         key = getattr(exc, "key", None)
-        raise doc.error(base + ("replace", "kwargs") + ((key,) if key else ()), str(exc)) from None
+        raise doc.error(base + ("replace", "kwargs") + ((key,) if key is not None else ()), exception_text(exc, 1000)) from None
 
     recursive = data.get("recursive", True)
     if not isinstance(recursive, bool):
-        raise doc.error(base + ("recursive",), f"recursive must be true or false, got {recursive!r}")
+        raise doc.error(base + ("recursive",), f"recursive must be true or false, got {show(recursive)}")
 
     return Rule(
         match=Match(name=pattern, class_name=class_name, class_type=class_type),
@@ -335,25 +318,28 @@ def _build_rule(raw: _RawRule, index: int, interpolate: _Interpolator) -> Rule:
     )
 
 
-def _build_ruleset(doc: _Document, base_path: Path | None, vars: Mapping[str, Any] | None) -> RuleSet:
-    state = _LoadState(files=[doc.file])
+def _build_ruleset(doc: Document, base_path: Path | None, vars: Mapping[str, Any] | None, state: _LoadState) -> RuleSet:
+    state.files.insert(0, doc.file)
     stack: list[str] = []
     if base_path is not None:
         state.loaded.add(str(base_path))
         stack.append(str(base_path))
-    variables = _collect(doc, base_path, state, stack)
-    variables.update(vars or {})
-    interpolate = _Interpolator(variables)
-    rules = tuple(_build_rule(raw, i, interpolate) for i, raw in enumerate(state.rules))
-    return RuleSet(rules=rules, vars=variables, files=tuple(state.files))
+    variables = Variables(_collect(doc, base_path, state, stack), vars, doc.file)
+    rules = tuple(_build_rule(raw, i, variables) for i, raw in enumerate(state.rules))
+    return RuleSet(rules=rules, vars=variables.values, files=tuple(state.files))
 
 
 def parse_rules(text: str, *, file: str = "<string>", vars: Mapping[str, Any] | None = None) -> RuleSet:
     """Build a RuleSet from YAML text (includes resolve against the working directory and built-in rules)."""
-    return _build_ruleset(_parse_yaml(text, file), None, vars)
+    state = _LoadState()
+    return _build_ruleset(read_document(text, file), None, vars, state)
 
 
 def load_rule_file(path: str | Path, *, vars: Mapping[str, Any] | None = None) -> RuleSet:
     """Read a rule file from disk (includes resolve relative to it, then against the built-in rules)."""
-    resolved = Path(path).resolve()
-    return _build_ruleset(_read_file(resolved), resolved, vars)
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise rule_error(str(path), 1, "<file>", f"cannot read rule file: {exception_text(exc)}") from None
+    state = _LoadState()
+    return _build_ruleset(_read_file(resolved, state), resolved, vars, state)
