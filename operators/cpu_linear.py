@@ -48,10 +48,10 @@ class CpuLinearConfig(OperatorConfig):
     isa: IsaName = "auto"  # kernel family; auto = the best this CPU runs (or KTINJECT_ISA)
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = all CPUs), got {self.threads}")
-        if self.numa_nodes < 0:
-            raise ValueError(f"numa_nodes must be >= 0 (0 = all nodes), got {self.numa_nodes}")
+        # The pool's limits, as for cpu_experts (the same pool): checked when the rule file is loaded.
+        from ktinject.operators.cpu_experts import CpuExpertsConfig
+
+        CpuExpertsConfig(threads=self.threads, numa_nodes=self.numa_nodes)
 
 
 @register_operator("cpu_linear")

@@ -57,3 +57,9 @@ def test_marlin_linear_kwargs(kwargs, key, fragment):
     assert fragment in message, message
     with pytest.raises(ktinject.OperatorError, match="bits=4 only"):
         MarlinLinearConfig(bits=True)
+
+
+@pytest.mark.parametrize("op", ["cpu_linear", "linear"])
+def test_cpu_linear_threads_share_the_pool_limits(op):
+    message = rule_error(op, "        threads: 100000000000\n")
+    assert message.startswith(f"<string>:7: rules[0].replace.kwargs.threads: threads must be >= 0 and <= {CPUS}"), message
