@@ -54,7 +54,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 
-PEERS_ROOT = Path(os.environ.get("KTINJECT_PEERS_ROOT", "/work/peers"))
+PEERS_ROOT = Path(os.environ.get("KTINJECT_PEERS_ROOT") or Path.home() / ".cache" / "ktinject-peers")
 DISTURBED_CORES = 0.2     # other processes' average core use above which a measurement is flagged
 GGUF_FORMAT_VERSION = 1  # bump when the writer's output changes: cached files get new names
 
@@ -227,6 +227,10 @@ class _Quantizer:
         if qtype == T.F16:
             return x.astype(np.float16)
         if self.lib is None or qtype == T.BF16:
+            if qtype.name in ("Q4_K", "Q5_K", "Q6_K"):  # our own K-quant quantizer (ktinject's extension)
+                from ktinject.native import native
+                flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+                return native().quantize(int(qtype), flat).reshape(*x.shape[:-1], -1)
             if qtype.name.endswith("_K") or qtype.name.startswith("IQ"):
                 raise RuntimeError(f"{qtype.name} needs ggml's quantizer: install llama-cpp-python or set "
                                    "GGML_BASE_LIB")
@@ -271,18 +275,33 @@ def clear_gguf_memo() -> None:
     _EXPERT_MEMO.clear()
 
 
+# Types of the dense tensors (attention q/k/v/o, token embedding, output) as llama.cpp's quantize stores them
+# for a file type: Q4_K_M keeps attn_v and the output in Q6_K.
+DENSE_MIXES: dict[str, dict[str, str]] = {
+    "Q4_K_M": {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "token_embd": "Q4_K",
+               "output": "Q6_K"},
+    "Q8_0": {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0", "attn_output": "Q8_0", "token_embd": "Q8_0",
+             "output": "Q8_0"},
+}
+
+
 def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: str, hidden: int = 2048,
                         inter: int = 768, experts: int = 128, top_k: int = 8, seed: int = 0,
                         down_type: Optional[str] = None, attention: Attention = "tiny", attn_type: str = "Q8_0",
-                        vocab: int = 1024, std: float = 0.02, ggml_lib: Optional[str] = None) -> Path:
+                        vocab: int = 1024, std: float = 0.02, ggml_lib: Optional[str] = None,
+                        dense_mix: Optional[str] = None, tokenizer: str = "none") -> Path:
     """Write a random-weight qwen3moe GGUF that llama.cpp loads and kt-kernel's GGUF path reads.
 
     Tensors are streamed to disk one by one (peak memory ~ one layer's quantized experts + 256 MiB). The vocabulary is
-    tiny and has no tokenizer ('none'), so embeddings and lm_head stay out of the timing. Raises on error.
+    tiny; with tokenizer='none' the file has no vocab (llama-bench runs it), with 'llama' a dummy SPM vocab that
+    llama-cpp-python needs. dense_mix ('Q4_K_M', 'Q8_0') types attention/embedding/output as that llama.cpp file
+    type does (DENSE_MIXES); otherwise attention is attn_type and embedding/output Q8_0. Raises on error.
     """
     import gguf
     T = gguf.GGMLQuantizationType
     et, dt, at = T[expert_type], T[down_type or expert_type], T[attn_type]
+    mix = {k: T[v] for k, v in DENSE_MIXES[dense_mix].items()} if dense_mix else {
+        "attn_q": at, "attn_k": at, "attn_v": at, "attn_output": at, "token_embd": T.Q8_0, "output": T.Q8_0}
     heads, kv_heads, head_dim = _ATTENTION_SHAPES[attention]
     H, I, E = hidden, inter, experts
     quant = _Quantizer(ggml_lib if ggml_lib is not None else find_ggml_base_lib())
@@ -327,16 +346,17 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
             return np.ascontiguousarray(base[key][perms[li]])
         return make
 
-    add("token_embd.weight", (vocab, H), T.Q8_0, dense(vocab, H, T.Q8_0))
+    add("token_embd.weight", (vocab, H), mix["token_embd"], dense(vocab, H, mix["token_embd"]))
     add("output_norm.weight", (H,), T.F32, ones(H))
-    add("output.weight", (vocab, H), T.Q8_0, dense(vocab, H, T.Q8_0))
+    add("output.weight", (vocab, H), mix["output"], dense(vocab, H, mix["output"]))
     for li in range(layers):
         p = f"blk.{li}."
         add(p + "attn_norm.weight", (H,), T.F32, ones(H))
-        add(p + "attn_q.weight", (heads * head_dim, H), at, dense(heads * head_dim, H, at))
-        add(p + "attn_k.weight", (kv_heads * head_dim, H), at, dense(kv_heads * head_dim, H, at))
-        add(p + "attn_v.weight", (kv_heads * head_dim, H), at, dense(kv_heads * head_dim, H, at))
-        add(p + "attn_output.weight", (H, heads * head_dim), at, dense(H, heads * head_dim, at))
+        add(p + "attn_q.weight", (heads * head_dim, H), mix["attn_q"], dense(heads * head_dim, H, mix["attn_q"]))
+        add(p + "attn_k.weight", (kv_heads * head_dim, H), mix["attn_k"], dense(kv_heads * head_dim, H, mix["attn_k"]))
+        add(p + "attn_v.weight", (kv_heads * head_dim, H), mix["attn_v"], dense(kv_heads * head_dim, H, mix["attn_v"]))
+        add(p + "attn_output.weight", (H, heads * head_dim), mix["attn_output"],
+            dense(H, heads * head_dim, mix["attn_output"]))
         add(p + "attn_q_norm.weight", (head_dim,), T.F32, ones(head_dim))
         add(p + "attn_k_norm.weight", (head_dim,), T.F32, ones(head_dim))
         add(p + "ffn_norm.weight", (H,), T.F32, ones(H))
@@ -365,7 +385,17 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
     ftype = {T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.BF16: gguf.LlamaFileType.MOSTLY_BF16}.get(
         et, gguf.LlamaFileType.GUESSED)
     w.add_file_type(int(ftype))
-    w.add_tokenizer_model("none")
+    if tokenizer == "llama":  # a dummy SPM vocab: llama-cpp-python refuses files without one
+        w.add_tokenizer_model("llama")
+        w.add_token_list([b"<unk>", b"<s>", b"</s>"] + [f"<t{i}>".encode() for i in range(3, vocab)])
+        w.add_token_scores([0.0] * vocab)
+        w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(False)
+    else:
+        w.add_tokenizer_model("none")
     w.add_vocab_size(vocab)
     for name, shape, qtype, _ in entries:
         if qtype in (T.F32, T.F16):
@@ -387,11 +417,13 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
 
 def cached_qwen3moe_gguf(*, layers: int, expert_type: str, hidden: int = 2048, inter: int = 768,
                          experts: int = 128, top_k: int = 8, seed: int = 0, attention: Attention = "tiny",
-                         cache_dir: str | os.PathLike | None = None) -> Path:
+                         cache_dir: str | os.PathLike | None = None, dense_mix: Optional[str] = None,
+                         tokenizer: str = "none") -> Path:
     """Path of a cached `write_qwen3moe_gguf` file; writes it (atomically) when missing. Raises on error."""
     d = Path(cache_dir) if cache_dir else default_cache_dir()
+    extra = (f"-{dense_mix}" if dense_mix else "") + ("-spm" if tokenizer == "llama" else "")
     name = (f"qwen3moe-v{GGUF_FORMAT_VERSION}-H{hidden}-I{inter}-E{experts}-K{top_k}-L{layers}-{expert_type}"
-            f"-attn_{attention}-s{seed}.gguf")
+            f"-attn_{attention}{extra}-s{seed}.gguf")
     path = d / name
     if path.exists():
         return path
@@ -399,7 +431,8 @@ def cached_qwen3moe_gguf(*, layers: int, expert_type: str, hidden: int = 2048, i
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write_qwen3moe_gguf(tmp, layers=layers, expert_type=expert_type, hidden=hidden, inter=inter,
-                            experts=experts, top_k=top_k, seed=seed, attention=attention)
+                            experts=experts, top_k=top_k, seed=seed, attention=attention, dense_mix=dense_mix,
+                            tokenizer=tokenizer)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -105,6 +105,7 @@ void bind_linear(py::module_& m) {
       .def_property_readonly("isa", [](PyLinear& p) { return std::string(isa_name(p.layer().isa())); })
       .def_property_readonly("threads", [](PyLinear& p) { return p.layer().pool().threads(); })
       .def_property_readonly("numa_nodes", [](PyLinear& p) { return p.layer().pool().nodes(); })
+      .def_property_readonly("cpus", [](PyLinear& p) { return p.layer().pool().layout().cpus; })
       .def_property_readonly("slices",
                              [](PyLinear& p) {
                                std::vector<std::pair<int64_t, int64_t>> s;

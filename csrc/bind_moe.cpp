@@ -239,6 +239,24 @@ void bind_moe(py::module_& m) {
       py::arg("threads") = 0, py::arg("numa_nodes") = 0,
       "(cpus per node group, memory node per group) that MoE(threads=, numa_nodes=) would use.");
   m.def(
+      "pool_stats",
+      [](int threads, int numa_nodes) {
+        PoolLayout layout;
+        try {
+          layout = choose_layout(threads, numa_nodes);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+        py::dict d;
+        const std::shared_ptr<ThreadPool> pool = ThreadPool::find(layout);
+        d["jobs"] = pool ? pool->jobs_done() : 0;
+        d["busy_seconds"] = pool ? pool->busy_seconds() : 0.0;
+        return d;
+      },
+      py::arg("threads") = 0, py::arg("numa_nodes") = 0,
+      "{'jobs', 'busy_seconds'} of the pool with this layout so far (zeros when none exists): the time the "
+      "CPU operators' kernels took, start to finish, over all calls.");
+  m.def(
       "measure_read_bandwidth",
       [](size_t bytes, int threads, int repeats) {
         py::gil_scoped_release release;

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ktinject.core_sharing import share_cores_with_pool
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import Operator, OperatorConfig, register_operator
@@ -95,16 +96,16 @@ class CpuExperts(Operator):
         return op
 
     @classmethod
+    def check_device(cls, device: torch.device, config: CpuExpertsConfig) -> None:
+        if device.type != "cpu":
+            raise OperatorError(f"cpu_experts computes on the CPU, not on {device} (use device: cpu)")
+
+    @classmethod
     def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:
         experts_spec(module)  # an OperatorError when the rule matched something that is not an experts module
         gate_up, down = module.gate_up_proj, module.down_proj
         name = config.weight_type if config.weight_type != "auto" else (float_type_of(gate_up.dtype) or "f32")
         return int((gate_up.numel() + down.numel()) * bytes_per_weight(name))
-
-    @classmethod
-    def check_device(cls, device: torch.device, config: CpuExpertsConfig) -> None:
-        if device.type != "cpu":
-            raise OperatorError(f"cpu_experts computes on the CPU, not on {device} (use device: cpu)")
 
     def _create(self, gate_type: str, up_type: str, down_type: str) -> None:
         s, c = self.spec, self.config
@@ -121,6 +122,7 @@ class CpuExperts(Operator):
                 hint = " (K-quants need dimensions that are multiples of 256, q8_0 of 32; bf16/f16/f32 fit any even size)"
             raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}{hint}") from None
         self._types = (gate_type, up_type, down_type)
+        share_cores_with_pool([c for node in self._moe.cpus for c in node])
 
     def _float_type(self, dtype: torch.dtype) -> str:
         if self.config.weight_type != "auto":

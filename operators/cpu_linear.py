@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ktinject.core_sharing import share_cores_with_pool
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import Operator, OperatorConfig, register_operator
@@ -106,6 +107,7 @@ class CpuLinear(Operator):
         except ValueError as exc:
             raise OperatorError(f"cpu_linear for {self.module_name!r}: {exc}") from None
         self._type = wtype
+        share_cores_with_pool([c for node in self._linear.cpus for c in node])
 
     # ---- loading ----------------------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ uint64_t ThreadPool::start(Job* job) {
   std::lock_guard<std::mutex> handover(start_mu_);
   wait(generation_.load(std::memory_order_acquire));  // the job in flight, if any
   job_ = job;
+  job_started_ = Clock::now();
   remaining_.store(static_cast<int>(workers_.size()), std::memory_order_seq_cst);
   const uint64_t ticket = generation_.fetch_add(1, std::memory_order_seq_cst) + 1;
   if (sleeping_.load(std::memory_order_seq_cst) > 0) {
@@ -201,6 +202,9 @@ void ThreadPool::worker_main(int index) {
     job_->run(w.node, w.local);
     if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       // Jobs never overlap, so the last worker out finishes job `seen`.
+      const auto took = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - job_started_).count();
+      busy_ns_.fetch_add(static_cast<uint64_t>(took), std::memory_order_relaxed);
+      jobs_done_.fetch_add(1, std::memory_order_relaxed);
       completed_.store(seen, std::memory_order_release);
       { std::lock_guard<std::mutex> lock(mu_); }
       done_cv_.notify_all();
@@ -208,17 +212,32 @@ void ThreadPool::worker_main(int index) {
   }
 }
 
+namespace {
+std::mutex& registry_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<std::string, std::weak_ptr<ThreadPool>>& registry() {
+  static std::map<std::string, std::weak_ptr<ThreadPool>> pools;
+  return pools;
+}
+}  // namespace
+
 std::shared_ptr<ThreadPool> ThreadPool::get(const PoolLayout& layout) {
-  static std::mutex registry_mu;
-  static std::map<std::string, std::weak_ptr<ThreadPool>> registry;
-  std::lock_guard<std::mutex> lock(registry_mu);
-  auto& slot = registry[layout.key()];
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& slot = registry()[layout.key()];
   std::shared_ptr<ThreadPool> pool = slot.lock();
   if (!pool) {
     pool = std::make_shared<ThreadPool>(layout);
     slot = pool;
   }
   return pool;
+}
+
+std::shared_ptr<ThreadPool> ThreadPool::find(const PoolLayout& layout) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto it = registry().find(layout.key());
+  return it == registry().end() ? nullptr : it->second.lock();
 }
 
 void NodeBarrier::arrive_and_wait() {

@@ -71,8 +71,15 @@ class ThreadPool {
     fn();
   }
 
-  // Pools are shared by every MoE layer with the same layout; the registry holds them weakly.
+  // Jobs run so far and the wall time they took (start() to the last worker done): the time spent in the
+  // kernels, for telling it apart from everything else in a model step.
+  uint64_t jobs_done() const { return jobs_done_.load(std::memory_order_relaxed); }
+  double busy_seconds() const { return static_cast<double>(busy_ns_.load(std::memory_order_relaxed)) * 1e-9; }
+
+  // Pools are shared by every operator with the same layout; the registry holds them weakly.
   static std::shared_ptr<ThreadPool> get(const PoolLayout& layout);
+  // The pool with this layout if one exists (nullptr otherwise); never creates one.
+  static std::shared_ptr<ThreadPool> find(const PoolLayout& layout);
 
  private:
   struct Worker {
@@ -91,6 +98,9 @@ class ThreadPool {
   std::mutex start_mu_;                  // one start() at a time: wait for the previous job + hand over
   std::atomic<uint64_t> generation_{0};  // ticket of the last job started
   std::atomic<uint64_t> completed_{0};   // ticket of the last job finished
+  Clock::time_point job_started_;        // of the job in flight (written by start(), read by its last worker)
+  std::atomic<uint64_t> jobs_done_{0};
+  std::atomic<uint64_t> busy_ns_{0};
   std::atomic<int> remaining_{0};
   std::atomic<int> sleeping_{0};
   std::atomic<int> started_{0};

@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""The whole model a user runs: ktinject (`from_pretrained(gguf=)` + stock `generate()`) against llama.cpp and
+ik_llama.cpp on the same GGUF files, in one run.
+
+    python benchmarks/bench_generate.py                              # Q4_K and Q8_0 files, all peers found
+    python benchmarks/bench_generate.py --quants q4_k --no-peers     # ktinject alone
+    python benchmarks/bench_generate.py --deep 48                    # + non-kernel time per layer on 48 layers
+
+Files: random-weight qwen3moe GGUFs with Qwen3-30B-A3B widths (hidden 2048, 128 experts x 768, top-8, 32 query /
+4 KV heads x 128) and `--layers` layers, vocab 1024; experts Q4_K or Q8_0, attention/embedding/output typed as a
+Q4_K_M or Q8_0 file types them (benchmarks/peers.py DENSE_MIXES). Written once to the peers cache.
+
+Measures (`--threads` for everyone):
+- llama.cpp / ik_llama.cpp: `llama-bench -m F -t N -p 128 -n 32 -r R` (ik_llama.cpp also with `-rtr 1`).
+- ktinject: prefill = one forward of 128 random tokens into an empty cache (median of R); decode = tokens/s of
+  `generate()` over `--n-gen` greedy tokens after a 1-token prompt (median of R), the model built with the
+  built-in rules on the CPU (`vars={'gpu': 'cpu'}`).
+- The decode floor: bytes read per token (every dense weight as stored, 8 experts per layer, one embedding row)
+  over the read bandwidth of the same pinned threads, measured in the same run.
+- Where a ktinject decode step goes (one extra profiled run with forward hooks, scaled to the unprofiled step):
+  C++ experts, C++ dense linears, attention core, norms/router/rotary, the rest (Python/HF/torch framework).
+- `--deep L`: a file with L layers of the same widths (16 experts keep it small): non-kernel time per layer at
+  one token = (decode step - time the pool's jobs took) / L.
+
+Peers are found like benchmarks/peers.py finds llama-bench ($LLAMA_BENCH, $IK_LLAMA_BENCH or under the peers root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import peers  # noqa: E402
+
+SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, attention="full")
+MIX = {"q4_k": "Q4_K_M", "q8_0": "Q8_0"}
+IK_LLAMA_BENCH = ("IK_LLAMA_BENCH", peers.PEERS_ROOT / "ik_llama.cpp" / "build" / "bin" / "llama-bench")
+
+
+def cpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def model_file(quant: str, layers: int, experts: int = 128) -> Path:
+    shape = {**SHAPE, "experts": experts}
+    try:
+        return peers.cached_qwen3moe_gguf(layers=layers, expert_type=quant.upper(), dense_mix=MIX[quant],
+                                          tokenizer="llama", **shape)
+    finally:
+        peers.clear_gguf_memo()
+
+
+# ------------------------------------------------------------------------------------------------ peers
+def llama_bench_tok_s(exe: str, path: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
+                      extra: list[str]) -> dict[str, Any]:
+    cmd = [exe, "-m", str(path), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps),
+           "-o", "json", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    out: dict[str, Any] = {"command": " ".join(cmd)}
+    for r in rows:
+        samples = [float(x) for x in (r.get("samples_ts") or [r["avg_ts"]])]
+        key = "decode_tok_s" if r.get("n_gen", 0) > 0 else "prefill_tok_s"
+        out[key] = statistics.median(samples)
+        out["build"] = r.get("build_commit")
+    return out
+
+
+def peer_runs(args) -> list[tuple[str, str, list[str]]]:
+    runs = []
+    native = peers.find_llama_bench("native")
+    if native:
+        runs.append(("llama.cpp", native, []))
+    ik = os.environ.get(IK_LLAMA_BENCH[0]) or str(IK_LLAMA_BENCH[1])
+    if os.path.isfile(ik):
+        runs.append(("ik_llama.cpp", ik, []))
+        runs.append(("ik_llama.cpp -rtr 1", ik, ["-rtr", "1"]))
+    wanted = set(args.peers.split(",")) if args.peers else None
+    return [r for r in runs if wanted is None or r[0] in wanted]
+
+
+# ------------------------------------------------------------------------------------------------ ktinject
+def load(path: Path, threads: int, dtype: str):
+    import torch
+
+    import ktinject
+
+    return ktinject.from_pretrained(gguf=str(path), vars={"gpu": "cpu", "cpu_threads": threads},
+                                    dtype=getattr(torch, dtype), progress=False)
+
+
+class TokenTimes:
+    """A generate() streamer that records when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._first = True
+
+    def put(self, value) -> None:
+        if self._first:  # the prompt
+            self._first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_tok_s(model, n_gen: int, seed: int = 0) -> float:
+    import torch
+
+    ids = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(seed))
+    streamer = TokenTimes()
+    model.generate(ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer,
+                   pad_token_id=0)
+    t = streamer.times
+    return (len(t) - 1) / (t[-1] - t[0])
+
+
+def prefill_tok_s(model, n_prompt: int, seed: int = 0) -> float:
+    import torch
+
+    ids = torch.randint(3, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(ids, use_cache=True)
+        return n_prompt / (time.perf_counter() - start)
+
+
+def measure_ktinject(path: Path, args, dtype: str) -> dict[str, Any]:
+    model = load(path, args.threads, dtype)
+    prefill_tok_s(model, 16)  # warm-up
+    decode_tok_s(model, 4)
+    prefill = [prefill_tok_s(model, args.n_prompt, seed) for seed in range(args.reps)]
+    decode = [decode_tok_s(model, args.n_gen, seed) for seed in range(args.reps)]
+    result = {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+              "split_ms": split(model, args.n_gen)}
+    del model
+    return result
+
+
+def split(model, n_gen: int) -> dict[str, float]:
+    """ms per decode step by category (forward hooks; their own cost lands in 'framework')."""
+    import torch
+
+    spent: dict[str, float] = defaultdict(float)
+    stack: list[list[float]] = []
+
+    def category(module) -> Optional[str]:
+        name = type(module).__name__
+        if name == "CpuExperts":
+            return "C++ experts"
+        if name == "CpuLinear":
+            return "C++ dense linears"
+        if name.endswith("Attention"):
+            return "attention core"
+        if name.endswith(("RMSNorm", "RotaryEmbedding", "Router", "TopKRouter")) or name.endswith("Gate"):
+            return "norms/router/rotary"
+        return None
+
+    def pre(module, args):
+        stack.append([time.perf_counter(), 0.0])
+
+    def post(module, args, output):
+        start, children = stack.pop()
+        took = time.perf_counter() - start
+        spent[category(module)] += took - children
+        if stack:
+            stack[-1][1] += took
+
+    handles = []
+    for module in model.modules():
+        if category(module) is not None:
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    ids = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(7))
+    streamer = TokenTimes()
+    try:
+        model.generate(ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer,
+                       pad_token_id=0)
+    finally:
+        for h in handles:
+            h.remove()
+    steps = n_gen + 1
+    total = (streamer.times[-1] - streamer.times[0]) / (len(streamer.times) - 1)
+    # the first (prefill) step is in `spent` too: count per-step averages over all steps
+    out = {k: v / steps * 1e3 for k, v in spent.items() if k is not None}
+    out["framework"] = max(0.0, total * 1e3 - sum(out.values()))
+    out["step"] = total * 1e3
+    return out
+
+
+def non_kernel_ms_per_layer(path: Path, layers: int, args) -> dict[str, float]:
+    from ktinject.native import native
+
+    model = load(path, args.threads, args.dtypes.split(",")[0])
+    decode_tok_s(model, 4)
+    before = native().pool_stats(args.threads)
+    start = time.perf_counter()
+    decode_tok_s(model, args.n_gen)
+    wall = time.perf_counter() - start
+    after = native().pool_stats(args.threads)
+    steps = args.n_gen + 2  # the prompt step and n_gen + 1 generated tokens
+    kernels = after["busy_seconds"] - before["busy_seconds"]
+    return {"step_ms": wall / steps * 1e3, "kernel_ms": kernels / steps * 1e3,
+            "non_kernel_ms_per_layer": (wall - kernels) / steps / layers * 1e3}
+
+
+# ------------------------------------------------------------------------------------------------ floor
+def bytes_per_token(path: Path) -> int:
+    """Bytes a decode step reads: every 2-D+ tensor as stored except experts (8 of E) and the embedding (a row)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    experts = next(int(f.parts[-1][0]) for f in reader.fields.values() if f.name.endswith(".expert_count"))
+    used = next(int(f.parts[-1][0]) for f in reader.fields.values() if f.name.endswith(".expert_used_count"))
+    total = 0
+    for t in reader.tensors:
+        n = int(t.n_bytes)
+        if "_exps." in t.name:
+            total += n * used // experts
+        elif t.name.startswith("token_embd"):
+            total += n // int(t.shape[-1])
+        else:
+            total += n
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quants", default="q4_k,q8_0")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-prompt", type=int, default=128)
+    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="ktinject model dtypes to run")
+    ap.add_argument("--peers", default=None, help="comma list of peers to run (default: all found)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--deep", type=int, default=0, help="also measure non-kernel time per layer on this many layers")
+    ap.add_argument("--json", default=None, help="write all results here")
+    args = ap.parse_args(argv)
+    from ktinject.native import native
+
+    results: dict[str, Any] = {"cpu": cpu_model(), "threads": args.threads, "rows": []}
+    bandwidth = native().measure_read_bandwidth(1 << 30, args.threads, 5)
+    results["read_gb_s"] = bandwidth
+    print(f"# {results['cpu']}, {args.threads} threads, read bandwidth {bandwidth:.1f} GB/s")
+    for quant in args.quants.split(","):
+        path = model_file(quant, args.layers)
+        floor_ms = bytes_per_token(path) / (bandwidth * 1e9) * 1e3
+        rows = []
+        if not args.no_peers:
+            for name, exe, extra in peer_runs(args):
+                try:
+                    r = llama_bench_tok_s(exe, path, args.threads, args.n_prompt, args.n_gen, args.reps, extra)
+                except Exception as exc:  # a peer never stops the run
+                    print(f"# {name} failed: {exc}")
+                    continue
+                rows.append({"engine": name, **r})
+        for dtype in args.dtypes.split(","):
+            r = measure_ktinject(path, args, dtype)
+            rows.append({"engine": f"ktinject {dtype}", **r})
+        best_peer = max((r["decode_tok_s"] for r in rows if not r["engine"].startswith("ktinject")), default=None)
+        llama = next((r for r in rows if r["engine"] == "llama.cpp"), None)
+        print(f"\n## {quant} experts, {MIX[quant]} dense, {args.layers} layers: decode floor {floor_ms:.2f} ms "
+              f"({1e3 / floor_ms:.0f} tok/s)")
+        print("| engine | prefill-128 tok/s | decode tok/s | decode / best peer | prefill / llama.cpp | floor / decode time |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            vs_peer = f"{r['decode_tok_s'] / best_peer:.2f}x" if best_peer else ""
+            vs_llama = f"{r['prefill_tok_s'] / llama['prefill_tok_s']:.2f}x" if llama else ""
+            print(f"| {r['engine']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {vs_peer} | {vs_llama} | "
+                  f"{floor_ms / (1e3 / r['decode_tok_s']):.2f} |")
+        for r in rows:
+            if "split_ms" in r:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items())
+                print(f"# {r['engine']} decode step split (ms): {parts}")
+        results["rows"].append({"quant": quant, "floor_ms": floor_ms, "engines": rows})
+    if args.deep:
+        quant = args.quants.split(",")[0]
+        path = model_file(quant, args.deep, experts=16)
+        deep = non_kernel_ms_per_layer(path, args.deep, args)
+        results["deep"] = {"layers": args.deep, **deep}
+        print(f"\n# {args.deep} layers ({quant}, 16 experts): step {deep['step_ms']:.2f} ms, kernels {deep['kernel_ms']:.2f} ms, "
+              f"non-kernel {deep['non_kernel_ms_per_layer']:.3f} ms per layer")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
