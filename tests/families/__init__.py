@@ -1,0 +1,1 @@
+"""Every transformers model type with routed experts: tiny configs, survey, and parity tests."""
