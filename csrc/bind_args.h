@@ -64,12 +64,47 @@ inline Isa checked_isa(const std::string& name) {
 }
 
 inline Activation checked_activation(const std::string& name) {
-  if (name == "silu") return Activation::Silu;
-  if (name == "gelu") return Activation::Gelu;
-  if (name == "gelu_tanh") return Activation::GeluTanh;
-  if (name == "relu") return Activation::Relu;
-  if (name == "gptoss_swiglu") return Activation::GptOssSwiglu;
-  bad_arg("activation", "unknown activation '" + name + "' (expected silu, gelu, gelu_tanh, relu, gptoss_swiglu)");
+  static const std::pair<const char*, Activation> kNames[] = {
+      {"silu", Activation::Silu},
+      {"gelu", Activation::Gelu},
+      {"gelu_tanh", Activation::GeluTanh},
+      {"relu", Activation::Relu},
+      {"relu2", Activation::Relu2},
+      {"quick_gelu", Activation::QuickGelu},
+      {"gptoss_swiglu", Activation::GptOssSwiglu},
+      {"clamped_swiglu", Activation::ClampedSwiglu},
+      {"swiglu_clamp_after", Activation::SwigluClampAfter},
+      {"softcapped_swiglu", Activation::SoftcappedSwiglu},
+  };
+  std::string known;
+  for (const auto& entry : kNames) {
+    if (name == entry.first) return entry.second;
+    known += (known.empty() ? "" : ", ") + std::string(entry.first);
+  }
+  bad_arg("activation", "unknown activation '" + name + "' (expected " + known + ")");
+}
+
+// The activation and its parameters, checked: a kind without a gate form must be gated, limits and caps
+// finite and positive where the kind uses them.
+inline ActParams checked_act_params(const std::string& activation, bool gated, float alpha, float limit,
+                                    float softcap_gate, float softcap_up) {
+  ActParams p;
+  p.kind = checked_activation(activation);
+  p.gated = gated;
+  p.alpha = alpha;
+  p.limit = limit;
+  p.softcap_gate = softcap_gate;
+  p.softcap_up = softcap_up;
+  if (!gated && !activation_is_elementwise(p.kind)) bad_arg("activation", "'" + activation + "' needs a gate (gated=True)");
+  const auto positive = [](float v) { return v > 0.0f && v < 3.0e38f; };
+  if ((p.kind == Activation::GptOssSwiglu || p.kind == Activation::ClampedSwiglu || p.kind == Activation::SwigluClampAfter) &&
+      !positive(limit))
+    bad_arg("limit", "must be finite and > 0 for '" + activation + "', got " + std::to_string(limit));
+  if (p.kind == Activation::GptOssSwiglu && !(alpha == alpha && alpha > -3.0e38f && alpha < 3.0e38f))
+    bad_arg("alpha", "must be finite, got " + std::to_string(alpha));
+  if (p.kind == Activation::SoftcappedSwiglu && !(positive(softcap_gate) && positive(softcap_up)))
+    bad_arg("softcap_gate", "softcap_gate and softcap_up must be finite and > 0 for 'softcapped_swiglu'");
+  return p;
 }
 
 }  // namespace bind

@@ -39,8 +39,8 @@ struct PendingCall {
 class PyMoe {
  public:
   PyMoe(int64_t num_experts, int64_t hidden, int64_t intermediate, int gate_type, int up_type, int down_type,
-        const std::string& activation, bool has_bias, float alpha, float limit, int threads, int numa_nodes,
-        const std::string& isa) {
+        const std::string& activation, bool gated, bool has_bias, float alpha, float limit, float softcap_gate,
+        float softcap_up, int threads, int numa_nodes, const std::string& isa) {
     MoeSpec spec;
     spec.num_experts = num_experts;
     spec.hidden = hidden;
@@ -48,10 +48,8 @@ class PyMoe {
     spec.gate_type = checked_type(gate_type, "gate_type");
     spec.up_type = checked_type(up_type, "up_type");
     spec.down_type = checked_type(down_type, "down_type");
-    spec.activation = checked_activation(activation);
+    spec.act = checked_act_params(activation, gated, alpha, limit, softcap_gate, softcap_up);
     spec.has_bias = has_bias;
-    spec.alpha = alpha;
-    spec.limit = limit;
     const Isa chosen = checked_isa(isa);
     PoolLayout layout;
     try {
@@ -74,14 +72,19 @@ class PyMoe {
     const py::dtype u8 = py::dtype::of<uint8_t>();
     const int64_t gate_rb = row_bytes(s.gate_type, s.hidden), up_rb = row_bytes(s.up_type, s.hidden);
     const int64_t down_rb = row_bytes(s.down_type, s.intermediate);
-    const py::array gate = checked_array(gate_obj, "gate", u8, "uint8", {-1, s.intermediate, gate_rb});
-    const int64_t n = gate.shape(0);
-    const py::array up = checked_array(up_obj, "up", u8, "uint8", {n, s.intermediate, up_rb});
+    py::array gate;  // stays empty when the experts are not gated
+    if (s.act.gated)
+      gate = checked_array(gate_obj, "gate", u8, "uint8", {-1, s.intermediate, gate_rb});
+    else if (!gate_obj.is_none())
+      bad_arg("gate", "must be None: these experts are not gated");
+    const int64_t expected_n = s.act.gated ? gate.shape(0) : -1;
+    const py::array up = checked_array(up_obj, "up", u8, "uint8", {expected_n, s.intermediate, up_rb});
+    const int64_t n = up.shape(0);
     const py::array down = checked_array(down_obj, "down", u8, "uint8", {n, s.hidden, down_rb});
     if (first < 0 || first + n > s.num_experts)
       bad_arg("first", "experts [" + std::to_string(first) + ", " + std::to_string(first + n) + ") exceed the " +
                            std::to_string(s.num_experts) + " experts");
-    const auto* g = static_cast<const uint8_t*>(gate.data());
+    const auto* g = s.act.gated ? static_cast<const uint8_t*>(gate.data()) : nullptr;
     const auto* u = static_cast<const uint8_t*>(up.data());
     const auto* d = static_cast<const uint8_t*>(down.data());
     py::gil_scoped_release release;
@@ -91,12 +94,17 @@ class PyMoe {
   void load_bias(const py::object& gate_obj, const py::object& up_obj, const py::object& down_obj) {
     const MoeSpec& s = layer_->spec();
     const py::dtype f32 = py::dtype::of<float>();
-    const py::array g = checked_array(gate_obj, "gate_bias", f32, "float32", {s.num_experts, s.intermediate});
+    py::array g;  // stays empty when the experts are not gated
+    if (s.act.gated)
+      g = checked_array(gate_obj, "gate_bias", f32, "float32", {s.num_experts, s.intermediate});
+    else if (!gate_obj.is_none())
+      bad_arg("gate_bias", "must be None: these experts are not gated");
     const py::array u = checked_array(up_obj, "up_bias", f32, "float32", {s.num_experts, s.intermediate});
     const py::array d = checked_array(down_obj, "down_bias", f32, "float32", {s.num_experts, s.hidden});
     try {
       py::gil_scoped_release release;
-      layer_->load_bias(static_cast<const float*>(g.data()), static_cast<const float*>(u.data()), static_cast<const float*>(d.data()));
+      layer_->load_bias(s.act.gated ? static_cast<const float*>(g.data()) : nullptr, static_cast<const float*>(u.data()),
+                        static_cast<const float*>(d.data()));
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }
@@ -142,64 +150,26 @@ class PyMoe {
   std::map<std::thread::id, PendingCall> pending_;  // by submitting thread; touched only with the GIL held
 };
 
-// Read bandwidth of this machine with the pool's pinned workers (for the benchmark's roofline).
-class ReadJob : public Job {
- public:
-  ReadJob(const uint8_t* data, size_t bytes, int workers) : data_(data), bytes_(bytes), workers_(workers) {}
-  void run(int node, int local) override {
-    (void)node;
-    const int index = index_.fetch_add(1);
-    const size_t chunk = bytes_ / workers_ / 64 * 64;
-    const uint64_t* p = reinterpret_cast<const uint64_t*>(data_ + index * chunk);
-    uint64_t a = 0, b = 0, c = 0, d = 0;
-    for (size_t i = 0; i + 4 <= chunk / 8; i += 4) {
-      a ^= p[i];
-      b ^= p[i + 1];
-      c ^= p[i + 2];
-      d ^= p[i + 3];
-    }
-    sink_.fetch_xor((a ^ b ^ c ^ d) + static_cast<uint64_t>(local));
-  }
-  std::atomic<int> index_{0};
-  std::atomic<uint64_t> sink_{0};
-
- private:
-  const uint8_t* data_;
-  size_t bytes_;
-  int workers_;
-};
-
-double measure_read_bandwidth(size_t bytes, int threads, int repeats) {
-  auto pool = ThreadPool::get(choose_layout(threads, 0));
-  NodeBuffer buf(bytes, -1);
-  std::memset(buf.data(), 1, bytes);
-  double best = 0;
-  for (int r = 0; r < repeats; ++r) {
-    ReadJob job(buf.data(), bytes, pool->threads());
-    const auto t0 = std::chrono::steady_clock::now();
-    pool->wait(pool->start(&job));
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(bytes) / s / 1e9);
-  }
-  return best;
-}
-
 }  // namespace
 
 void bind_moe(py::module_& m) {
   // submit() twice from one thread without sync(), sync() without submit(): a ValueError subclass.
   py::register_local_exception<CallOrderError>(m, "CallOrderError", PyExc_ValueError);
   py::class_<PyMoe>(m, "MoE", "The routed experts of one MoE layer on the CPU (see csrc/moe/moe.h).")
-      .def(py::init<int64_t, int64_t, int64_t, int, int, int, const std::string&, bool, float, float, int, int, const std::string&>(),
+      .def(py::init<int64_t, int64_t, int64_t, int, int, int, const std::string&, bool, bool, float, float, float, float, int,
+                    int, const std::string&>(),
            py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::kw_only(), py::arg("gate_type"),
-           py::arg("up_type"), py::arg("down_type"), py::arg("activation") = "silu", py::arg("has_bias") = false,
-           py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("threads") = 0, py::arg("numa_nodes") = 0,
-           py::arg("isa") = "auto",
-           "Weight types are GGML type ids. threads/numa_nodes 0 = all; numa_nodes above the machine's node count "
-           "splits the CPUs into that many groups. isa: 'auto' (KTINJECT_ISA or the best) | 'avx512' | 'avx2' | 'scalar'.")
+           py::arg("up_type"), py::arg("down_type"), py::arg("activation") = "silu", py::arg("gated") = true,
+           py::arg("has_bias") = false, py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("softcap_gate") = 0.0f,
+           py::arg("softcap_up") = 0.0f, py::arg("threads") = 0, py::arg("numa_nodes") = 0, py::arg("isa") = "auto",
+           "Weight types are GGML type ids (gate_type is ignored when gated=False: there is no gate). activation: "
+           "silu | gelu | gelu_tanh | relu | relu2 | quick_gelu (gated or not), gptoss_swiglu (alpha, limit), "
+           "clamped_swiglu / swiglu_clamp_after (limit), softcapped_swiglu (softcap_gate, softcap_up). threads/"
+           "numa_nodes 0 = all; numa_nodes above the machine's node count splits the CPUs into that many groups. "
+           "isa: 'auto' (KTINJECT_ISA or the best) | 'avx512' | 'avx2' | 'scalar'.")
       .def("load", &PyMoe::load, py::arg("first"), py::arg("gate"), py::arg("up"), py::arg("down"),
-           "Pack experts [first, first + n) from GGUF blocks: gate/up uint8 [n, intermediate, row_bytes], "
-           "down uint8 [n, hidden, row_bytes]. Blocks until done (runs on the pool).")
+           "Pack experts [first, first + n) from GGUF blocks: gate/up uint8 [n, intermediate, row_bytes] (gate None "
+           "when not gated), down uint8 [n, hidden, row_bytes]. Blocks until done (runs on the pool).")
       .def("load_bias", &PyMoe::load_bias, py::arg("gate_bias"), py::arg("up_bias"), py::arg("down_bias"),
            "float32 [E, intermediate], [E, intermediate], [E, hidden].")
       .def("submit", &PyMoe::submit, py::arg("hidden_states"), py::arg("top_k_index"), py::arg("top_k_weights"),
@@ -256,14 +226,6 @@ void bind_moe(py::module_& m) {
       py::arg("threads") = 0, py::arg("numa_nodes") = 0,
       "{'jobs', 'busy_seconds'} of the pool with this layout so far (zeros when none exists): the time the "
       "CPU operators' kernels took, start to finish, over all calls.");
-  m.def(
-      "measure_read_bandwidth",
-      [](size_t bytes, int threads, int repeats) {
-        py::gil_scoped_release release;
-        return measure_read_bandwidth(bytes, threads, repeats);
-      },
-      py::arg("bytes") = size_t{1} << 30, py::arg("threads") = 0, py::arg("repeats") = 5,
-      "Best read bandwidth (GB/s) of `threads` pinned workers streaming `bytes` of memory.");
 }
 
 }  // namespace ktinject

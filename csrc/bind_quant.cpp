@@ -195,15 +195,22 @@ void py_gemm_packed(int type_id, const std::string& isa_name, const py::array_t<
   gemm(isa, t, packed.data(), rows, cols, 0, num_tiles(rows), a.data(), n, GemmOut{o.data(), 0, nullptr});
 }
 
-py::array_t<float> py_activate(const std::string& isa_name, const std::string& kind,
-                               const py::array_t<float, py::array::c_style>& gate,
-                               const py::array_t<float, py::array::c_style>& up, float alpha, float limit) {
+py::array_t<float> py_activate(const std::string& isa_name, const std::string& kind, const py::object& gate_obj,
+                               const py::array_t<float, py::array::c_style>& up, float alpha, float limit,
+                               float softcap_gate, float softcap_up) {
   const Isa isa = checked_isa(isa_name);
-  const Activation a = checked_activation(kind);
-  if (gate.size() != up.size()) bad_arg("up", "must have as many elements as gate");
-  py::array_t<float> out(gate.size());
-  std::copy(gate.data(), gate.data() + gate.size(), out.mutable_data());
-  activate(isa, a, alpha, limit, out.mutable_data(), up.data(), gate.size());
+  const bool gated = !gate_obj.is_none();
+  const ActParams p = checked_act_params(kind, gated, alpha, limit, softcap_gate, softcap_up);
+  py::array_t<float> out(up.size());
+  if (gated) {
+    const auto gate = gate_obj.cast<py::array_t<float, py::array::c_style>>();
+    if (gate.size() != up.size()) bad_arg("up", "must have as many elements as gate");
+    std::copy(gate.data(), gate.data() + gate.size(), out.mutable_data());
+    activate(isa, p, out.mutable_data(), up.data(), up.size());
+  } else {
+    std::copy(up.data(), up.data() + up.size(), out.mutable_data());
+    activate(isa, p, out.mutable_data(), nullptr, up.size());
+  }
   return out;
 }
 
@@ -231,8 +238,9 @@ void bind_quant(py::module_& m) {
         "The kernel alone: packed weights (from pack) . activation rows (from quantize_activation, 64-byte "
         "aligned) -> out float32 [tokens, rows]. For benchmarks.");
   m.def("activate", &py_activate, py::arg("isa"), py::arg("activation"), py::arg("gate"), py::arg("up"),
-        py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,
-        "The experts' gated activation act(gate) * up (float32, 1-D) as the CPU operator computes it.");
+        py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("softcap_gate") = 0.0f, py::arg("softcap_up") = 0.0f,
+        "The experts' activation as the CPU operator computes it (float32, 1-D): gated with gate given, act(up) "
+        "with gate=None.");
   m.def(
       "row_bytes",
       [](int type_id, int64_t cols) {

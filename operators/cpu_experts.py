@@ -37,6 +37,7 @@ from ktinject.operators.cpu_weights import (
 )
 from ktinject.operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
 
+from ktinject.operators.experts_layout import weight_names as experts_weight_names
 logger = logging.getLogger("ktinject")
 
 # Experts converted per batch when quantizing a live module (bounds the temporary float32 copy).
@@ -89,9 +90,10 @@ class CpuExperts(Operator):
         if device.type != "cpu":
             raise OperatorError(f"cpu_experts computes on the CPU; {name!r} is placed on {device} (use device: cpu)")
         spec = experts_spec(module, name=name)
-        op = cls(spec, name=name, config=config, transposed=bool(getattr(module, "is_transposed", False)))
-        if not module.gate_up_proj.is_meta:
-            op._load_from_float(module.gate_up_proj, module.down_proj, getattr(module, "gate_up_proj_bias", None),
+        op = cls(spec, name=name, config=config, transposed=spec.transposed)
+        first = getattr(module, op.weight_names()[0])
+        if not first.is_meta:
+            op._load_from_float(first, module.down_proj, getattr(module, f"{op.weight_names()[0]}_bias", None),
                                 getattr(module, "down_proj_bias", None))
         return op
 
@@ -102,8 +104,8 @@ class CpuExperts(Operator):
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:
-        experts_spec(module)  # an OperatorError when the rule matched something that is not an experts module
-        gate_up, down = module.gate_up_proj, module.down_proj
+        spec = experts_spec(module)  # an OperatorError when the rule matched something that is not an experts module
+        gate_up, down = getattr(module, experts_weight_names(spec)[0]), module.down_proj
         name = config.weight_type if config.weight_type != "auto" else (float_type_of(gate_up.dtype) or "f32")
         return int((gate_up.numel() + down.numel()) * bytes_per_weight(name))
 
@@ -113,8 +115,8 @@ class CpuExperts(Operator):
             self._moe = native().MoE(
                 s.num_experts, s.hidden_size, s.intermediate_size,
                 gate_type=GGML_TYPES[gate_type], up_type=GGML_TYPES[up_type], down_type=GGML_TYPES[down_type],
-                activation=s.activation, has_bias=s.has_bias, alpha=s.swiglu_alpha, limit=s.swiglu_limit,
-                threads=c.threads, numa_nodes=c.numa_nodes, isa=c.isa,
+                activation=s.activation, gated=s.gated, has_bias=s.has_bias, alpha=s.swiglu_alpha, limit=s.swiglu_limit,
+                softcap_gate=s.softcap_gate, softcap_up=s.softcap_up, threads=c.threads, numa_nodes=c.numa_nodes, isa=c.isa,
             )
         except ValueError as exc:
             hint = ""
@@ -134,12 +136,12 @@ class CpuExperts(Operator):
 
     def _load_from_float(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
                          down_bias: torch.Tensor | None) -> None:
-        """Convert float weights (HF fused layout, any device) to the configured type, a few experts at a time."""
+        """Convert float weights (HF fused layout, any device) to the configured type, a few experts at a time.
+        ``gate_up`` is ``up_proj`` for experts without a gate."""
         self._load_float_batches(lambda e0, e1: (gate_up[e0:e1], down[e0:e1]))
         with torch.no_grad():
             if gate_up_bias is not None and down_bias is not None:
-                gb, ub = split_gate_up(gate_up_bias.detach().cpu(), self.spec, transposed=self._source_transposed)
-                self._moe.load_bias(_f32(gb), _f32(ub), _f32(down_bias.detach().cpu()))
+                self._load_bias(gate_up_bias.detach().cpu(), down_bias.detach().cpu())
             elif self.spec.has_bias and gate_up_bias is not None:
                 raise OperatorError(f"cpu_experts for {self.module_name!r}: the module has gate_up_proj_bias but no down_proj_bias")
 
@@ -153,58 +155,64 @@ class CpuExperts(Operator):
                 if e0 == 0:
                     wtype = self._float_type(gate_up.dtype)
                     self._create(wtype, wtype, wtype)
-                gate, up = split_gate_up(gate_up.detach().cpu(), self.spec, transposed=self._source_transposed)
+                gate, up = self._gate_and_up(gate_up.detach().cpu())
                 d = down.detach().cpu()
                 d = d.transpose(1, 2) if self._source_transposed else d
-                self._moe.load(e0, to_blocks(gate, wtype), to_blocks(up, wtype), to_blocks(d, wtype))
+                self._moe.load(e0, None if gate is None else to_blocks(gate, wtype), to_blocks(up, wtype), to_blocks(d, wtype))
+
+    def _gate_and_up(self, stacked: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Canonical gate and up [E, I, H] (or bias [E, I]) from the module's stacked first tensor; no gate when
+        the experts are not gated (the tensor is ``up_proj`` itself)."""
+        if self.spec.gated:
+            return split_gate_up(stacked, self.spec, transposed=self._source_transposed)
+        return None, (stacked.transpose(1, 2) if stacked.dim() == 3 and self._source_transposed else stacked)
+
+    def _load_bias(self, first_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
+        gate, up = self._gate_and_up(first_bias)
+        self._moe.load_bias(None if gate is None else _f32(gate), _f32(up), _f32(down_bias))
 
     # ---- loading from a weight source (checkpoint / GGUF) -------------------------------------------
 
     def weight_names(self) -> list[str]:
-        names = ["gate_up_proj", "down_proj"]
-        return names + ["gate_up_proj_bias", "down_proj_bias"] if self.spec.has_bias else names
+        return experts_weight_names(self.spec)
 
     def load_weights(self, source, prefix: str) -> None:
         """Take the weights from ``source``: GGUF blocks as stored when it offers them, else float tensors."""
-        parts = getattr(source, "parts", None)
         loaded = False
-        if parts is not None:
-            gate_up_parts, down_parts = parts(prefix + "gate_up_proj"), parts(prefix + "down_proj")
-            if _stored_as_blocks(gate_up_parts, down_parts):
-                try:
-                    self._load_blocks(gate_up_parts, down_parts, getattr(source, "release", lambda: None))
-                    loaded = True
-                except _Requantize:
-                    pass
-        if not loaded:
-            rows = getattr(source, "tensor_rows", None)
-            if rows is not None:  # a few experts at a time: a layer's float experts never exist whole
-                self._load_float_batches(lambda e0, e1: (rows(prefix + "gate_up_proj", e0, e1), rows(prefix + "down_proj", e0, e1)))
-            else:
-                self._load_from_float(source.tensor(prefix + "gate_up_proj"), source.tensor(prefix + "down_proj"), None, None)
+        first = self.weight_names()[0]  # gate_up_proj, or up_proj for experts without a gate
+        gate_up_parts, down_parts = source.parts(prefix + first), source.parts(prefix + "down_proj")
+        if _stored_as_blocks(gate_up_parts, down_parts, self.spec.gated):
+            try:
+                self._load_blocks(gate_up_parts, down_parts, source.release)
+                loaded = True
+            except _Requantize:
+                pass
+        if not loaded:  # a few experts at a time: a layer's float experts never exist whole
+            rows = source.tensor_rows
+            self._load_float_batches(lambda e0, e1: (rows(prefix + first, e0, e1), rows(prefix + "down_proj", e0, e1)))
         if self.spec.has_bias:
-            gb, ub = split_gate_up(source.tensor(prefix + "gate_up_proj_bias"), self.spec, transposed=self._source_transposed)
-            self._moe.load_bias(_f32(gb), _f32(ub), _f32(source.tensor(prefix + "down_proj_bias")))
+            self._load_bias(source.tensor(prefix + f"{first}_bias"), source.tensor(prefix + "down_proj_bias"))
 
     def _load_blocks(self, gate_up_parts: list, down_parts: list, release=lambda: None) -> None:
-        """GGUF experts stored as [gate_exps (E, I, H), up_exps (E, I, H)] and [down_exps (E, H, I)]."""
+        """GGUF experts stored as [gate_exps (E, I, H), up_exps (E, I, H)] (just [up_exps] when not gated) and
+        [down_exps (E, H, I)]."""
         s = self.spec
-        if len(gate_up_parts) != 2 or len(down_parts) != 1:
+        if len(gate_up_parts) != (2 if s.gated else 1) or len(down_parts) != 1:
             raise OperatorError(
                 f"cpu_experts for {self.module_name!r}: expected stacked gate/up/down expert tensors, got "
                 f"{[p.stored_name for p in gate_up_parts]} and {[p.stored_name for p in down_parts]}"
             )
-        gate, up = gate_up_parts
+        gate, up = gate_up_parts if s.gated else (None, gate_up_parts[0])
         (down,) = down_parts
-        expected = {gate.stored_name: (s.num_experts, s.intermediate_size, s.hidden_size),
-                    up.stored_name: (s.num_experts, s.intermediate_size, s.hidden_size),
-                    down.stored_name: (s.num_experts, s.hidden_size, s.intermediate_size)}
-        for part in (gate, up, down):
+        present = [p for p in (gate, up, down) if p is not None]
+        expected = {p.stored_name: (s.num_experts, s.intermediate_size, s.hidden_size) for p in present}
+        expected[down.stored_name] = (s.num_experts, s.hidden_size, s.intermediate_size)
+        for part in present:
             if tuple(part.shape) != expected[part.stored_name]:
                 raise OperatorError(f"cpu_experts for {self.module_name!r}: {part.stored_name} has shape {tuple(part.shape)}, "
                                     f"expected {expected[part.stored_name]}")
         types = []
-        for part in (gate, up, down):
+        for part in present:
             name = GGML_TYPE_NAMES.get(part.ggml_type)
             if name is None:
                 raise OperatorError(f"cpu_experts for {self.module_name!r}: {part.stored_name} is stored as GGML type "
@@ -215,10 +223,11 @@ class CpuExperts(Operator):
             logger.warning("cpu_experts %s: weight_type=%s but the file stores %s; converting (dequantize + quantize, slow, lossy)",
                            self.module_name, wanted, "/".join(types))
             raise _Requantize()
-        self._create(*types)
+        self._create(*(types if s.gated else [types[0], *types]))  # no gate: its type is the up type
         for e0 in range(0, s.num_experts, _EXPERTS_PER_BATCH):
             e1 = min(s.num_experts, e0 + _EXPERTS_PER_BATCH)
-            self._moe.load(e0, _blocks_view(gate, e0, e1), _blocks_view(up, e0, e1), _blocks_view(down, e0, e1))
+            gate_blocks = None if gate is None else _blocks_view(gate, e0, e1)
+            self._moe.load(e0, gate_blocks, _blocks_view(up, e0, e1), _blocks_view(down, e0, e1))
             release()  # drop the file pages just packed from RSS (the packed copy is what stays)
 
     # ---- running ----------------------------------------------------------------------------------
@@ -291,11 +300,13 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.to(torch.float32).numpy())
 
 
-def _stored_as_blocks(gate_up_parts: list, down_parts: list) -> bool:
-    """GGUF-style stacked expert tensors (gate_exps, up_exps; down_exps) with a GGML type: packed as stored.
-    Per-expert checkpoint tensors (bf16 safetensors also carry a GGML type) take the float path."""
-    stacked = len(gate_up_parts) == 2 and len(down_parts) == 1 and all(len(p.shape) == 3 for p in (*gate_up_parts, *down_parts))
-    return stacked and all(getattr(p, "ggml_type", None) is not None for p in (*gate_up_parts, *down_parts))
+def _stored_as_blocks(gate_up_parts: list, down_parts: list, gated: bool) -> bool:
+    """GGUF-style stacked expert tensors (gate_exps, up_exps, or up_exps alone without a gate; down_exps) with a
+    GGML type: packed as stored. Per-expert checkpoint tensors (bf16 safetensors also carry a GGML type) take the
+    float path."""
+    parts = (*gate_up_parts, *down_parts)
+    stacked = len(gate_up_parts) == (2 if gated else 1) and len(down_parts) == 1 and all(len(p.shape) == 3 for p in parts)
+    return stacked and all(p.ggml_type is not None for p in (*gate_up_parts, *down_parts))
 
 
 def _blocks_view(part, e0: int, e1: int) -> np.ndarray:

@@ -66,8 +66,8 @@ GATED_ONLY = ("gptoss_swiglu", "clamped_swiglu", "swiglu_clamp_after", "softcapp
 
 # What the C++ kernels (and every operator) implement: the default for ``experts_spec(supports=...)``.
 KERNEL_FEATURES: frozenset[str] = frozenset(
-    {"transposed", "interleaved", "bias"}
-    | {f"activation {a}" for a in ("silu", "gelu", "gelu_tanh", "relu", "gptoss_swiglu")}
+    {"transposed", "interleaved", "bias", "not gated"}
+    | {f"activation {a}" for a in (*ELEMENTWISE, *GATED_ONLY)}
 )
 # Everything this module can describe (what the pure-torch reference implements).
 ALL_FEATURES: frozenset[str] = frozenset(

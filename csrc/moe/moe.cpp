@@ -74,7 +74,10 @@ MoeLayer::MoeLayer(const MoeSpec& spec, std::shared_ptr<ThreadPool> pool, Isa is
   if (spec.num_experts <= 0) throw std::invalid_argument("num_experts must be > 0");
   if (spec.hidden <= 0) throw std::invalid_argument("hidden must be > 0");
   if (spec.intermediate <= 0) throw std::invalid_argument("intermediate must be > 0");
-  check_cols("gate weights (hidden)", spec.gate_type, spec.hidden);
+  if (!spec.act.gated) spec_.gate_type = spec.up_type;  // no gate weights: x is quantized once, for up
+  if (!spec.act.gated && !activation_is_elementwise(spec.act.kind))
+    throw std::invalid_argument("this activation needs a gate projection (gated=false)");
+  check_cols("gate weights (hidden)", spec_.gate_type, spec.hidden);
   check_cols("up weights (hidden)", spec.up_type, spec.hidden);
   check_cols("down weights (intermediate)", spec.down_type, spec.intermediate);
   if (!isa_available(isa)) throw std::invalid_argument(std::string("ISA ") + isa_name(isa) + " is not available here");
@@ -90,7 +93,7 @@ MoeLayer::MoeLayer(const MoeSpec& spec, std::shared_ptr<ThreadPool> pool, Isa is
     next_unit += take;
     const int64_t inter = nd->inter();
     if (inter > 0) {
-      nd->gate_bytes = packed_bytes(spec.gate_type, inter, spec.hidden);
+      nd->gate_bytes = spec.act.gated ? packed_bytes(spec_.gate_type, inter, spec.hidden) : 0;
       nd->up_bytes = packed_bytes(spec.up_type, inter, spec.hidden);
       nd->down_bytes = packed_bytes(spec.down_type, spec.hidden, inter);
       const size_t per_expert = nd->gate_bytes + nd->up_bytes + nd->down_bytes;
@@ -145,7 +148,7 @@ void MoeLayer::load(int64_t first, int64_t n, const uint8_t* gate, const uint8_t
         for (int64_t t0 = 0; t0 < tiles; t0 += kTilesPerPiece)
           job.pieces[ni].push_back({src, stride, t, rows, cols, t0, std::min(tiles, t0 + kTilesPerPiece), const_cast<uint8_t*>(dst)});
       };
-      add(gate + (k * I + nd.i0) * gate_rb, gate_rb, spec_.gate_type, inter, H, gate_of(nd, e));
+      if (spec_.act.gated) add(gate + (k * I + nd.i0) * gate_rb, gate_rb, spec_.gate_type, inter, H, gate_of(nd, e));
       add(up + (k * I + nd.i0) * up_rb, up_rb, spec_.up_type, inter, H, up_of(nd, e));
       add(down + k * H * down_rb + down_col_off, down_rb, spec_.down_type, H, inter, down_of(nd, e));
     }
@@ -162,10 +165,11 @@ void MoeLayer::load_bias(const float* gate_bias, const float* up_bias, const flo
   pool_->exclusive([&] {  // calls in flight read the biases
     for (auto& nd : nodes_) {
       const int64_t inter = nd->inter();
-      nd->gate_bias.assign(E * inter, 0.0f);
+      nd->gate_bias.assign(spec_.act.gated ? E * inter : 0, 0.0f);
       nd->up_bias.assign(E * inter, 0.0f);
       for (int64_t e = 0; e < E; ++e) {
-        std::copy(gate_bias + e * I + nd->i0, gate_bias + e * I + nd->i1, nd->gate_bias.begin() + e * inter);
+        if (spec_.act.gated)
+          std::copy(gate_bias + e * I + nd->i0, gate_bias + e * I + nd->i1, nd->gate_bias.begin() + e * inter);
         std::copy(up_bias + e * I + nd->i0, up_bias + e * I + nd->i1, nd->up_bias.begin() + e * inter);
       }
     }
@@ -344,20 +348,25 @@ void MoeLayer::phase_a(const MoeCall& call, Node& nd, int local, const TaskA& ta
     u_rows[i] = u + i * ld;
   }
   const int64_t tile0 = task.r0 / kTileRows, n_tiles = num_tiles(rows);
+  const bool gated = spec_.act.gated;
   for (int64_t p0 = offsets_[e]; p0 < offsets_[e + 1] && !call.cancelled(); p0 += kSubBatch) {
     const int64_t n = std::min(kSubBatch, offsets_[e + 1] - p0);
-    gemm(isa_, spec_.gate_type, gate_of(nd, e), inter, H, tile0, n_tiles, nd.act_gate.data() + p0, n, GemmOut{g_rows, 0, nullptr});
-    gemm(isa_, spec_.up_type, up_of(nd, e), inter, H, tile0, n_tiles, nd.act_up.data() + p0, n, GemmOut{u_rows, 0, nullptr});
+    // Not gated: the up projection goes where the gate's would, and the activation reads it alone.
+    if (gated)
+      gemm(isa_, spec_.gate_type, gate_of(nd, e), inter, H, tile0, n_tiles, nd.act_gate.data() + p0, n, GemmOut{g_rows, 0, nullptr});
+    gemm(isa_, spec_.up_type, up_of(nd, e), inter, H, tile0, n_tiles, nd.act_up.data() + p0, n,
+         GemmOut{gated ? u_rows : g_rows, 0, nullptr});
     for (int64_t i = 0; i < n; ++i) {
       if (spec_.has_bias) {
-        const float* gb = nd.gate_bias.data() + e * inter + task.r0;
         const float* ub = nd.up_bias.data() + e * inter + task.r0;
-        for (int64_t r = 0; r < rows; ++r) {
-          g_rows[i][r] += gb[r];
-          u_rows[i][r] += ub[r];
+        float* u = gated ? u_rows[i] : g_rows[i];
+        for (int64_t r = 0; r < rows; ++r) u[r] += ub[r];
+        if (gated) {
+          const float* gb = nd.gate_bias.data() + e * inter + task.r0;
+          for (int64_t r = 0; r < rows; ++r) g_rows[i][r] += gb[r];
         }
       }
-      activate(isa_, spec_.activation, spec_.alpha, spec_.limit, g_rows[i], u_rows[i], rows);
+      activate(isa_, spec_.act, g_rows[i], gated ? u_rows[i] : nullptr, rows);
       quantize_act_cols(isa_, spec_.down_type, g_rows[i], inter, task.r0, rows, const_cast<uint8_t*>(nd.act_h[p0 + i]));
     }
   }

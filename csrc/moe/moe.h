@@ -40,9 +40,7 @@ struct MoeSpec {
   WeightType gate_type = WeightType::F32;
   WeightType up_type = WeightType::F32;
   WeightType down_type = WeightType::F32;
-  Activation activation = Activation::Silu;
-  float alpha = 1.702f;  // GPT-OSS swiglu
-  float limit = 7.0f;
+  ActParams act;  // act.gated == false: no gate weights, h = act(up x)
   bool has_bias = false;
 };
 
@@ -86,10 +84,11 @@ class MoeLayer {
 
   // Packs experts [first, first + n) into node-local memory, on the pool (blocking). gate/up hold
   // n * intermediate rows of row_bytes(gate_type/up_type, hidden) bytes; down holds n * hidden rows of
-  // row_bytes(down_type, intermediate) bytes (GGUF layout, experts back to back).
+  // row_bytes(down_type, intermediate) bytes (GGUF layout, experts back to back). gate is null (and
+  // ignored) when the experts are not gated.
   void load(int64_t first, int64_t n, const uint8_t* gate, const uint8_t* up, const uint8_t* down);
-  // gate_bias/up_bias [E, intermediate], down_bias [E, hidden], float32. Required before submit() when
-  // spec.has_bias.
+  // gate_bias/up_bias [E, intermediate], down_bias [E, hidden], float32 (gate_bias null when not gated).
+  // Required before submit() when spec.has_bias.
   void load_bias(const float* gate_bias, const float* up_bias, const float* down_bias);
 
   // Checks `call`'s inputs and starts it; returns at once (after the pool's job in flight, if any).

@@ -1,4 +1,4 @@
-// The experts' gated activations as branch-free float loops. Included by each ISA translation unit, whose
+// The experts' activations (kernels.h Activation) as branch-free float loops. Included by each ISA translation unit, whose
 // target flags let the compiler vectorize them (16 / 8 / 4 lanes); libm's expf/erff would not vectorize.
 // Every function has internal linkage (static): each ISA unit keeps its own copy, so the linker can never
 // pick an AVX-512-compiled copy for a caller on a CPU without AVX-512.
@@ -54,31 +54,75 @@ static inline float fast_erf(float x) {
 
 static inline float fast_tanh(float x) { return 1.0f - 2.0f / (1.0f + fast_exp(2.0f * x)); }
 
-static inline void activate(Activation a, float alpha, float limit, float* __restrict gate, const float* __restrict up,
-                     int64_t n) {
+static inline float silu(float x) { return x * sigmoid(x); }
+static inline float clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// The elementwise kinds, one loop each so every loop vectorizes (a switch inside the loop would not).
+template <typename F>
+static inline void gated_loop(float* __restrict g, const float* __restrict up, int64_t n, F f) {
+  for (int64_t i = 0; i < n; ++i) g[i] = f(g[i]) * up[i];
+}
+template <typename F>
+static inline void single_loop(float* __restrict x, int64_t n, F f) {
+  for (int64_t i = 0; i < n; ++i) x[i] = f(x[i]);
+}
+
+template <typename Loop>
+static inline bool elementwise(Activation a, Loop loop) {
   switch (a) {
     case Activation::Silu:
-      for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] * sigmoid(gate[i]) * up[i];
-      return;
+      loop([](float v) { return silu(v); });
+      return true;
     case Activation::Gelu:
-      for (int64_t i = 0; i < n; ++i) gate[i] = 0.5f * gate[i] * (1.0f + fast_erf(gate[i] * 0.70710678118654752f)) * up[i];
-      return;
+      loop([](float v) { return 0.5f * v * (1.0f + fast_erf(v * 0.70710678118654752f)); });
+      return true;
     case Activation::GeluTanh:
-      for (int64_t i = 0; i < n; ++i) {
-        const float g = gate[i];
-        gate[i] = 0.5f * g * (1.0f + fast_tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
-      }
-      return;
+      loop([](float v) { return 0.5f * v * (1.0f + fast_tanh(0.7978845608028654f * (v + 0.044715f * v * v * v))); });
+      return true;
     case Activation::Relu:
-      for (int64_t i = 0; i < n; ++i) gate[i] = (gate[i] > 0.0f ? gate[i] : 0.0f) * up[i];
-      return;
+      loop([](float v) { return v > 0.0f ? v : 0.0f; });
+      return true;
+    case Activation::Relu2:
+      loop([](float v) { return v > 0.0f ? v * v : 0.0f; });
+      return true;
+    case Activation::QuickGelu:
+      loop([](float v) { return v * sigmoid(1.702f * v); });
+      return true;
+    default:
+      return false;
+  }
+}
+
+static inline void activate(const ActParams& p, float* __restrict x, const float* __restrict up, int64_t n) {
+  if (!p.gated) {
+    elementwise(p.kind, [&](auto f) { single_loop(x, n, f); });
+    return;
+  }
+  if (elementwise(p.kind, [&](auto f) { gated_loop(x, up, n, f); })) return;
+  const float limit = p.limit, alpha = p.alpha;
+  switch (p.kind) {
     case Activation::GptOssSwiglu:
       for (int64_t i = 0; i < n; ++i) {
-        const float g = gate[i] < limit ? gate[i] : limit;
-        float u = up[i] < limit ? up[i] : limit;
-        u = u > -limit ? u : -limit;
-        gate[i] = (u + 1.0f) * (g * sigmoid(alpha * g));
+        const float g = x[i] < limit ? x[i] : limit;
+        x[i] = (clamp(up[i], -limit, limit) + 1.0f) * (g * sigmoid(alpha * g));
       }
+      return;
+    case Activation::ClampedSwiglu:
+      for (int64_t i = 0; i < n; ++i) x[i] = silu(x[i] < limit ? x[i] : limit) * clamp(up[i], -limit, limit);
+      return;
+    case Activation::SwigluClampAfter:
+      for (int64_t i = 0; i < n; ++i) {
+        const float s = silu(x[i]);
+        x[i] = (s < limit ? s : limit) * clamp(up[i], -limit, limit);
+      }
+      return;
+    case Activation::SoftcappedSwiglu: {
+      const float sg = p.softcap_gate, su = p.softcap_up, inv_g = 1.0f / sg, inv_u = 1.0f / su;
+      for (int64_t i = 0; i < n; ++i)
+        x[i] = sg * fast_tanh(x[i] * inv_g) * sigmoid(x[i]) * (su * fast_tanh(up[i] * inv_u));
+      return;
+    }
+    default:
       return;
   }
 }

@@ -12,7 +12,7 @@ struct IsaKernels {
   void (*quantize_act_cols)(WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row);
   void (*gemm)(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
                const uint8_t* const* act, int64_t n_tokens, const GemmOut& out);
-  void (*activate)(Activation a, float alpha, float limit, float* gate, const float* up, int64_t n);
+  void (*activate)(const ActParams& p, float* x, const float* up, int64_t n);
 };
 
 const IsaKernels& scalar_kernels();

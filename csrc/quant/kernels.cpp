@@ -155,9 +155,22 @@ void gemm(Isa isa, WeightType t, const uint8_t* packed, int64_t rows, int64_t co
   kernels_for(isa).gemm(t, packed, rows, cols, tile0, n_tiles, act, n_tokens, out);
 }
 
-void activate(Isa isa, Activation a, float alpha, float limit, float* gate, const float* up, int64_t n) {
-  if (n <= 0) return;
-  kernels_for(isa).activate(a, alpha, limit, gate, up, n);
+bool activation_is_elementwise(Activation a) {
+  switch (a) {
+    case Activation::Silu:
+    case Activation::Gelu:
+    case Activation::GeluTanh:
+    case Activation::Relu:
+    case Activation::Relu2:
+    case Activation::QuickGelu:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void activate(Isa isa, const ActParams& p, float* x, const float* up, int64_t n) {
+  kernels_for(isa).activate(p, x, up, n);
 }
 
 }  // namespace ktinject

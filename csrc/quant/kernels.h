@@ -20,9 +20,27 @@ enum class WeightType : int { F32 = 0, F16 = 1, Q8_0 = 8, Q4_K = 12, Q5_K = 13, 
 // Kernel families. Avx2 needs AVX2+FMA+F16C; Avx512 needs AVX-512 F/BW/VL/DQ + VNNI.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
-// The gated activations of the experts: h = act(gate) * up, and GPT-OSS's clamped variant
-// h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
-enum class Activation : int { Silu = 0, Gelu = 1, GeluTanh = 2, Relu = 3, GptOssSwiglu = 4 };
+// The experts' activations. Gated: h = act(gate) * up for the elementwise kinds, and the parameterised
+//   GptOssSwiglu        h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+//   ClampedSwiglu       h = silu(min(gate, limit)) * clamp(up, -limit, limit)
+//   SwigluClampAfter    h = min(silu(gate), limit) * clamp(up, -limit, limit)
+//   SoftcappedSwiglu    h = cg * sigmoid(gate) * cu, cg = sg * tanh(gate / sg), cu = su * tanh(up / su)
+// Not gated (one up projection): h = act(up) for the elementwise kinds.
+enum class Activation : int {
+  Silu = 0, Gelu = 1, GeluTanh = 2, Relu = 3, GptOssSwiglu = 4, Relu2 = 5, QuickGelu = 6, ClampedSwiglu = 7,
+  SwigluClampAfter = 8, SoftcappedSwiglu = 9,
+};
+// True for the kinds defined on one input (usable without a gate).
+bool activation_is_elementwise(Activation a);
+
+struct ActParams {
+  Activation kind = Activation::Silu;
+  bool gated = true;
+  float alpha = 1.702f;        // GptOssSwiglu
+  float limit = 7.0f;          // GptOssSwiglu, ClampedSwiglu, SwigluClampAfter
+  float softcap_gate = 0.0f;   // SoftcappedSwiglu
+  float softcap_up = 0.0f;
+};
 
 constexpr int kTileRows = 16;
 
@@ -92,8 +110,9 @@ struct GemmOut {
 void gemm(Isa isa, WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
           const uint8_t* const* act, int64_t n_tokens, const GemmOut& out);
 
-// gate[i] <- act(gate[i] (+ up)) for i < n (see Activation). Vectorized per Isa; relative error < 1e-6.
-void activate(Isa isa, Activation a, float alpha, float limit, float* gate, const float* up, int64_t n);
+// x[i] <- h for i < n (see Activation): gated, x holds the gate values and up the up values; not gated, x
+// holds the up values and up is unused (may be null). Vectorized per Isa; relative error < 1e-6.
+void activate(Isa isa, const ActParams& p, float* x, const float* up, int64_t n);
 
 // ---- conversion -----------------------------------------------------------------------------------
 // Float -> GGUF blocks (our own quantizers, run once at load; the result dequantizes with gguf-py).

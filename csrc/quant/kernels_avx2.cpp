@@ -511,8 +511,8 @@ void gemm_avx2(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, 
   }
 }
 
-void activate_avx2(Activation a, float alpha, float limit, float* gate, const float* up, int64_t n) {
-  act_impl::activate(a, alpha, limit, gate, up, n);
+void activate_avx2(const ActParams& p, float* x, const float* up, int64_t n) {
+  act_impl::activate(p, x, up, n);
 }
 
 }  // namespace

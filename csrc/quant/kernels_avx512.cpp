@@ -349,8 +349,8 @@ void gemm_avx512(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols
   }
 }
 
-void activate_avx512(Activation a, float alpha, float limit, float* gate, const float* up, int64_t n) {
-  act_impl::activate(a, alpha, limit, gate, up, n);
+void activate_avx512(const ActParams& p, float* x, const float* up, int64_t n) {
+  act_impl::activate(p, x, up, n);
 }
 
 }  // namespace

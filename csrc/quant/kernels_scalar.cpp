@@ -173,8 +173,8 @@ void gemm_scalar(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols
   }
 }
 
-void activate_scalar(Activation a, float alpha, float limit, float* gate, const float* up, int64_t n) {
-  act_impl::activate(a, alpha, limit, gate, up, n);
+void activate_scalar(const ActParams& p, float* x, const float* up, int64_t n) {
+  act_impl::activate(p, x, up, n);
 }
 
 }  // namespace

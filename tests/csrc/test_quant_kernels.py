@@ -199,23 +199,54 @@ def test_activation_bytes_identical_across_isas(name: str, rng: np.random.Genera
         np.testing.assert_array_equal(m.quantize_activation(TYPES[name], isa, x), ref)
 
 
+ACTIVATION_PARAMS = {"gptoss_swiglu": dict(alpha=1.702, limit=7.0), "clamped_swiglu": dict(limit=10.0),
+                     "swiglu_clamp_after": dict(limit=6.0), "softcapped_swiglu": dict(softcap_gate=5.0, softcap_up=8.0)}
+
+
+def reference_activation(kind: str, gate, up, gated: bool = True):
+    """The experts' activation in float64, from operators/experts_layout.py (the torch operators' math)."""
+    from ktinject.operators.experts_layout import ExpertsSpec, apply_activation
+
+    params = ACTIVATION_PARAMS.get(kind, {})
+    spec = ExpertsSpec(num_experts=1, hidden_size=1, intermediate_size=up.numel(), activation=kind, has_bias=False,
+                       gated=gated, swiglu_alpha=params.get("alpha", 1.702), swiglu_limit=params.get("limit", 7.0),
+                       softcap_gate=params.get("softcap_gate", 0.0), softcap_up=params.get("softcap_up", 0.0))
+    return apply_activation(gate, up, spec)
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu", "gptoss_swiglu"])
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu", "gptoss_swiglu",
+                                  "clamped_swiglu", "swiglu_clamp_after", "softcapped_swiglu"])
 def test_activation_functions_match_torch(kind: str, isa: str) -> None:
     import torch
 
     g = torch.linspace(-30, 30, 4099, dtype=torch.float64)
     u = torch.linspace(-9, 9, 4099, dtype=torch.float64).flip(0)
-    reference = {
-        "silu": lambda: torch.nn.functional.silu(g) * u,
-        "gelu": lambda: torch.nn.functional.gelu(g) * u,
-        "gelu_tanh": lambda: torch.nn.functional.gelu(g, approximate="tanh") * u,
-        "relu": lambda: torch.relu(g) * u,
-        "gptoss_swiglu": lambda: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(1.702 * g.clamp(max=7)),
-    }[kind]()
-    ours = m.activate(isa, kind, g.float().numpy(), u.float().numpy(), alpha=1.702, limit=7.0)
-    # float32 inputs; 1e-6 of the largest value covers exp/erf approximations (~2e-7 relative)
+    reference = reference_activation(kind, g, u)
+    ours = m.activate(isa, kind, g.float().numpy(), u.float().numpy(), **ACTIVATION_PARAMS.get(kind, {}))
+    # float32 inputs; 1e-6 of the largest value covers exp/erf/tanh approximations (~2e-7 relative)
     np.testing.assert_allclose(ours, reference.numpy(), rtol=2e-6, atol=1e-6 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu"])
+def test_activations_without_a_gate_match_torch(kind: str, isa: str) -> None:
+    import torch
+
+    u = torch.linspace(-20, 20, 4099, dtype=torch.float64)
+    reference = reference_activation(kind, None, u, gated=False)
+    ours = m.activate(isa, kind, None, u.float().numpy())
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=2e-6, atol=1e-6 * float(reference.abs().max()))
+
+
+def test_activation_arguments_are_checked() -> None:
+    x = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="'clamped_swiglu' needs a gate"):
+        m.activate("scalar", "clamped_swiglu", None, x)
+    with pytest.raises(ValueError, match="'limit': must be finite and > 0"):
+        m.activate("scalar", "swiglu_clamp_after", x, x, limit=float("nan"))
+    with pytest.raises(ValueError, match="softcap_gate and softcap_up must be finite and > 0"):
+        m.activate("scalar", "softcapped_swiglu", x, x)
 
 
 def test_isa_selection(monkeypatch: pytest.MonkeyPatch) -> None:
