@@ -267,8 +267,11 @@ def write_gguf(
     split_max_tensors: int = 0,
     mla_split: bool = True,
     skip: Callable[[str], bool] = lambda name: False,
+    vocab: bool = False,
 ) -> list[Path]:
-    """Write ``model_or_state`` (a model, or a state dict with ``config=``) to ``path``; returns the files."""
+    """Write ``model_or_state`` (a model, or a state dict with ``config=``) to ``path``; returns the files.
+
+    ``vocab=True`` adds a dummy SPM vocabulary (``<unk> <s> </s> <t3> ...``), which llama.cpp needs to load a file."""
     if isinstance(model_or_state, torch.nn.Module):
         config = config or model_or_state.config
         state = model_or_state.state_dict()
@@ -278,6 +281,8 @@ def write_gguf(
     arch = ARCHES[config.model_type]
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     write_metadata(writer, config)
+    if vocab:
+        add_dummy_vocab(writer, config.vocab_size)
     entries = [e for e in hf_to_gguf(state, config, fill, mla_split=mla_split) if not skip(e.gguf_name)]
     chosen: list[Q] = []
     for entry in entries:
@@ -296,6 +301,16 @@ def write_gguf(
         writer.write_tensor_data(_encode(entry.make(), qtype))
     writer.close()
     return writer.format_shard_names(path)
+
+
+def add_dummy_vocab(writer: gguf.GGUFWriter, size: int) -> None:
+    """An SPM vocabulary of ``size`` placeholder tokens (ids 0-2: unk, bos, eos), enough for llama.cpp to load."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([b"<unk>", b"<s>", b"</s>"] + [f"<t{i}>".encode() for i in range(3, size)])
+    writer.add_token_scores([0.0] * size)
+    writer.add_token_types([2, 3, 3] + [1] * (size - 3))
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
 
 
 def dequantized_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
