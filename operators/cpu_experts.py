@@ -26,6 +26,7 @@ from ktinject.core_sharing import share_cores_with_pool
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operators import torch_ops
 from ktinject.operators.cpu_weights import (
     GGML_TYPE_NAMES,
     GGML_TYPES,
@@ -83,6 +84,7 @@ class CpuExperts(Operator):
         # Per submitting thread (threading.get_ident()): the output of its call in flight, its device and dtype.
         self._pending: dict[int, tuple[torch.Tensor, torch.device, torch.dtype]] = {}
 
+        self._handle = torch_ops.register(self)
     # ---- building ---------------------------------------------------------------------------------
 
     @classmethod
@@ -274,6 +276,12 @@ class CpuExperts(Operator):
 
     def extra_repr(self) -> str:
         s = self.spec
+        if torch.compiler.is_compiling():  # an opaque node for dynamo (eager calls skip the op's dispatch)
+            return torch_ops.cpu_experts(hidden_states, top_k_index, top_k_weights, self._handle)
+        return self.run(hidden_states, top_k_index, top_k_weights)
+
+    def run(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One call, start to finish (also what the ``ktinject::cpu_experts`` custom op calls)."""
         types = "/".join(self._types) if self._types else "not loaded"
         where = f"isa={self._moe.isa}, threads={self._moe.threads}, numa_nodes={self._moe.numa_nodes}" if self._moe is not None else ""
         return f"experts={s.num_experts}, hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, weights={types}, {where}"

@@ -23,6 +23,7 @@ from ktinject.core_sharing import share_cores_with_pool
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operators import torch_ops
 from ktinject.operators.cpu_weights import (
     GGML_TYPE_NAMES,
     GGML_TYPES,
@@ -72,6 +73,7 @@ class CpuLinear(Operator):
         self._linear: Any = None  # the native layer, created once the weight type is known
         self._type: str | None = None
 
+        self._handle = torch_ops.register(self)
     # ---- building ---------------------------------------------------------------------------------
 
     @classmethod
@@ -156,6 +158,12 @@ class CpuLinear(Operator):
         if x.shape[-1] != self.in_features:
             raise OperatorError(f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}")
         if x.is_meta:
+        if torch.compiler.is_compiling():  # an opaque node for dynamo (eager calls skip the op's dispatch)
+            return torch_ops.cpu_linear(x, self._handle)
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls)."""
             raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
         lead = x.shape[:-1]
         flat = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()

@@ -1,0 +1,61 @@
+"""The CPU operators as torch custom ops (``torch.ops.ktinject.cpu_linear`` / ``cpu_experts``).
+
+Eager calls go straight to the operators (a custom op's dispatch costs microseconds per call at one token).
+Under ``torch.compile`` the operators call these ops instead, so dynamo traces a model through them as opaque
+nodes with known output shapes (no graph break) and the compiled graph calls our kernels. An operator is
+referred to by an integer handle (ops take tensors and numbers only); the registry holds operators weakly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from ktinject.errors import OperatorError
+
+_operators: dict[int, weakref.ref] = {}
+_handles = itertools.count(1)
+_lock = threading.Lock()
+
+
+def register(operator: Any) -> int:
+    """A handle for ``operator`` (valid while it lives)."""
+    with _lock:
+        handle = next(_handles)
+        _operators[handle] = weakref.ref(operator, lambda _, h=handle: _operators.pop(h, None))
+    return handle
+
+
+def _operator(handle: int) -> Any:
+    ref = _operators.get(handle)
+    operator = ref() if ref is not None else None
+    if operator is None:
+        raise OperatorError(f"no live ktinject operator has handle {handle}")
+    return operator
+
+
+@torch.library.custom_op("ktinject::cpu_linear", mutates_args=())
+def cpu_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """``cpu_linear`` operator ``handle`` applied to ``x``."""
+    return _operator(handle).run(x)
+
+
+@cpu_linear.register_fake
+def _cpu_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _operator(handle).out_features)
+
+
+@torch.library.custom_op("ktinject::cpu_experts", mutates_args=())
+def cpu_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, handle: int) -> torch.Tensor:
+    """``cpu_experts`` operator ``handle`` on one routed call."""
+    return _operator(handle).run(hidden_states, top_k_index, top_k_weights)
+
+
+@cpu_experts.register_fake
+def _cpu_experts_fake(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                      handle: int) -> torch.Tensor:
+    return hidden_states.new_empty(hidden_states.shape)
