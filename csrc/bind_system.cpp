@@ -1,9 +1,13 @@
-// Python bindings for machine facts: ISA features and NUMA topology (used by `ktinject doctor`).
+// Python bindings for machine facts: ISA features and NUMA topology (used by `ktinject doctor`), and the
+// memory read bandwidth the benchmarks measure against.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
+
 #include "cpu_features.h"
 #include "numa_topology.h"
+#include "runtime/bandwidth.h"
 
 namespace py = pybind11;
 
@@ -46,6 +50,14 @@ void bind_system(py::module_& m) {
       },
       "NUMA nodes that have CPUs this process may run on: [{'node': id, 'cpus': [...]}, ...].");
   m.attr("built_with_numa") = built_with_numa();
+  m.def(
+      "measure_read_bandwidth",
+      [](size_t bytes, int threads, int repeats) {
+        py::gil_scoped_release release;
+        return measure_read_bandwidth(bytes, threads, repeats);
+      },
+      py::arg("bytes") = size_t{1} << 30, py::arg("threads") = 0, py::arg("repeats") = 5,
+      "Best read bandwidth (GB/s) of `threads` pinned workers streaming `bytes` of memory (a benchmark).");
 }
 
 }  // namespace ktinject

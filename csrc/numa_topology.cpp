@@ -3,14 +3,9 @@
 #include <pthread.h>
 #include <sched.h>
 
-#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
-
-#ifdef KTINJECT_HAVE_NUMA
-#include <numa.h>
-#endif
 
 namespace ktinject {
 namespace {
@@ -92,35 +87,6 @@ bool built_with_numa() {
 const NumaTopology& numa_topology() {
   static const NumaTopology topo = detect();
   return topo;
-}
-
-// With libnuma available, every allocation goes through it (onnode or local) and every free through
-// numa_free; otherwise both sides use posix_memalign/free. numa_available() is fixed for the process,
-// so the two sides always agree.
-void* numa_alloc_bytes(size_t bytes, int node) {
-  if (bytes == 0) bytes = 64;
-#ifdef KTINJECT_HAVE_NUMA
-  if (numa_available() >= 0) return node >= 0 ? numa_alloc_onnode(bytes, node) : numa_alloc_local(bytes);
-#else
-  (void)node;
-#endif
-  void* p = nullptr;
-  if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
-  return p;
-}
-
-void numa_free_bytes(void* ptr, size_t bytes) {
-  if (!ptr) return;
-  if (bytes == 0) bytes = 64;
-#ifdef KTINJECT_HAVE_NUMA
-  if (numa_available() >= 0) {
-    numa_free(ptr, bytes);
-    return;
-  }
-#else
-  (void)bytes;
-#endif
-  std::free(ptr);
 }
 
 bool pin_current_thread(int cpu) {

@@ -1,8 +1,8 @@
-// NUMA topology (which CPUs belong to which node) and node-local allocation.
+// NUMA topology (which CPUs belong to which node) and pinning threads to CPUs. Node-local memory is
+// runtime/node_buffer.h's.
 // Built with libnuma when available (KTINJECT_HAVE_NUMA); otherwise the machine is treated as one node.
 #pragma once
 
-#include <cstddef>
 #include <vector>
 
 namespace ktinject {
@@ -15,11 +15,6 @@ struct NumaTopology {
 
 bool built_with_numa();
 const NumaTopology& numa_topology();
-
-// Allocates `bytes` on OS node `node` (64-byte aligned, zeroed pages untouched); falls back to the
-// calling thread's policy when NUMA support is absent or node < 0. Free with numa_free_bytes.
-void* numa_alloc_bytes(size_t bytes, int node);
-void numa_free_bytes(void* ptr, size_t bytes);
 
 // Pins the calling thread to one CPU. Returns false (and leaves affinity alone) when that fails.
 bool pin_current_thread(int cpu);

@@ -1,0 +1,59 @@
+"""The build's ISA flags match the run-time check, and the system bindings (bandwidth among them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ktinject.native import native, native_available
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _unit_flags(unit: str) -> set[str]:
+    text = (CSRC / "CMakeLists.txt").read_text()
+    m = re.search(rf"set_source_files_properties\(quant/{unit}\.cpp PROPERTIES COMPILE_OPTIONS\s*\"([^\"]*)\"", text)
+    assert m, f"no compile options for quant/{unit}.cpp in csrc/CMakeLists.txt"
+    return {f[2:] for f in m.group(1).split(";") if f.startswith("-m")}
+
+
+def _checked_features(isa: str) -> set[str]:
+    text = (CSRC / "quant" / "kernels.cpp").read_text()
+    function = re.search(r"bool isa_available\(Isa isa\) \{(.*?)\n\}", text, re.S)
+    assert function, "no isa_available in quant/kernels.cpp"
+    body = re.search(rf"case Isa::{isa}:\s*return ([^;]*);", function.group(1))
+    assert body, f"isa_available has no case for {isa}"
+    return set(re.findall(r"f\.(\w+)", body.group(1)))
+
+
+@pytest.mark.parametrize("unit, isa", [("kernels_avx2", "Avx2"), ("kernels_avx512", "Avx512")])
+def test_every_target_flag_of_an_isa_unit_is_checked_at_run_time(unit, isa):
+    """A -m flag the run-time check does not cover lets the compiler emit instructions a CPU that passes the check
+    lacks (SIGILL); e.g. -mavx512bf16 without avx512_bf16 in isa_available(Isa::Avx512)."""
+    flag_to_feature = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
+                       "avx512vl": "avx512vl", "avx512dq": "avx512dq", "avx512vnni": "avx512_vnni",
+                       "avx512bf16": "avx512_bf16"}
+    flags = _unit_flags(unit)
+    unknown = flags - set(flag_to_feature) - {"no-lto"}
+    assert not unknown, f"map these flags to a CpuFeatures field: {unknown}"
+    missing = {flag for flag in flags & set(flag_to_feature) if flag_to_feature[flag] not in _checked_features(isa)}
+    assert not missing, f"quant/{unit}.cpp is compiled with {missing} but isa_available(Isa::{isa}) does not check them"
+
+
+@pytest.mark.skipif(not native_available(), reason="ktinject._native is not built")
+def test_measure_read_bandwidth_is_a_system_binding():
+    m = native()
+    assert m.measure_read_bandwidth(1 << 20, 1, 1) > 0
+    assert "benchmark" in m.measure_read_bandwidth.__doc__
+    with pytest.raises(ValueError):
+        m.measure_read_bandwidth(1 << 20, 10**6, 1)  # more threads than CPUs
+
+
+@pytest.mark.skipif(not native_available(), reason="ktinject._native is not built")
+def test_the_kernels_types_are_the_ones_python_names():
+    """operators/cpu_weights.py (ids from gguf-py) and csrc/quant/kernels.h (the enum) agree on every type."""
+    from ktinject.operators.cpu_weights import GGML_TYPES
+
+    assert native().supported_weight_types() == GGML_TYPES
