@@ -118,8 +118,8 @@ def test_plan_on_a_config_transformers_cannot_build(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     code, _, err = run(capsys, "plan", "--config", str(tmp_path))
     assert code == 2
-    assert one_line(err).startswith("error: transformers cannot build a causal LM from this 'clip' config: "
-                                    "Unrecognized configuration class")
+    line = one_line(err)  # transformers' page-long list of model classes is not printed
+    assert line.startswith("error: transformers ") and "causal LM" in line and "'clip' config" in line
 
 
 def test_plan_on_an_unknown_model_type(capsys, tmp_path):
