@@ -24,10 +24,12 @@ Method
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -161,7 +163,8 @@ def bare_generate(args, token: int):
 
 
 def tiny_model_dir() -> str:
-    """A tiny random Qwen3-MoE with a character tokenizer (the demo's), written to a temporary directory."""
+    """A tiny random Qwen3-MoE with a character tokenizer (the demo's), written to a temporary directory
+    (removed when the benchmark ends)."""
     from ktinject.demo_model import demo_model, demo_tokenizer
 
     path = tempfile.mkdtemp(prefix="ktinject-bench-serve-")
@@ -190,6 +193,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.tiny:
         args.model = tiny_model_dir()
+        atexit.register(shutil.rmtree, args.model, ignore_errors=True)
         if args.rules == "auto" and not args.set:
             args.set = ["gpu=cpu"]  # the built-in rules, everything on the CPU
     if (args.model is None) == (args.url is None):
