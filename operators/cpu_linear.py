@@ -163,11 +163,24 @@ class CpuLinear(Operator):
         return self.run(x)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls)."""
-            raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
-        lead = x.shape[:-1]
-        flat = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
-        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls).
+
+        At one token this is most of what a projection costs besides the kernel, so the common case (a float32
+        CPU tensor) takes no conversions: one output allocation and two array views.
+        """
+        linear = self._linear
+        if linear is None:
+            raise OperatorError(f"cpu_linear for {self.module_name!r} has no weights yet (load_weights was not called)")
+        if x.shape[-1] != self.in_features:
+            raise OperatorError(f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.device.type != "cpu" or x.dtype is not torch.float32 or x.requires_grad:
+            if x.is_meta:
+                raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
+            return self.run(x.detach().to(device="cpu", dtype=torch.float32)).to(device=x.device, dtype=x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch.empty(flat.shape[0], self.out_features)
         try:
             self._linear.forward(flat.numpy(), out.numpy())
         except ValueError as exc:
