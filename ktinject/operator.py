@@ -1,13 +1,16 @@
 """The operator protocol and registry.
 
 An operator is an ``nn.Module`` that replaces one Hugging Face module and keeps its call contract (same
-forward arguments, same return), so the transformers code around it never knows. Three methods make the
-whole protocol:
+forward arguments, same return), so the transformers code around it never knows. The protocol, all declared
+on :class:`Operator` (docs/ARCHITECTURE.md, "The operator protocol"):
 
 - ``from_module(module, *, name, device, config)``: build from the original module (live or on ``meta``).
 - ``weight_names()`` / ``load_weights(source, prefix)``: the tensors it owns, named as in the original
-  module's ``state_dict`` (relative to the module), and how it takes them from a weight source.
+  module's ``state_dict`` (relative to the module), and how it takes them from a :class:`WeightSource`.
 - ``forward``: the original module's signature.
+- class facts the pipeline reads: ``wants_raw_weights`` (it reads stored blocks, so its tensors need not be
+  dequantizable), ``placement_only`` (it never replaces the module, only places it: ``keep``);
+  ``check_device`` and ``estimate_bytes`` / ``estimate_stored_bytes`` for plans.
 
 An operator's rule kwargs are validated once, when the rule file is loaded, into its frozen ``Config``
 dataclass (unknown keys and wrong types are rule errors with file:line), never inside ``forward``.
@@ -24,13 +27,16 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from ktinject.errors import OperatorError
 from ktinject.messages import exception_text, show
+
+if TYPE_CHECKING:
+    from ktinject.weights.source import TensorInfo, WeightSource
 
 __all__ = [
     "C_INT_MAX",
@@ -55,6 +61,13 @@ class Operator(nn.Module):
 
     op_name: ClassVar[str] = ""
     Config: ClassVar[type[OperatorConfig]] = OperatorConfig
+    # True: load_weights reads ``source.parts()`` / ``source.stored_rows()`` (the blocks as stored, e.g. GGUF
+    # Q4_K) rather than ``source.tensor()``; the loader then checks its tensors' names and shapes but does not
+    # require that they can be dequantized.
+    wants_raw_weights: ClassVar[bool] = False
+    # True: the operator only places the module it matches (its tensors move to the rule's device; more
+    # specific rules may claim its children). Nothing is built: from_module is never called. ``keep`` is one.
+    placement_only: ClassVar[bool] = False
 
     @classmethod
     def from_module(
@@ -65,15 +78,20 @@ class Operator(nn.Module):
         When ``module`` holds real tensors the operator takes its weights from it; when it is on ``meta``
         the operator is built empty and filled later through ``load_weights``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} does not implement from_module")
 
     def weight_names(self) -> list[str]:
         """Names (relative to the replaced module, as in its ``state_dict``) of the tensors this operator owns."""
         return []
 
-    def load_weights(self, source: Any, prefix: str) -> None:
-        """Take this operator's tensors from ``source`` (a weight source), named ``prefix + weight_name``."""
+    def load_weights(self, source: WeightSource, prefix: str) -> None:
+        """Take this operator's tensors from ``source``, named ``prefix + weight_name``."""
         raise NotImplementedError(f"{type(self).__name__} cannot load weights from a weight source yet")
+
+    @classmethod
+    def check_device(cls, device: torch.device, config: OperatorConfig) -> None:
+        """Raise OperatorError when this operator cannot run on ``device`` with ``config`` (checked at plan time,
+        before anything is built). Default: any device."""
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: OperatorConfig) -> int:
@@ -81,9 +99,15 @@ class Operator(nn.Module):
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
     @classmethod
-    def check_device(cls, device: torch.device, config: OperatorConfig) -> None:
-        """Raise OperatorError when this operator cannot run on ``device`` with ``config`` (checked at plan time,
-        before anything is built). Default: any device."""
+    def estimate_stored_bytes(
+        cls, module: nn.Module, config: OperatorConfig, device: torch.device, stored: Mapping[str, TensorInfo]
+    ) -> int:
+        """Bytes this operator will hold for ``module`` on ``device`` when its weights come from a file that
+        stores them as ``stored`` says (the module's ``state_dict`` names, relative to it -> stored type and
+        bytes; names the file lacks are absent). Asked by plans made against a weight file (``ktinject plan``
+        on a GGUF), where an operator that keeps blocks as stored holds their size, not the model dtype's.
+        Default: :meth:`estimate_bytes` (the operator holds dequantized tensors)."""
+        return cls.estimate_bytes(module, config)
 
 
 _REGISTRY: dict[str, type[Operator]] = {}

@@ -34,7 +34,7 @@ from ktinject.operators.cpu_weights import (
     float_type_of,
     to_blocks,
 )
-from ktinject.weights.source import ModuleSource
+from ktinject.weights.source import ModuleSource, RawTensor, WeightSource
 
 logger = logging.getLogger("ktinject")
 
@@ -163,24 +163,11 @@ class CpuLinear(Operator):
         return self.run(x)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls).
-
-        At one token this is most of what a projection costs besides the kernel, so the common case (a float32
-        CPU tensor) takes no conversions: one output allocation and two array views.
-        """
-        linear = self._linear
-        if linear is None:
-            raise OperatorError(f"cpu_linear for {self.module_name!r} has no weights yet (load_weights was not called)")
-        if x.shape[-1] != self.in_features:
-            raise OperatorError(f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}")
-        if x.device.type != "cpu" or x.dtype is not torch.float32 or x.requires_grad:
-            if x.is_meta:
-                raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
-            return self.run(x.detach().to(device="cpu", dtype=torch.float32)).to(device=x.device, dtype=x.dtype)
-        flat = x.reshape(-1, self.in_features)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        out = torch.empty(flat.shape[0], self.out_features)
+        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls)."""
+            raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
+        lead = x.shape[:-1]
+        flat = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
         try:
             self._linear.forward(flat.numpy(), out.numpy())
         except ValueError as exc:
@@ -218,18 +205,11 @@ def _as_blocks(data: np.ndarray, rows: int) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def _stored_rows(source, name: str):
+def _stored_rows(source: WeightSource, name: str) -> RawTensor | None:
     """The weight as stored with rows in the HF order (None when the file's layout changes rows' contents)."""
-    stored_rows = getattr(source, "stored_rows", None)
-    if stored_rows is not None:
-        return stored_rows(name)
-    parts = source.parts(name)
-    return parts[0] if len(parts) == 1 else None
+    return source.stored_rows(name)
 
 
-def _rows(source, name: str, start: int, stop: int) -> torch.Tensor:
+def _rows(source: WeightSource, name: str, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a weight as float32, without materializing the rest when the source can."""
-    rows = getattr(source, "tensor_rows", None)
-    if rows is not None:
-        return rows(name, start, stop, dtype=torch.float32)
-    return source.tensor(name, dtype=torch.float32)[start:stop]
+    return source.tensor_rows(name, start, stop, dtype=torch.float32)

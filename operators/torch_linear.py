@@ -15,6 +15,7 @@ from torch import nn
 from ktinject.errors import OperatorError
 from ktinject.operator import Operator, OperatorConfig, register_operator
 from ktinject.operators.devices import DtypeName, frozen_parameter, resolve_dtype
+from ktinject.weights.source import WeightSource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class TorchLinear(Operator):
     def weight_names(self) -> list[str]:
         return ["weight", "bias"] if self.bias is not None else ["weight"]
 
-    def load_weights(self, source, prefix: str) -> None:
+    def load_weights(self, source: WeightSource, prefix: str) -> None:
         for wname in self.weight_names():
             param = getattr(self, wname)
             setattr(self, wname, frozen_parameter(source.tensor(prefix + wname, dtype=param.dtype, device=param.device)))

@@ -28,14 +28,14 @@ from ktinject.loading.model import (
     resolve_dtype,
     sort_inputs,
 )
-from ktinject.loading.needs import RAW_ATTRIBUTE, check_needs, collect_needs, tensor_specs, tied_aliases
+from ktinject.loading.needs import check_needs, collect_needs, tensor_specs, tied_aliases
 from ktinject.loading.stream import LoadStats, add_input_movers, check_nothing_on_meta, place_buffers, stream_weights
 from ktinject.planning import plan
 from ktinject.rules import RulesLike, load_rules
 
 logger = logging.getLogger("ktinject")
 
-__all__ = ["RAW_ATTRIBUTE", "LoadStats", "from_pretrained"]
+__all__ = ["LoadStats", "from_pretrained"]
 
 DeviceMap = str | torch.device | Mapping[str, str | torch.device] | None
 

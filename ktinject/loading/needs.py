@@ -19,11 +19,9 @@ import torch
 from torch import nn
 
 from ktinject.errors import WeightError
+from ktinject.operator import Operator
 from ktinject.planning import Plan, PlanEntry
-
-# An operator class sets this to True when it reads ``source.parts()`` (stored blocks) instead of
-# ``source.tensor()``: its tensors are then checked for presence and shape but need not be dequantizable.
-RAW_ATTRIBUTE = "wants_raw_weights"
+from ktinject.weights.source import RawTensor, WeightSource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +91,8 @@ def collect_needs(model: nn.Module, plan: Plan, specs: Mapping[str, TensorSpec],
                 continue
             seen_ops.add(entry.module_name)
             op = model.get_submodule(entry.module_name)
-            raw = bool(getattr(op, RAW_ATTRIBUTE, False))
+            # The built operator decides (``linear`` builds a cpu_linear on the CPU, a torch_linear elsewhere).
+            raw = isinstance(op, Operator) and op.wants_raw_weights
             prefix = entry.module_name + "."
             for weight in op.weight_names():
                 full = prefix + weight
@@ -132,10 +131,10 @@ def check_needs(needs: list[Need], source, aliases: Mapping[str, list[str]]) -> 
     return resolved
 
 
-class LoadingView:
+class LoadingView(WeightSource):
     """The source as operators see it during loading: names resolved through the check (tied aliases)."""
 
-    def __init__(self, source, resolved: Mapping[str, str]) -> None:
+    def __init__(self, source: WeightSource, resolved: Mapping[str, str]) -> None:
         self._source = source
         self._resolved = resolved
 
@@ -145,27 +144,17 @@ class LoadingView:
     def names(self):
         return self._source.names()
 
-    def info(self, name: str):
-        return self._source.info(self._name(name))
-
-    def raw(self, name: str):
-        return self._source.raw(self._name(name))
-
-    def parts(self, name: str):
+    def parts(self, name: str) -> list[RawTensor]:
         return self._source.parts(self._name(name))
 
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         return self._source.tensor(self._name(name), dtype=dtype, device=device)
 
     def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows [start, stop) of ``tensor(name)`` (first axis: experts), read without the rest."""
         return self._source.tensor_rows(self._name(name), start, stop, dtype=dtype)
 
-    def stored_rows(self, name: str):
-        """The stored data of ``name`` in HF row order (blocks stay blocks), or None (see FileSource.stored_rows)."""
+    def stored_rows(self, name: str) -> RawTensor | None:
         return self._source.stored_rows(self._name(name))
 
     def release(self) -> None:
-        """Drop the file pages of the parts handed out so far from RSS (views stay valid). An operator that
-        copies parts in batches calls this between batches, so RAM holds one batch of file pages at a time."""
         self._source.release()

@@ -67,7 +67,8 @@ class Replace:
 
     @property
     def is_keep(self) -> bool:
-        return self.op == "keep"
+        """The operator only places the module (``keep``, by short name or dotted path)."""
+        return self.op_class.placement_only
 
 
 @dataclasses.dataclass(frozen=True)

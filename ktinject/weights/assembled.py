@@ -18,13 +18,13 @@ from torch import nn
 
 from ktinject.errors import WeightError
 from ktinject.weights.layouts import LayoutError, Recipe, Unresolved, assemble, assemble_rows, same_up_to_ones
-from ktinject.weights.source import RawTensor, TensorInfo
+from ktinject.weights.source import RawTensor, TensorInfo, WeightSource
 from ktinject.weights.stored import StoredTensor, float_dtype_of
 
 logger = logging.getLogger(__name__)
 
 
-class FileSource:
+class FileSource(WeightSource):
     """Tensors of weight files, served under HF ``state_dict`` names (after :meth:`bind`)."""
 
     def __init__(self, paths: list[Path], stored: dict[str, StoredTensor]) -> None:
@@ -94,10 +94,12 @@ class FileSource:
             raise WeightError(f"{self.description}: {recipe.name}: stored parts {detail} do not fit: {exc}") from None
 
     def info(self, name: str) -> TensorInfo:
+        """Shape, stored type and stored bytes of ``name`` (reads no data; for plans made against this file)."""
         recipe = self.resolve(name)
         shape = self._hf_shapes.get(name) or self._layout_shape(recipe)
-        types = dict.fromkeys(p.type_name for p in self._parts(recipe))
-        return TensorInfo(name, tuple(shape), "+".join(types))
+        parts = self._parts(recipe)
+        types = dict.fromkeys(p.type_name for p in parts)
+        return TensorInfo(name, tuple(shape), "+".join(types), sum(p.nbytes for p in parts))
 
     def parts(self, name: str) -> list[RawTensor]:
         recipe = self.resolve(name)
@@ -112,15 +114,6 @@ class FileSource:
         """The progress callback for reading ``recipe``'s parts: none when parts() already counted them all (an
         operator that looked at the stored parts and then asks for floats reads the same bytes once)."""
         return None if all(p in self._handed_out for p in recipe.parts) else self.on_bytes
-
-    def raw(self, name: str) -> RawTensor:
-        recipe = self.resolve(name)
-        if len(recipe.parts) != 1:
-            raise WeightError(
-                f"{self.description}: {name} is made of {len(recipe.parts)} stored tensors "
-                f"({', '.join(recipe.parts)}); use parts()"
-            )
-        return self.parts(name)[0]
 
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         recipe = self.resolve(name)

@@ -1,19 +1,24 @@
 """The ``WeightSource`` interface operators load their tensors through.
 
-Every source answers the same questions about a tensor named as in the HF model's ``state_dict``:
+Every source serves tensors named as in the HF model's ``state_dict``. What operators call:
 
-- ``names()``: the tensors it can serve; ``info(name)``: shape (HF orientation) and stored type;
+- ``names()``: the tensors it can serve;
 - ``parts(name)``: the stored tensors that make up ``name``, in HF order, as zero-copy views
   (:class:`RawTensor`; quantized blocks stay blocks). An operator that runs on the stored format (the C++
   CPU experts) reads these and never asks for a dequantized copy;
-- ``raw(name)``: the single stored tensor behind ``name`` (an error when it is made of several parts);
 - ``tensor(name, dtype, device)``: the assembled, dequantized tensor in the exact HF layout;
-- ``release()`` (optional): the file pages of the parts handed out so far stop counting in RSS (the views
-  stay valid and read the file again if touched). An operator that copies parts in batches calls it between
-  batches; the loader calls it after every ``load_weights``.
+- ``tensor_rows(name, start, stop, dtype)``: rows of ``tensor(name)`` (first axis: experts, output rows),
+  read without the rest where the source can (default: slices the whole tensor);
+- ``stored_rows(name)``: the stored data in HF row order (blocks stay blocks), or None when the file's layout
+  changes rows' contents (default: the single part, if there is one);
+- ``release()``: the file pages of the parts handed out so far stop counting in RSS (the views stay valid
+  and read the file again if touched). An operator that copies parts in batches calls it between batches;
+  the loader calls it after every ``load_weights`` (default: nothing to release).
 
-``ModuleSource`` serves a live module (how ``optimize()`` hands an operator the weights of the module it
-replaces); ``GGUFSource`` and ``SafetensorsSource`` serve files for ``ktinject.from_pretrained``.
+Sources derive from :class:`WeightSource`, so the optional methods always exist and operators call them
+directly. ``ModuleSource`` serves a live module (how ``optimize()`` hands an operator the weights of the
+module it replaces); ``GGUFSource`` and ``SafetensorsSource`` serve files for ``ktinject.from_pretrained``
+(they also answer ``info(name)``: shape, stored type and bytes, for plans made against a file).
 
 How ``parts`` relates to the HF tensor for the fused experts of transformers v5
 (``gate_up_proj [E, 2I, H]``, gate rows first; ``down_proj [E, H, I]``):
@@ -33,27 +38,33 @@ How ``parts`` relates to the HF tensor for the fused experts of transformers v5
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from ktinject.errors import WeightError
 
-# GGML type ids (gguf.GGMLQuantizationType) of the plain float formats, for RawTensor.type_id.
-GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
+# numpy dtypes that are a GGML float type as they are (bfloat16 has no numpy dtype: it travels as GGML bytes).
+_NUMPY_GGML_TYPES = {np.dtype(np.float32): GGMLQuantizationType.F32, np.dtype(np.float16): GGMLQuantizationType.F16}
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """Shape (in the HF orientation) and how the tensor is stored (a torch dtype name or a GGUF type name)."""
+    """A tensor of a weight file: shape (in the HF orientation), how it is stored and how many bytes that takes.
+
+    ``stored_type`` is the GGML type name of the stored parts (``Q4_K``, ``F16``, ``BF16``...; several joined
+    by ``+``), the same spelling for GGUF and safetensors files.
+    """
 
     name: str
     shape: tuple[int, ...]
     stored_type: str
+    stored_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +91,8 @@ class RawTensor:
         """The GGML type id of the data, also for plain float arrays (F32/F16); WeightError for others."""
         if self.ggml_type is not None:
             return self.ggml_type
-        if self.data.dtype == np.float32:
-            return GGML_F32
-        if self.data.dtype == np.float16:
-            return GGML_F16
+        if self.data.dtype in _NUMPY_GGML_TYPES:
+            return int(_NUMPY_GGML_TYPES[self.data.dtype])
         raise WeightError(f"tensor {self.stored_name!r} is stored as {self.data.dtype}, which has no GGML type")
 
     @property
@@ -91,23 +100,38 @@ class RawTensor:
         return int(self.data.nbytes)
 
 
-@runtime_checkable
-class WeightSource(Protocol):
-    """Where an operator's tensors come from (names are HF ``state_dict`` names)."""
+class WeightSource(abc.ABC):
+    """Where an operator's tensors come from (names are HF ``state_dict`` names).
 
-    def names(self) -> Iterable[str]: ...
+    ``names``, ``parts`` and ``tensor`` are what every source must answer; ``tensor_rows``, ``stored_rows`` and
+    ``release`` have defaults that are right for any source, which file sources override to read less.
+    """
 
-    def info(self, name: str) -> TensorInfo: ...
+    @abc.abstractmethod
+    def names(self) -> Iterable[str]:
+        """The tensors this source serves."""
 
-    def raw(self, name: str) -> object: ...
+    @abc.abstractmethod
+    def parts(self, name: str) -> list[RawTensor]:
+        """The stored tensors that make up ``name``, in HF order (zero-copy views; blocks stay blocks)."""
 
-    def parts(self, name: str) -> list[RawTensor]: ...
+    @abc.abstractmethod
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """``name`` assembled and dequantized, in the HF layout (``dtype`` None: the stored float type)."""
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor: ...
+    def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``tensor(name)`` (first axis). Default: the whole tensor, sliced."""
+        return self.tensor(name, dtype=dtype)[start:stop]
 
-    # Optional: ``tensor_rows(name, start, stop, dtype=None)``, rows [start, stop) of ``tensor(name)`` read
-    # without the rest (operators that stream experts use it when present); ``stored_rows(name)``, the stored
-    # data (blocks stay blocks) in HF row order, or None when the file's layout changes rows' contents.
+    def stored_rows(self, name: str) -> RawTensor | None:
+        """``name`` as stored with its rows in the HF order, or None when no single stored tensor is that.
+        Default: the only part, when there is one (a source whose one part is laid out differently from the HF
+        tensor, e.g. transposed, overrides this)."""
+        parts = self.parts(name)
+        return parts[0] if len(parts) == 1 else None
+
+    def release(self) -> None:
+        """Drop the file pages of the parts handed out so far from RSS. Default: nothing to drop."""
 
 
 def raw_from_torch(stored_name: str, tensor: torch.Tensor) -> RawTensor:
@@ -120,11 +144,11 @@ def raw_from_torch(stored_name: str, tensor: torch.Tensor) -> RawTensor:
         data = tensor.contiguous().view(torch.uint8).numpy()
         if shape:
             data = data.reshape(*shape[:-1], shape[-1] * 2)
-        return RawTensor(stored_name, GGML_BF16, shape, data)
+        return RawTensor(stored_name, int(GGMLQuantizationType.BF16), shape, data)
     return RawTensor(stored_name, None, shape, tensor.numpy())
 
 
-class ModuleSource:
+class ModuleSource(WeightSource):
     """The parameters and persistent buffers of a live module, by ``state_dict`` name."""
 
     def __init__(self, module: nn.Module, *, description: str = "module") -> None:
@@ -143,15 +167,6 @@ class ModuleSource:
             raise WeightError(f"{self._description}: tensor {name!r} is on the meta device (no data to load)")
         return tensor.detach()
 
-    def info(self, name: str) -> TensorInfo:
-        tensor = self._tensors.get(name)
-        if tensor is None:
-            raise WeightError(f"{self._description} has no tensor {name!r}")
-        return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-
-    def raw(self, name: str) -> torch.Tensor:
-        return self._get(name)
-
     def parts(self, name: str) -> list[RawTensor]:
         return [raw_from_torch(name, self._get(name))]
 
@@ -160,10 +175,3 @@ class ModuleSource:
 
     def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._get(name)[start:stop].to(dtype=dtype)
-
-    def stored_rows(self, name: str) -> RawTensor:
-        """The tensor itself (a live module stores it in the HF layout)."""
-        return self.parts(name)[0]
-
-    def release(self) -> None:
-        """Nothing to release: the tensors belong to the live module."""

@@ -107,17 +107,20 @@ class GGUFStoredTensor(StoredTensor):
 
     @property
     def float_dtype(self) -> torch.dtype:
-        return torch.float16 if self.ggml_type == 1 else torch.float32
+        import gguf
+
+        return torch.float16 if self.ggml_type == gguf.GGMLQuantizationType.F16 else torch.float32
 
     def raw(self) -> RawTensor:
         data = self._data if self.shape else self._data.reshape(())
         return RawTensor(self.name, int(self.ggml_type), self.shape, data)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
+        import gguf
         from gguf import quants
 
         block = self._data[start:stop]
-        if self.ggml_type in (0, 1):  # F32 / F16: the typed view itself
+        if self.ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):  # the typed view itself
             return _from_numpy(block)
         if not self.dequantizable:
             raise WeightError(f"{self.path}: tensor {self.name!r} has type {self.type_name}, which gguf-py cannot dequantize")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ktinject.weights.source import WeightSource, raw_from_torch
 from ktinject.operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4, unpack_marlin
 from tiny_models import COMMON, tiny_model
 
@@ -154,26 +155,18 @@ def gptq_pack(codes_kn: torch.Tensor) -> torch.Tensor:
     return torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
 
 
-class DictSource:
-    """A minimal WeightSource over a dict of tensors; ``stored_types`` and ``dequantize`` stand in for a GGUF file."""
+class DictSource(WeightSource):
+    """A minimal WeightSource over a dict of tensors; ``dequantize`` stands in for a GGUF file's dequantizer."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], stored_types: dict[str, str] | None = None, dequantize=None) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], dequantize=None) -> None:
         self._tensors = tensors
-        self._types = stored_types or {}
         self._dequantize = dequantize or {}
 
     def names(self):
         return self._tensors.keys()
 
-    def info(self, name):
-        from ktinject.weights import TensorInfo
-
-        t = self._tensors[name]
-        return TensorInfo(name, tuple(self._dequantize[name]().shape) if name in self._dequantize else tuple(t.shape),
-                          self._types.get(name, str(t.dtype).removeprefix("torch.")))
-
-    def raw(self, name):
-        return self._tensors[name]
+    def parts(self, name):
+        return [raw_from_torch(name, self._tensors[name])]
 
     def tensor(self, name, dtype=None, device=None):
         t = self._dequantize[name]() if name in self._dequantize else self._tensors[name]

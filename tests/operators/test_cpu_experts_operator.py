@@ -12,6 +12,7 @@ import torch
 
 import ktinject
 from ktinject.native import native_available
+from ktinject.weights import WeightSource
 
 if not native_available():
     pytest.skip("ktinject._native is not built", allow_module_level=True)
@@ -108,11 +109,14 @@ class FakeRaw:
     data: np.ndarray
 
 
-class GgufLikeSource:
+class GgufLikeSource(WeightSource):
     """Offers stacked GGUF expert tensors as stored, like the GGUF weight source does."""
 
     def __init__(self, layer: Layer) -> None:
         self.layer = layer
+
+    def names(self):
+        return [f"model.layers.0.mlp.experts.{n}" for n in ("gate_up_proj", "down_proj")]
 
     def parts(self, name: str):
         t = self.layer.types

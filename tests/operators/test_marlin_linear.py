@@ -157,7 +157,7 @@ def test_gguf_weight_is_dequantized_once_and_requantized():
         calls.append(1)
         return torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType.Q8_0).astype(np.float32))
 
-    source = DictSource({"blk.weight": torch.from_numpy(blocks)}, {"blk.weight": "Q8_0"}, {"blk.weight": dequantize})
+    source = DictSource({"blk.weight": torch.from_numpy(blocks)}, dequantize={"blk.weight": dequantize})
     with torch.device("meta"):
         meta_linear = nn.Linear(256, 64, bias=False)
     op = MarlinLinear.from_module(meta_linear, name="p", device=CPU, config=MarlinLinearConfig())

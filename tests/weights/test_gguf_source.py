@@ -50,6 +50,7 @@ def test_is_a_weight_source_with_hf_names(qwen):
     assert set(source.names()) == set(model.state_dict())
     info = source.info("model.layers.0.mlp.experts.gate_up_proj")
     assert info.shape == (4, 512, 256) and info.stored_type == "Q4_K"
+    assert info.stored_bytes == 2 * 4 * 256 * 144  # gate and up: 4 experts x 256 rows x one Q4_K block
     assert source.info("model.layers.0.mlp.experts.down_proj").stored_type == "Q6_K"
 
 
@@ -74,16 +75,16 @@ def test_fused_experts_parts_are_the_stored_blocks(qwen):
 
 def test_float_parts_are_typed_arrays(qwen):
     _, _, source = qwen
-    norm = source.raw("model.norm.weight")
+    (norm,) = source.parts("model.norm.weight")
     assert norm.ggml_type == Q.F32 and norm.data.dtype == np.float32 and norm.data.shape == (256,)
-    embed = source.raw("model.embed_tokens.weight")
+    (embed,) = source.parts("model.embed_tokens.weight")
     assert embed.ggml_type == Q.F16 and embed.data.dtype == np.float16 and embed.type_id == Q.F16
+    assert source.stored_rows("model.embed_tokens.weight").stored_name == "token_embd.weight"
 
 
-def test_raw_of_a_multi_part_tensor_says_use_parts(qwen):
+def test_stored_rows_of_a_multi_part_tensor_is_none(qwen):
     _, _, source = qwen
-    with pytest.raises(WeightError, match=r"gate_up_proj is made of 2 stored tensors .*ffn_gate_exps.*use parts\(\)"):
-        source.raw("model.layers.0.mlp.experts.gate_up_proj")
+    assert source.stored_rows("model.layers.0.mlp.experts.gate_up_proj") is None  # gate and up: use parts()
 
 
 def test_tensor_is_gguf_py_dequantization_in_hf_layout(qwen, monkeypatch):

@@ -53,7 +53,7 @@ def test_per_expert_keys_are_the_parts_of_the_fused_tensors(qwen_dir):
     down = source.parts("model.layers.0.mlp.experts.down_proj")
     assert [p.stored_name for p in down] == [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(8)]
     info = source.info("model.layers.0.mlp.experts.gate_up_proj")
-    assert info.shape == (8, 32, 32) and info.stored_type == "F32"
+    assert info.shape == (8, 32, 32) and info.stored_type == "F32" and info.stored_bytes == 16 * 16 * 32 * 4
 
 
 def test_mixtral_legacy_names_map_through_transformers_conversions(tmp_path):
@@ -64,7 +64,7 @@ def test_mixtral_legacy_names_map_through_transformers_conversions(tmp_path):
     assert [p.stored_name for p in parts][:5] == [f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight" for e in range(4)] + [
         "model.layers.1.block_sparse_moe.experts.0.w3.weight"]
     assert parts[0].ggml_type == 30 and parts[0].data.dtype == np.uint8 and parts[0].data.shape == (16, 64)  # bf16 bytes
-    assert source.raw("model.layers.1.mlp.gate.weight").stored_name == "model.layers.1.block_sparse_moe.gate.weight"
+    assert source.stored_rows("model.layers.1.mlp.gate.weight").stored_name == "model.layers.1.block_sparse_moe.gate.weight"
     fused = source.tensor("model.layers.1.mlp.experts.gate_up_proj")
     assert fused.dtype == torch.bfloat16 and torch.equal(fused, model.state_dict()["model.layers.1.mlp.experts.gate_up_proj"])
 
