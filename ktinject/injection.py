@@ -33,8 +33,8 @@ def check_devices(p: Plan) -> None:
             if not torch.cuda.is_available():
                 raise KtInjectError(
                     f"rule {entry.rule.label} ({entry.rule.location}) places {entry.module_name or '<root>'} on {device}, "
-                    "but CUDA is not available here; the built-in rules take vars={'gpu': 'cpu'} "
-                    "(CLI: --set gpu=cpu) to run everything on the CPU"
+                    "but CUDA is not available here; give the built-in rules vars={'gpu': 'cpu'} (CLI: --set gpu=cpu) "
+                    "or leave gpu at its default 'auto' (the GPU when there is one, else the CPU)"
                 )
             index = device.index or 0
             if index >= torch.cuda.device_count():

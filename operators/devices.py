@@ -1,19 +1,12 @@
-"""Small device/dtype helpers shared by the operators."""
+"""Device/dtype helpers shared by the operators (dtype names and their resolution live in ``ktinject.devices``)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+from ktinject.devices import DtypeName, resolve_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: DtypeName, default: torch.dtype) -> torch.dtype:
-    """``"auto"`` keeps ``default`` (the replaced module's dtype); other names pick that dtype."""
-    return default if name == "auto" else _DTYPES[name]
+__all__ = ["DtypeName", "frozen_parameter", "resolve_dtype"]
 
 
 def frozen_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:

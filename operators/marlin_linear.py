@@ -27,8 +27,8 @@ from torch import nn
 
 from ktinject.errors import OperatorError, WeightError
 from ktinject.operator import Operator, OperatorConfig, register_operator
-from ktinject.weights import ModuleSource
-from ktinject.operators.devices import frozen_parameter
+from ktinject.weights import ModuleSource, WeightSource
+from ktinject.operators.devices import frozen_parameter, resolve_dtype
 from ktinject.operators.marlin.backends import Backend, BackendName, PackedWeight, select_backend
 from ktinject.operators.marlin.format import (
     check_gptq_g_idx,
@@ -40,9 +40,6 @@ from ktinject.operators.marlin.format import (
     quantize_int4,
     unpack_gptq,
 )
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclasses.dataclass(frozen=True)
 class MarlinLinearConfig(OperatorConfig):
@@ -102,10 +99,8 @@ class MarlinLinear(Operator):
     ) -> "MarlinLinear":
         if not isinstance(module, nn.Linear):
             raise OperatorError(f"marlin_linear replaces nn.Linear, but {name!r} is {type(module).__name__}")
-        if config.dtype == "auto":
-            dtype = module.weight.dtype if module.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        else:
-            dtype = _DTYPES[config.dtype]
+        own = module.weight.dtype if module.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        dtype = resolve_dtype(config.dtype, own)
         op = cls(module.in_features, module.out_features, bias=module.bias is not None, config=config, dtype=dtype,
                  device=device, name=name)
         if not module.weight.is_meta:
@@ -125,7 +120,7 @@ class MarlinLinear(Operator):
         names = ["weight"] if self.op_config.checkpoint == "dense" else ["qweight", "scales"]
         return names + (["bias"] if self.bias is not None else [])
 
-    def load_weights(self, source, prefix: str) -> None:
+    def load_weights(self, source: WeightSource, prefix: str) -> None:
         if self.op_config.checkpoint == "dense":
             self._load_dense(source, prefix)
         elif self.op_config.checkpoint == "gptq":
@@ -147,7 +142,7 @@ class MarlinLinear(Operator):
         """The tensor's name for messages: the checkpoint name, or ``module.name`` for a live module."""
         return prefix + name if prefix else f"{self._label}.{name}"
 
-    def _load_dense(self, source, prefix: str) -> None:
+    def _load_dense(self, source: WeightSource, prefix: str) -> None:
         where = self._where(prefix, "weight")
         weight = source.tensor(prefix + "weight", dtype=torch.float32, device=self._work_device)
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -160,7 +155,7 @@ class MarlinLinear(Operator):
         self._set_packed(*pack_marlin(codes, scales, self.group_size))
         self._load_bias(source, prefix)
 
-    def _load_gptq(self, source, prefix: str) -> None:
+    def _load_gptq(self, source: WeightSource, prefix: str) -> None:
         names = set(source.names())
         device = self._work_device
         qweight = source.tensor(prefix + "qweight", device=device)  # dtype None: as stored (int32)
@@ -196,7 +191,7 @@ class MarlinLinear(Operator):
         self._set_packed(*pack_marlin(codes, scales, self.group_size))
         self._load_bias(source, prefix)
 
-    def _load_marlin(self, source, prefix: str) -> None:
+    def _load_marlin(self, source: WeightSource, prefix: str) -> None:
         qweight = source.tensor(prefix + "qweight")
         scales = source.tensor(prefix + "scales")
         if qweight.dtype != torch.int32 or qweight.shape != self.qweight.shape:
@@ -212,7 +207,7 @@ class MarlinLinear(Operator):
         self._set_packed(qweight, scales)
         self._load_bias(source, prefix)
 
-    def _load_bias(self, source, prefix: str) -> None:
+    def _load_bias(self, source: WeightSource, prefix: str) -> None:
         if self.bias is not None:
             bias = source.tensor(prefix + "bias", dtype=self.bias.dtype, device=self.bias.device)
             if tuple(bias.shape) != (self.out_features,):

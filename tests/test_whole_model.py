@@ -75,5 +75,6 @@ def test_optimize_twice_is_refused():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_rule_without_cuda_says_how_to_run_on_cpu():
     model = tiny_model("llama")
-    with pytest.raises(ktinject.KtInjectError, match=r"CUDA is not available.*gpu=cpu"):
-        ktinject.optimize(model, "llama")
+    with pytest.raises(ktinject.KtInjectError, match=r"places <root> on cuda:0, but CUDA is not available here; give the "
+                       r"built-in rules vars=\{'gpu': 'cpu'\} \(CLI: --set gpu=cpu\) or leave gpu at its default 'auto'"):
+        ktinject.optimize(model, "llama", vars={"gpu": "cuda:0"})

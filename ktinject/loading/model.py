@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ktinject.devices import config_dtype
+from ktinject.devices import resolve_dtype as resolve_dtype_name
 from ktinject.errors import KtInjectError, WeightError
 from ktinject.weights.assembled import FileSource
 
@@ -114,22 +116,9 @@ def resolve_config(inputs: Inputs, source: FileSource):
     raise KtInjectError(f"{inputs.model_dir} has no config.json")
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(dtype: Any, config) -> torch.dtype:
     """``dtype`` (torch dtype, name, ``"auto"`` or None): None/auto take the config's dtype, else bfloat16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-        return _DTYPES.get(str(dtype).removeprefix("torch."), torch.bfloat16)
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise KtInjectError(f"dtype must be one of {', '.join(_DTYPES)}, 'auto' or a torch dtype, got {dtype!r}")
-    return _DTYPES[name]
+    return resolve_dtype_name(dtype, config_dtype(config))
 
 
 def build_meta_model(config, dtype: torch.dtype, hf_kwargs: dict[str, Any]):

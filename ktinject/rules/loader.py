@@ -1,6 +1,6 @@
 """Read rule files: YAML (safe, bounded) with line numbers, ``include``, ``vars`` interpolation, full validation.
 
-File format (see DESIGN.md and the README)::
+File format (see docs/ARCHITECTURE.md and the README)::
 
     include: [base/moe.yaml]          # relative to this file, or a built-in name
     vars: {gpu: 'cuda:0'}             # ${vars.gpu} anywhere in a rule's strings (OmegaConf)
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ktinject.devices import AUTO_DEVICE, auto_device
 from ktinject.errors import OperatorError, RuleError
 from ktinject.messages import exception_text, show
 from ktinject.operator import resolve_operator, validate_config
@@ -191,8 +192,10 @@ _DEVICE_RE = re.compile(r"^(cpu|meta|cuda|xpu|mps|hpu|npu)(:\d{1,6})?$")
 
 
 def _parse_device(value: Any, doc: Document, path: KeyPath) -> torch.device:
+    if isinstance(value, str) and value.strip() == AUTO_DEVICE:
+        return auto_device()
     if not isinstance(value, str) or not _DEVICE_RE.match(value.strip()):
-        raise doc.error(path, f"bad device {show(value)} (expected 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')")
+        raise doc.error(path, f"bad device {show(value)} (expected 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')")
     try:
         return torch.device(value.strip())
     except (RuntimeError, ValueError) as exc:

@@ -24,7 +24,7 @@ def test_validate_reports_file_line(capsys, tmp_path):
     bad.write_text("rules:\n  - match: {name: x}\n    replace: {op: keep, device: gpu}\n")
     code, _, err = run(capsys, "validate", str(bad))
     assert code == 2
-    assert err.strip() == f"error: {bad}:3: rules[0].replace.device: bad device 'gpu' (expected 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')"
+    assert err.strip() == f"error: {bad}:3: rules[0].replace.device: bad device 'gpu' (expected 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')"
 
 
 @pytest.mark.parametrize("config, experts_row", [(DEEPSEEK_V3, "model.layers.{3-60}.mlp.experts"), (QWEN3_30B_A3B, "model.layers.{0-47}.mlp.experts")])
