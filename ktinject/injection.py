@@ -1,7 +1,8 @@
 """``optimize(model, rules)``: carry out a plan on the model, in place.
 
-Two passes over the plan: first every replacing operator is built from its module (taking the module's
-weights) and swapped in; then every ``keep`` entry moves the tensors it owns (those of its subtree that no
+:func:`inject` is the part ``optimize`` and ``from_pretrained`` share: load the rules, plan, check devices and
+build every replacing operator (from the live module here, on ``meta`` when loading from files). Then
+``optimize`` makes a second pass: every ``keep`` entry moves the tensors it owns (those of its subtree that no
 more specific entry claims) to its device. Nothing is moved twice, and tied tensors stay tied when they end
 up on the same device. When the plan spans several devices, kept modules get a forward pre-hook that
 moves incoming tensors to their device (operators move their own inputs and return on the caller's device).
@@ -19,6 +20,7 @@ from torch import nn
 from ktinject.errors import KtInjectError, OperatorError
 from ktinject.planning import Plan, PlanEntry, plan
 from ktinject.rules import RulesLike, load_rules
+from ktinject.weights.assembled import FileSource
 
 logger = logging.getLogger("ktinject")
 
@@ -107,6 +109,29 @@ def input_mover(device: torch.device):
     return hook
 
 
+def inject(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None,
+           source: FileSource | None = None) -> Plan:
+    """Apply ``rules`` to ``model`` up to the point where weights matter: the steps ``optimize()`` and
+    ``from_pretrained()`` share.
+
+    Loads the rules (``"auto"`` by ``model_type``), plans, checks that every device exists, warns about rules
+    that matched nothing, and swaps every replacing operator in (built from the live module, or empty on
+    ``meta`` to be filled by ``load_weights``). Kept modules are not moved here: ``optimize()`` moves live
+    tensors, ``from_pretrained()`` loads them where they go. ``source``: the weight file the plan is made
+    against (memory at the stored types).
+    """
+    ruleset = load_rules(rules, vars=vars, model_type=model_type)
+    p = plan(model, ruleset, source=source)
+    check_devices(p)
+    for rule in p.unmatched_rules:
+        logger.warning("rule %s (%s) matched no module", rule.label, rule.location)
+    with torch.no_grad():
+        for entry in p.entries:
+            if not entry.is_keep:
+                build_operator(model, entry)
+    return p
+
+
 def optimize(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None) -> Plan:
     """Replace and place ``model``'s modules as ``rules`` say, in place; returns the plan that was applied.
 
@@ -115,20 +140,11 @@ def optimize(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | No
     """
     if hasattr(model, PLAN_ATTRIBUTE):
         raise KtInjectError("this model was already optimized by ktinject; start again from the original model")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    ruleset = load_rules(rules, vars=vars, model_type=model_type)
-    p = plan(model, ruleset)
-    check_devices(p)
-    for rule in p.unmatched_rules:
-        logger.warning("rule %s (%s) matched no module", rule.label, rule.location)
-
+    p = inject(model, rules, vars=vars, model_type=_model_type(model))
     claimed = {e.module_name for e in p.entries}
+    moved: dict[int, Any] = {}
+    multi_device = len(p.devices()) > 1
     with torch.no_grad():
-        for entry in p.entries:
-            if not entry.is_keep:
-                build_operator(model, entry)
-        moved: dict[int, Any] = {}
-        multi_device = len(p.devices()) > 1
         for entry in p.entries:
             if entry.is_keep:
                 module = model.get_submodule(entry.module_name)
@@ -139,7 +155,15 @@ def optimize(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | No
     return p
 
 
-def plan_for(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None) -> Plan:
-    """``ktinject.plan``: the dry run of ``optimize`` (nothing is changed; devices need not exist)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return plan(model, load_rules(rules, vars=vars, model_type=model_type))
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def plan_for(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None,
+             source: FileSource | None = None) -> Plan:
+    """``ktinject.plan``: the dry run of ``optimize`` (nothing is changed; devices need not exist).
+
+    ``source``: a weight file the model would be loaded from (e.g. a ``GGUFSource`` bound to ``model``); the
+    memory column then counts what operators keep as stored (GGUF blocks) at its stored size.
+    """
+    return plan(model, load_rules(rules, vars=vars, model_type=_model_type(model)), source=source)

@@ -19,6 +19,8 @@ from torch import nn
 from ktinject.errors import OperatorError
 from ktinject.rules import RuleSet
 from ktinject.rules.schema import Rule
+from ktinject.weights.assembled import FileSource
+from ktinject.weights.source import TensorInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +73,12 @@ class Plan:
         return format_plan(self)
 
 
-def plan(model: nn.Module, rules: RuleSet) -> Plan:
-    """Match ``rules`` against ``model``'s modules without changing anything."""
+def plan(model: nn.Module, rules: RuleSet, *, source: FileSource | None = None) -> Plan:
+    """Match ``rules`` against ``model``'s modules without changing anything.
+
+    ``source``: a weight file bound to ``model``; operators are then asked what they hold given how the file
+    stores their tensors (``Operator.estimate_stored_bytes``: GGUF blocks kept as stored count their size).
+    """
     entries: list[PlanEntry] = []
     used: set[int] = set()
     uncovered: list[str] = []
@@ -89,7 +95,7 @@ def plan(model: nn.Module, rules: RuleSet) -> Plan:
             used.add(rule.index)
             claimed_names.add(name)
             replace = rule.replace
-            estimate = 0 if replace.is_keep else _estimate(rule, name, module)
+            estimate = 0 if replace.is_keep else _estimate(rule, name, module, source)
             entries.append(PlanEntry(name, type(module).__name__, rule, estimate))
             if not replace.is_keep or not rule.recursive:
                 return
@@ -105,7 +111,7 @@ def plan(model: nn.Module, rules: RuleSet) -> Plan:
     return Plan(tuple(entries), rules, unmatched, tuple(uncovered))
 
 
-def _estimate(rule: Rule, name: str, module: nn.Module) -> int:
+def _estimate(rule: Rule, name: str, module: nn.Module, source: FileSource | None) -> int:
     """The operator's memory estimate; an operator that cannot replace the module, or cannot run on the rule's
     device, says so here, at plan time."""
     replace = rule.replace
@@ -114,10 +120,19 @@ def _estimate(rule: Rule, name: str, module: nn.Module) -> int:
     except OperatorError as exc:
         raise OperatorError(f"rule {rule.label} ({rule.location}): {exc}") from None
     try:
-        return replace.op_class.estimate_bytes(module, replace.config)
+        if source is None:
+            return replace.op_class.estimate_bytes(module, replace.config)
+        return replace.op_class.estimate_stored_bytes(module, replace.config, replace.device, _stored(source, name, module))
     except OperatorError as exc:
         raise OperatorError(f"rule {rule.label} ({rule.location}) matches {name or '<root>'} "
                             f"({type(module).__name__}), which {rule.replace.op} cannot replace: {exc}") from None
+
+
+def _stored(source: FileSource, name: str, module: nn.Module) -> dict[str, TensorInfo]:
+    """How ``source`` stores ``module``'s tensors (names relative to the module; those it lacks are left out:
+    loading reports them, planning does not)."""
+    prefix = f"{name}." if name else ""
+    return {key: source.info(prefix + key) for key in module.state_dict() if source.resolves(prefix + key)}
 
 
 def _fill_keep_estimates(model: nn.Module, entries: list[PlanEntry], claimed: set[str], own_bytes) -> list[PlanEntry]:

@@ -34,6 +34,7 @@ from ktinject.operators.cpu_weights import (
     WeightTypeName,
     bytes_per_weight,
     float_type_of,
+    kept_stored_bytes,
     to_blocks,
 )
 from ktinject.operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
@@ -110,6 +111,10 @@ class CpuExperts(Operator):
         gate_up, down = getattr(module, experts_weight_names(spec)[0]), module.down_proj
         name = config.weight_type if config.weight_type != "auto" else (float_type_of(gate_up.dtype) or "f32")
         return int((gate_up.numel() + down.numel()) * bytes_per_weight(name))
+
+    @classmethod
+    def estimate_stored_bytes(cls, module: nn.Module, config: CpuExpertsConfig, device: torch.device, stored) -> int:
+        return kept_stored_bytes(cls.estimate_bytes(module, config), config.weight_type, stored)
 
     def _create(self, gate_type: str, up_type: str, down_type: str) -> None:
         s, c = self.spec, self.config

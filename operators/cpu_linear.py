@@ -32,6 +32,7 @@ from ktinject.operators.cpu_weights import (
     bytes_per_weight,
     column_multiple,
     float_type_of,
+    kept_stored_bytes,
     to_blocks,
 )
 from ktinject.weights.source import ModuleSource, RawTensor, WeightSource
@@ -97,6 +98,10 @@ class CpuLinear(Operator):
         name = config.weight_type if config.weight_type != "auto" else (float_type_of(weight.dtype) or "f32")
         bias = getattr(module, "bias", None)
         return int(weight.numel() * bytes_per_weight(name)) + (bias.numel() * 4 if bias is not None else 0)
+
+    @classmethod
+    def estimate_stored_bytes(cls, module: nn.Module, config: CpuLinearConfig, device: torch.device, stored) -> int:
+        return kept_stored_bytes(cls.estimate_bytes(module, config), config.weight_type, stored)
 
     def _create(self, wtype: str) -> None:
         c = self.config

@@ -7,6 +7,7 @@ from gguf-py's tables (the file format's own definition); the extension reads th
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 from typing import Literal
 
 import gguf
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ktinject.native import native
+from ktinject.weights.source import TensorInfo
 
 WeightTypeName = Literal["auto", "q4_k", "q5_k", "q6_k", "q8_0", "bf16", "f16", "f32"]
 IsaName = Literal["auto", "avx512", "avx2", "scalar"]
@@ -54,3 +56,13 @@ def to_blocks(w: torch.Tensor, wtype: str) -> np.ndarray:
         return data.reshape(*lead, -1)
     flat = np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy().reshape(-1, cols))
     return native().quantize(GGML_TYPES[wtype], flat).reshape(*lead, -1)
+
+
+def kept_stored_bytes(estimate: int, weight_type: str, stored: Mapping[str, TensorInfo]) -> int:
+    """What a CPU operator holds when it loads from a file that stores its tensors as ``stored`` says: their
+    stored bytes when it keeps them as they are (every type one the kernels read, and ``weight_type`` auto or
+    that very type), else ``estimate`` (its size after converting to ``weight_type``)."""
+    types = {t.lower() for info in stored.values() for t in info.stored_type.split("+")}
+    if stored and types <= set(GGML_TYPES) and (weight_type == "auto" or types == {weight_type}):
+        return sum(info.stored_bytes for info in stored.values())
+    return estimate

@@ -58,3 +58,9 @@ class Linear(Operator):
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: LinearConfig) -> int:
         return CpuLinear.estimate_bytes(module, CpuLinearConfig(weight_type=config.weight_type))
+
+    @classmethod
+    def estimate_stored_bytes(cls, module: nn.Module, config: LinearConfig, device: torch.device, stored) -> int:
+        if device.type != "cpu":  # torch_linear holds the dequantized weight
+            return super().estimate_stored_bytes(module, config, device, stored)
+        return CpuLinear.estimate_stored_bytes(module, CpuLinearConfig(weight_type=config.weight_type), device, stored)

@@ -1,4 +1,4 @@
-"""Options shared by several commands: --rules and --set."""
+"""Options shared by several commands: --set, and reading a model config."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def parse_vars(items: list[str]) -> dict[str, Any]:
 
 def load_config(path: str):
     """A transformers config from a model directory or a config.json file (never from a hub)."""
-    from ktinject.loading.model import config_from_json
+    from ktinject.loading.model import config_from_json, one_line
 
     p = Path(path)
     if p.is_dir():
@@ -56,29 +56,4 @@ def load_config(path: str):
     except KtInjectError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as exc:  # transformers' own words for configs it cannot read
-        raise KtInjectError(f"{p}: transformers cannot read this config: {_cause(exc)}") from exc
-
-
-def meta_model(config):
-    """The model for ``config`` on the meta device: no memory, seconds even for a 671B config."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
-        model_type = getattr(config, "model_type", "?")
-        raise KtInjectError(f"transformers cannot build a causal LM from this {model_type!r} config: {_cause(exc)}") from exc
-
-
-def _cause(exc: BaseException) -> str:
-    """An exception in one line: transformers' messages run for pages (the first line says what is wrong)."""
-    text = str(exc).strip().strip("'\"")
-    first = text.splitlines()[0] if text else ""
-    if isinstance(exc, KeyError):
-        return f"unknown key {first!r}" if first else "KeyError"
-    return first or type(exc).__name__
+        raise KtInjectError(f"{p}: transformers cannot read this config: {one_line(exc)}") from exc

@@ -3,7 +3,7 @@
     model = ktinject.from_pretrained("/models/DeepSeek-V3", gguf="DeepSeek-V3-Q4_K_M-00001-of-00009.gguf")
     model.generate(...)
 
-The pipeline (DESIGN.md, "Data flow"): config -> model on meta -> plan -> operators built on meta ->
+The pipeline (docs/ARCHITECTURE.md, "The pipeline"): config -> model on meta -> plan -> operators built on meta ->
 every needed tensor resolved against the weights (one error listing all problems, before anything is
 read) -> weights streamed (mmap, chunked dequantization, progress bar) -> nothing left on meta.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ktinject.errors import KtInjectError
-from ktinject.injection import PLAN_ATTRIBUTE, build_operator, check_devices
+from ktinject.injection import PLAN_ATTRIBUTE, inject
 from ktinject.loading.model import (
     PathLike,
     build_meta_model,
@@ -30,8 +30,7 @@ from ktinject.loading.model import (
 )
 from ktinject.loading.needs import check_needs, collect_needs, tensor_specs, tied_aliases
 from ktinject.loading.stream import LoadStats, add_input_movers, check_nothing_on_meta, place_buffers, stream_weights
-from ktinject.planning import plan
-from ktinject.rules import RulesLike, load_rules
+from ktinject.rules import RulesLike
 
 logger = logging.getLogger("ktinject")
 
@@ -102,16 +101,7 @@ def from_pretrained(
     aliases = tied_aliases(model)
     source.bind(model)
 
-    ruleset = load_rules(rules, vars=vars, model_type=getattr(config, "model_type", None))
-    p = plan(model, ruleset)
-    check_devices(p)
-    for rule in p.unmatched_rules:
-        logger.warning("rule %s (%s) matched no module", rule.label, rule.location)
-    with torch.no_grad():
-        for entry in p.entries:
-            if not entry.is_keep:
-                build_operator(model, entry)
-
+    p = inject(model, rules, vars=vars, model_type=getattr(config, "model_type", None))
     needs = collect_needs(model, p, specs, placer)
     resolved = check_needs(needs, source, aliases)
     stats = stream_weights(model, needs, resolved, source, aliases, progress=progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +122,39 @@ def resolve_dtype(dtype: Any, config) -> torch.dtype:
     return resolve_dtype_name(dtype, config_dtype(config))
 
 
-def build_meta_model(config, dtype: torch.dtype, hf_kwargs: dict[str, Any]):
-    """``AutoModelForCausalLM.from_config`` with parameters on meta and real (CPU) buffers; seconds for 671B."""
+def build_meta_model(config, dtype: torch.dtype | None = None, hf_kwargs: Mapping[str, Any] | None = None):
+    """``AutoModelForCausalLM.from_config`` with parameters on meta and real (CPU) buffers; seconds for 671B.
+
+    The one model builder of ``from_pretrained`` and ``ktinject plan``: the plan sees the tensors (and the
+    float32 ones transformers keeps) the loaded model will have. ``dtype`` None: the config's, else bfloat16.
+    A config transformers cannot build a causal LM from is a KtInjectError in one line.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **hf_kwargs)
+    dtype = dtype or config_dtype(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **dict(hf_kwargs or {}))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
+        model_type = getattr(config, "model_type", "?")
+        extra = f" with {', '.join(hf_kwargs)}" if hf_kwargs else ""
+        raise KtInjectError(f"transformers cannot build a causal LM from this {model_type!r} config{extra}: "
+                            f"{one_line(exc)}") from exc
     # init_empty_weights re-creates every parameter assigned inside it, which unties what post_init tied
     # (lm_head.weight = embed_tokens.weight); tie again now that registration is back to normal.
     model.tie_weights()
     keep_fp32_like_from_pretrained(model, dtype)
     return model
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception in one line: transformers' messages run for pages (the first line says what is wrong)."""
+    text = str(exc).strip().strip("'\"")
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, KeyError):
+        return f"unknown key {first!r}" if first else "KeyError"
+    return first or type(exc).__name__
 
 
 def keep_fp32_like_from_pretrained(model, dtype: torch.dtype) -> None:
