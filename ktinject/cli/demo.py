@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import time
 
 
@@ -18,18 +19,19 @@ def run(args) -> int:
 
     import ktinject
     from ktinject.demo_model import demo_model, demo_tokenizer
+    from ktinject.devices import auto_device
 
-    gpu = "cuda:0" if torch.cuda.is_available() else "cpu"
-    print(f"building the demo model (tiny Qwen3-MoE: 2 layers, 8 experts, top-2; trained for a few seconds) ...")
+    print("building the demo model (tiny Qwen3-MoE: 2 layers, 8 experts, top-2), training it on one sentence ...")
     start = time.perf_counter()
     tokenizer = demo_tokenizer()
-    plain = demo_model(tokenizer)
-    print(f"  done in {time.perf_counter() - start:.1f} s")
+    plain = demo_model(tokenizer, progress=_progress_line)
+    print(f"  trained in {time.perf_counter() - start:.1f} s")
 
     optimized = copy.deepcopy(plain)
-    note = "" if gpu != "cpu" else "  (no GPU here: the rules' GPU placement runs on the CPU via --set gpu=cpu)"
+    gpu = auto_device()
+    note = "" if gpu.type != "cpu" else "  (no GPU here: the rules' GPU placement, gpu=auto, is the CPU)"
     print(f"\noptimizing with the built-in rules 'qwen3_moe'{note}")
-    plan = ktinject.optimize(optimized, "qwen3_moe", vars={"gpu": gpu})
+    plan = ktinject.optimize(optimized, "qwen3_moe")
     print(plan)
     replaced = [e for e in plan if not e.is_keep]
     print(f"\nreplaced {len(replaced)} modules:")
@@ -55,3 +57,12 @@ def run(args) -> int:
     same = text_plain == text_opt and diff < 1e-3
     print("\nOK: same tokens, logits match" if same else "\nMISMATCH between the plain and the optimized model")
     return 0 if same else 1
+
+
+def _progress_line(step: int, steps: int, loss: float) -> None:
+    """The training step and its loss: one line rewritten in place on a terminal, a line per quarter otherwise."""
+    text = f"  training step {step}/{steps}, loss {loss:.3f}"
+    if sys.stdout.isatty():
+        print("\r" + text, end="\n" if step == steps else "", flush=True)
+    elif step == steps or step % max(1, steps // 4) == 0:
+        print(text, flush=True)

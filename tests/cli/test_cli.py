@@ -67,3 +67,20 @@ def test_demo(capsys):
     assert code == 0
     assert "Qwen3MoeExperts -> TorchExperts" in out or "Qwen3MoeExperts -> CpuExperts" in out
     assert "OK: same tokens, logits match" in out
+    assert "training step 80/80, loss" in out  # progress while it trains (one line per quarter off a terminal)
+
+
+def test_demo_model_memorizes_its_sentence_in_few_steps():
+    """The demo trains on one torch thread for 80 steps (about two seconds on 2 cores), and that is enough."""
+    import torch
+
+    from ktinject.demo_model import DEMO_TEXT, demo_model, demo_tokenizer
+
+    threads = torch.get_num_threads()
+    seen = []
+    tokenizer = demo_tokenizer()
+    model = demo_model(tokenizer, progress=lambda step, steps, loss: seen.append((step, steps, torch.get_num_threads())))
+    assert seen[-1][:2] == (80, 80) and {t for *_, t in seen} == {1} and torch.get_num_threads() == threads
+    ids = tokenizer("ktinject runs", return_tensors="pt")
+    text = tokenizer.decode(model.generate(**ids, max_new_tokens=30, do_sample=False)[0])
+    assert DEMO_TEXT.startswith(text), text
