@@ -16,12 +16,11 @@ from types import ModuleType
 from ktinject.errors import KtInjectError
 
 _module: ModuleType | None = None
-_import_error: BaseException | None = None
 
 
 def native() -> ModuleType:
     """Return the loaded extension module, or raise KtInjectError saying how to build it."""
-    global _module, _import_error
+    global _module
     if _module is not None:
         return _module
     try:
@@ -35,7 +34,6 @@ def native() -> ModuleType:
         else:
             module = importlib.import_module("ktinject._native")
     except ImportError as exc:
-        _import_error = exc
         raise KtInjectError(
             "the ktinject C++ extension is not available "
             f"({exc}); build it with `pip install -e .` (needs cmake, a C++17 compiler and pybind11)"
