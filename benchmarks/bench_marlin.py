@@ -13,7 +13,7 @@ rotate over them, so each call streams its weight from HBM as in a real forward 
 would otherwise sit in the H100's 50 MB L2). Calls are captured in a CUDA graph and replayed (no Python or
 launch overhead in the number; the method is marked "eager" when capture fails), timed with CUDA events,
 median of 5 replays. Before timing, each int4 method's output is checked against dequantize + fp32 matmul.
-The target of issue 5: ours >= 3x bf16 F.linear at M <= 16.
+The target: ours >= 3x bf16 F.linear at M <= 16.
 """
 
 from __future__ import annotations

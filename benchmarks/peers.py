@@ -14,7 +14,8 @@ same GGUF expert tensors, so their numbers sit next to our operator's in `benchm
 
 Method
 - Models: random-weight qwen3moe GGUFs written by `write_qwen3moe_gguf` and cached under `cache_dir`
-  (default $KTINJECT_BENCH_CACHE or /work/peers/models). K-quants are quantized by ggml's own
+  (default $KTINJECT_BENCH_CACHE, else models/ under the peers root: $KTINJECT_PEERS_ROOT or
+  ~/.cache/ktinject-peers). K-quants are quantized by ggml's own
   `ggml_quantize_chunk` (libggml-base.so from the llama_cpp package, or $GGML_BASE_LIB); Q8_0/Q4_0/BF16 fall
   back to gguf-py. Expert blocks are quantized once per projection and each layer stores them in its own
   random expert order (values do not change the speed; every layer still has its own bytes in the file).

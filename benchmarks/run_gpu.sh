@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# marlin_linear on a lent GPU, in one command (from the repository root or anywhere):
+# marlin_linear on a GPU machine, in one command (from the repository root or anywhere):
 #
 #     benchmarks/run_gpu.sh            # build csrc/cuda, run the marlin tests (GPU ones included), print the table
 #     benchmarks/run_gpu.sh --quick    # the same with one shape and M = 1, 16 in the benchmark

@@ -84,11 +84,23 @@ def test_auto_needs_a_known_model_type():
         ktinject.load_rules("auto", model_type="bert")
 
 
-def test_readme_rule_example_loads():
-    """The rule file on the README's first screen is valid (documentation must not rot)."""
+def test_readme_rule_example_plans_a_qwen3_moe_cleanly(caplog):
+    """The rule file on the README's first screen plans a real Qwen3-MoE (a tiny one built in code): every rule,
+    its own and the included ones, claims a module; nothing is left unplaced; nothing is logged as a warning."""
+    import logging
     from pathlib import Path
+
+    from tiny_models import tiny_model
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = readme.index("```yaml\n# my_rules.yaml") + len("```yaml\n")
     rules = ktinject.load_rules(readme[start:readme.index("```", start)], vars={"gpu": "cpu"})
     assert rules.rules[0].replace.op == "cpu_experts" and rules.rules[0].replace.config.numa_nodes == 2
+    with caplog.at_level(logging.WARNING, logger="ktinject"):
+        plan = ktinject.plan(tiny_model("qwen3_moe"), rules)
+    assert not plan.unmatched_rules, [r.label for r in plan.unmatched_rules]
+    assert not plan.uncovered_modules and "matched no module" not in str(plan)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    experts = {e.module_name: e for e in plan if e.op == "cpu_experts"}
+    assert experts["model.layers.0.mlp.experts"].rule.replace.config.weight_type == "q8_0"
+    assert experts["model.layers.2.mlp.experts"].rule.replace.config.weight_type == "q4_k"  # the built-in rule, via vars
