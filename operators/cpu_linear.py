@@ -73,8 +73,8 @@ class CpuLinear(Operator):
         self.config = config
         self._linear: Any = None  # the native layer, created once the weight type is known
         self._type: str | None = None
-
         self._handle = torch_ops.register(self)
+
     # ---- building ---------------------------------------------------------------------------------
 
     @classmethod
@@ -83,6 +83,7 @@ class CpuLinear(Operator):
             raise OperatorError(f"cpu_linear computes on the CPU; {name!r} is placed on {device} (use device: cpu)")
         weight = _linear_weight(module, name)
         op = cls(weight.shape[1], weight.shape[0], getattr(module, "bias", None) is not None, name=name, config=config)
+        op._weight_stand_in = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
         if not weight.is_meta:
             op.load_weights(ModuleSource(module, description=f"module {name!r}"), "")
         return op
@@ -157,27 +158,44 @@ class CpuLinear(Operator):
 
     # ---- running ----------------------------------------------------------------------------------
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The replaced weight's shape and dtype, holding no data (``meta``): transformers code reads
+        ``proj.weight.dtype`` to cast its input (DeepSeek-V3.2's indexer, HY-V4's LM head)."""
+        stand_in = self.__dict__.get("_weight_stand_in")
+        if stand_in is None:
+            raise AttributeError(f"cpu_linear for {self.module_name!r} was not built from a module: it has no weight to describe")
+        return stand_in
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._linear is None:
-            raise OperatorError(f"cpu_linear for {self.module_name!r} has no weights yet (load_weights was not called)")
-        if x.shape[-1] != self.in_features:
-            raise OperatorError(f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}")
-        if x.is_meta:
         if torch.compiler.is_compiling():  # an opaque node for dynamo (eager calls skip the op's dispatch)
             return torch_ops.cpu_linear(x, self._handle)
         return self.run(x)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls)."""
-            raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
-        lead = x.shape[:-1]
-        flat = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
-        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        """The computation behind ``forward`` (also what the ``ktinject::cpu_linear`` custom op calls).
+
+        At one token this is most of what a projection costs besides the kernel, so the common case (a float32
+        CPU tensor) takes no conversions: one output allocation and two array views.
+        """
+        linear = self._linear
+        if linear is None:
+            raise OperatorError(f"cpu_linear for {self.module_name!r} has no weights yet (load_weights was not called)")
+        if x.shape[-1] != self.in_features:
+            raise OperatorError(f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.device.type != "cpu" or x.dtype is not torch.float32 or x.requires_grad:
+            if x.is_meta:
+                raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
+            return self.run(x.detach().to(device="cpu", dtype=torch.float32)).to(device=x.device, dtype=x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch.empty(flat.shape[0], self.out_features)
         try:
-            self._linear.forward(flat.numpy(), out.numpy())
+            linear.forward(flat.numpy(), out.numpy())
         except ValueError as exc:
             raise OperatorError(f"cpu_linear for {self.module_name!r}: {exc}") from None
-        return out.reshape(*lead, self.out_features).to(device=x.device, dtype=x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         where = (f", isa={self._linear.isa}, threads={self._linear.threads}, numa_nodes={self._linear.numa_nodes}"
