@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from ktinject.decoding import compile_decoding
 from ktinject.errors import KtInjectError, OperatorError, RuleError, WeightError
 from ktinject.injection import optimize
 from ktinject.injection import plan_for as plan
@@ -29,6 +30,7 @@ __all__ = [
     "RuleSet",
     "WeightError",
     "builtin_rule_names",
+    "compile_decoding",
     "from_pretrained",
     "load_rules",
     "optimize",

@@ -38,24 +38,36 @@ def _operator(handle: int) -> Any:
     return operator
 
 
-@torch.library.custom_op("ktinject::cpu_linear", mutates_args=())
-def cpu_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
-    """``cpu_linear`` operator ``handle`` applied to ``x``."""
+# Defined through torch.library.Library with a CPU kernel rather than torch.library.custom_op: the latter wraps
+# every call in its autograd machinery, measured at ~10 us per call against ~2.5 us here (these ops run under
+# no_grad; they have no backward).
+_library = torch.library.Library("ktinject", "DEF")
+_library.define("cpu_linear(Tensor x, int handle) -> Tensor")
+_library.define("cpu_experts(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, int handle) -> Tensor")
+
+
+def _cpu_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
     return _operator(handle).run(x)
 
 
-@cpu_linear.register_fake
+def _cpu_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, handle: int) -> torch.Tensor:
+    return _operator(handle).run(hidden_states, top_k_index, top_k_weights)
+
+
+_library.impl("cpu_linear", _cpu_linear, "CPU")
+_library.impl("cpu_experts", _cpu_experts, "CPU")
+
+
+@torch.library.register_fake("ktinject::cpu_linear")
 def _cpu_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], _operator(handle).out_features)
 
 
-@torch.library.custom_op("ktinject::cpu_experts", mutates_args=())
-def cpu_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, handle: int) -> torch.Tensor:
-    """``cpu_experts`` operator ``handle`` on one routed call."""
-    return _operator(handle).run(hidden_states, top_k_index, top_k_weights)
-
-
-@cpu_experts.register_fake
+@torch.library.register_fake("ktinject::cpu_experts")
 def _cpu_experts_fake(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                       handle: int) -> torch.Tensor:
     return hidden_states.new_empty(hidden_states.shape)
+
+
+cpu_linear = torch.ops.ktinject.cpu_linear.default
+cpu_experts = torch.ops.ktinject.cpu_experts.default
