@@ -1,4 +1,4 @@
-"""Random arguments for one call of an experts module, whatever its call contract."""
+"""Random arguments for one call of an experts module, whatever its call contract (module-level parity checks)."""
 
 from __future__ import annotations
 

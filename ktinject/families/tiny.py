@@ -4,6 +4,8 @@
 and running a forward takes well under a second on one core (2 layers, hidden 64, 8 experts of 32, vocab 128,
 vision/audio towers of one layer), and the Auto class that builds what a user would load for that model type
 (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a VLM whose language model holds the experts).
+The config names that model's class in ``architectures``, as a checkpoint's config.json does, so
+``ktinject.from_pretrained`` builds the same class from it.
 
 Every family starts from the same text sizes (``TEXT``, applied only to the keys the family's config has) and
 adds what its architecture needs: MLA ranks, every layer sparse, at least one attention layer in hybrid
@@ -122,6 +124,9 @@ def build(family: Family) -> tuple[PretrainedConfig, type]:
     else:
         config = config_class(**_text_kwargs(family, defaults), **family.top)
     config._attn_implementation = "eager"
+    mapping = family.auto._model_mapping
+    if type(config) in mapping:
+        config.architectures = [mapping[type(config)].__name__]
     return config, family.auto
 
 
@@ -256,10 +261,13 @@ TINY_CONFIGS: dict[str, Callable[[], tuple[PretrainedConfig, type]]] = {
 BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}
 
 
-def tiny_model(model_type: str, *, seed: int = 0) -> torch.nn.Module:
+def tiny_model(model_type: str, *, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random-float32 model of ``model_type`` in eval mode (matrices and biases ~ N(0, 0.2), so routing is
-    not a tie and logits are not flat; score-correction biases zero, like a fresh checkpoint)."""
+    not a tie and logits are not flat; score-correction biases zero, like a fresh checkpoint). ``overrides``
+    set top-level config attributes (``tie_word_embeddings=True``)."""
     config, auto = TINY_CONFIGS[model_type]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families.calls import experts_call
-from families.survey import model_dir_of, scan_experts_classes
-from families.tiny_configs import BY_MODEL_TYPE, TINY_CONFIGS, tiny_model
+from ktinject.families.calls import experts_call
+from ktinject.families.scan import model_dir_of, scan_experts_classes
+from ktinject.families.tiny import BY_MODEL_TYPE, TINY_CONFIGS, tiny_model
 from ktinject.operators.experts_layout import looks_like_experts
 from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 

@@ -1,5 +1,5 @@
 """cpu_experts on every experts layout its kernels implement, against the unmodified transformers module of a
-family that uses it (tiny configs from tests/families): transposed, interleaved, biased, not gated, and each
+family that uses it (tiny configs from ktinject/families): transposed, interleaved, biased, not gated, and each
 activation (silu, gelu_tanh, relu2, GPT-OSS's swiglu, clamp before / after silu, softcapped)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ktinject.native import native_available
 if not native_available():
     pytest.fail("ktinject._native is not built", pytrace=False)
 
-from families.tiny_configs import tiny_model  # noqa: E402
+from ktinject.families.tiny import tiny_model  # noqa: E402
 from ktinject.operators.cpu_experts import CpuExperts, CpuExpertsConfig  # noqa: E402
 from ktinject.operators.experts_layout import experts_spec, looks_like_experts  # noqa: E402
 

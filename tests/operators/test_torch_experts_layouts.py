@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from families.calls import experts_call
-from families.tiny_configs import tiny_model
 from ktinject import OperatorError
+from ktinject.families.calls import experts_call
+from ktinject.families.tiny import tiny_model
 from ktinject.operators.experts_layout import looks_like_experts
 from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 from ktinject.weights import ModuleSource
