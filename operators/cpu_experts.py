@@ -1,6 +1,6 @@
 """``cpu_experts``: the routed experts of a MoE layer on the CPU, in our C++ kernels (csrc/moe).
 
-It replaces a transformers v5 fused experts module (``mlp.experts``) and keeps its call contract
+It replaces a transformers v5 experts module (``mlp.experts``) and keeps its call contract
 ``experts(hidden[T, H], top_k_index[T, K], top_k_weights[T, K]) -> [T, H]``. Weights live in C++ memory as
 GGUF blocks (Q4_K, Q5_K, Q6_K, Q8_0) or float rows (BF16, F16, F32), packed once into the kernels' tile
 layout and split over NUMA nodes by the intermediate dimension (1x memory). A live module's float weights
@@ -9,10 +9,21 @@ are quantized at injection with our own quantizers; GGUF blocks are taken as sto
 Per call the operator does a constant handful of torch calls (move/convert the three inputs, allocate the
 output) and one ``submit`` + ``sync`` into C++, which releases the GIL while it runs. ``submit()`` and
 ``sync()`` are public so a caller can overlap other work (a GPU's) with the CPU experts.
+
+The kernels run gated or plain experts with any activation ``experts_layout`` recognises; the few layouts
+that are about the call rather than the math are mapped onto that one routed call here, in torch:
+
+- identity experts (LongCat-Flash): their ids go to C++ as the unused-slot id ``E``; ``w * x`` is added here.
+- Llama-4's dense call ``experts(hidden[E*T, H])``: one routed row per input row, expert ``row // T``, weight 1.
+- DBRX: flat ``mlp.w1/v1/w2`` weights are read into the canonical per-expert form; 3-D hidden states are
+  flattened and the result given back as ``[B, -1, H]``.
+- a post-expert norm (Muse Spark): every (token, slot) pair runs as its own row with weight 1, the module's
+  norm (a copy, in float32) runs on each, then the weighted sum.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
@@ -37,13 +48,24 @@ from ktinject.operators.cpu_weights import (
     kept_stored_bytes,
     to_blocks,
 )
-from ktinject.operators.experts_layout import ExpertsSpec, experts_spec, split_gate_up, validate_routing
-
+from ktinject.operators.experts_layout import (
+    CALL_LAYOUTS,
+    KERNEL_FEATURES,
+    ExpertsSpec,
+    canonical_from_tensors,
+    experts_spec,
+    split_gate_up,
+    validate_routing,
+)
 from ktinject.operators.experts_layout import weight_names as experts_weight_names
+
 logger = logging.getLogger("ktinject")
 
 # Experts converted per batch when quantizing a live module (bounds the temporary float32 copy).
 _EXPERTS_PER_BATCH = 8
+
+# What cpu_experts runs: the kernels' math, and the call layouts mapped onto a routed call here (see above).
+SUPPORTED_FEATURES: frozenset[str] = KERNEL_FEATURES | CALL_LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,30 +96,43 @@ class CpuExperts(Operator):
     Config = CpuExpertsConfig
     wants_raw_weights = True  # the loader hands GGUF blocks over as stored (see load_weights)
 
-    def __init__(self, spec: ExpertsSpec, *, name: str, config: CpuExpertsConfig, transposed: bool) -> None:
+    def __init__(self, spec: ExpertsSpec, *, name: str, config: CpuExpertsConfig, transposed: bool,
+                 post_expert_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.module_name = name
         self.config = config
         self._source_transposed = transposed
+        # Muse Spark's norm on every expert's output: a float32 copy of the module's own, run in torch.
+        self.post_expert_norm = post_expert_norm
         self._moe: Any = None  # the native MoE, created once the weight types are known
         self._types: tuple[str, str, str] | None = None
-        # Per submitting thread (threading.get_ident()): the output of its call in flight, its device and dtype.
-        self._pending: dict[int, tuple[torch.Tensor, torch.device, torch.dtype]] = {}
-
+        # Per submitting thread (threading.get_ident()): the output of its call in flight, its device and dtype,
+        # and how to turn the kernels' output into the module's result.
+        self._pending: dict[int, tuple[torch.Tensor, torch.device, torch.dtype, _CallLayout]] = {}
         self._handle = torch_ops.register(self)
+
     # ---- building ---------------------------------------------------------------------------------
 
     @classmethod
     def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: CpuExpertsConfig) -> "CpuExperts":
         if device.type != "cpu":
             raise OperatorError(f"cpu_experts computes on the CPU; {name!r} is placed on {device} (use device: cpu)")
-        spec = experts_spec(module, name=name)
-        op = cls(spec, name=name, config=config, transposed=spec.transposed)
-        first = getattr(module, op.weight_names()[0])
-        if not first.is_meta:
-            op._load_from_float(first, module.down_proj, getattr(module, f"{op.weight_names()[0]}_bias", None),
-                                getattr(module, "down_proj_bias", None))
+        spec = experts_spec(module, name=name, supports=SUPPORTED_FEATURES)
+        norm = None
+        if spec.post_expert_norm:
+            norm = copy.deepcopy(module.post_expert_norm)
+            norm = norm.to_empty(device="cpu") if any(t.is_meta for t in norm.state_dict().values()) else norm
+            norm = norm.to(device="cpu", dtype=torch.float32).eval()
+        op = cls(spec, name=name, config=config, transposed=spec.transposed, post_expert_norm=norm)
+        names = experts_weight_names(spec)
+        if not module.get_parameter(names[0]).is_meta:
+            if spec.storage == "fused":
+                first = module.get_parameter(names[0])
+                op._load_from_float(first, module.down_proj, getattr(module, f"{names[0]}_bias", None),
+                                    getattr(module, "down_proj_bias", None))
+            else:
+                op._load_canonical_batches(lambda n, start, stop: module.get_parameter(n)[start:stop])
         return op
 
     @classmethod
@@ -107,10 +142,12 @@ class CpuExperts(Operator):
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:
-        spec = experts_spec(module)  # an OperatorError when the rule matched something that is not an experts module
-        gate_up, down = getattr(module, experts_weight_names(spec)[0]), module.down_proj
-        name = config.weight_type if config.weight_type != "auto" else (float_type_of(gate_up.dtype) or "f32")
-        return int((gate_up.numel() + down.numel()) * bytes_per_weight(name))
+        # An OperatorError when the rule matched something that is not an experts module, or one we cannot run.
+        spec = experts_spec(module, supports=SUPPORTED_FEATURES)
+        first = module.get_parameter(experts_weight_names(spec)[0])
+        name = config.weight_type if config.weight_type != "auto" else (float_type_of(first.dtype) or "f32")
+        matrices = (3 if spec.gated else 2) * spec.num_experts * spec.intermediate_size * spec.hidden_size
+        return int(matrices * bytes_per_weight(name))
 
     @classmethod
     def estimate_stored_bytes(cls, module: nn.Module, config: CpuExpertsConfig, device: torch.device, stored) -> int:
@@ -152,6 +189,23 @@ class CpuExperts(Operator):
             elif self.spec.has_bias and gate_up_bias is not None:
                 raise OperatorError(f"cpu_experts for {self.module_name!r}: the module has gate_up_proj_bias but no down_proj_bias")
 
+    def _load_canonical_batches(self, rows) -> None:
+        """Weights stored other than fused (DBRX's flat ``mlp.w1/v1/w2``): ``rows(name, start, stop)`` gives rows
+        [start, stop) of the tensor ``name`` (``weight_names``); a few experts at a time, through the canonical form."""
+        s = self.spec
+        per_expert = s.intermediate_size if s.storage == "w1_v1_w2" else 1  # rows of one expert in each tensor
+        names = experts_weight_names(s)
+        with torch.no_grad():
+            for e0 in range(0, s.num_experts, _EXPERTS_PER_BATCH):
+                e1 = min(s.num_experts, e0 + _EXPERTS_PER_BATCH)
+                part = dataclasses.replace(s, num_experts=e1 - e0, identity_experts=0)
+                w = canonical_from_tensors({n: rows(n, e0 * per_expert, e1 * per_expert).detach().cpu() for n in names}, part)
+                if e0 == 0:
+                    wtype = self._float_type(w.up.dtype)
+                    self._create(wtype, wtype, wtype)
+                self._moe.load(e0, None if w.gate is None else to_blocks(w.gate, wtype), to_blocks(w.up, wtype),
+                               to_blocks(w.down, wtype))
+
     def _load_float_batches(self, batch) -> None:
         """``batch(e0, e1)`` gives experts [e0, e1) of (gate_up_proj, down_proj) in the HF layout; each batch is
         converted and packed before the next is asked for, so only a few experts' floats exist at a time."""
@@ -175,16 +229,26 @@ class CpuExperts(Operator):
         return None, (stacked.transpose(1, 2) if stacked.dim() == 3 and self._source_transposed else stacked)
 
     def _load_bias(self, first_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
-        gate, up = self._gate_and_up(first_bias)
+        gate, up = self._gate_and_up(first_bias[: self.spec.num_experts])  # identity experts own no bias
         self._moe.load_bias(None if gate is None else _f32(gate), _f32(up), _f32(down_bias))
 
     # ---- loading from a weight source (checkpoint / GGUF) -------------------------------------------
 
     def weight_names(self) -> list[str]:
-        return experts_weight_names(self.spec)
+        names = experts_weight_names(self.spec)
+        if self.post_expert_norm is not None:
+            names += [f"post_expert_norm.{k}" for k in self.post_expert_norm.state_dict()]
+        return names
 
     def load_weights(self, source, prefix: str) -> None:
         """Take the weights from ``source``: GGUF blocks as stored when it offers them, else float tensors."""
+        if self.post_expert_norm is not None:
+            state = {k: source.tensor(f"{prefix}post_expert_norm.{k}", dtype=torch.float32)
+                     for k in self.post_expert_norm.state_dict()}
+            self.post_expert_norm.load_state_dict(state)
+        if self.spec.storage != "fused":
+            self._load_canonical_batches(lambda n, start, stop: source.tensor_rows(prefix + n, start, stop))
+            return
         loaded = False
         first = self.weight_names()[0]  # gate_up_proj, or up_proj for experts without a gate
         gate_up_parts, down_parts = source.parts(prefix + first), source.parts(prefix + "down_proj")
@@ -239,25 +303,46 @@ class CpuExperts(Operator):
 
     # ---- running ----------------------------------------------------------------------------------
 
-    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+               top_k_weights: torch.Tensor | None = None) -> None:
         """Start the experts on the CPU and return at once; ``sync()`` returns the result.
 
-        Thread-safe: every thread may have one call in flight (submitting twice from one thread without
-        ``sync`` is an OperatorError); calls from several threads run one after the other on the pool.
+        Routing may be left out only for experts with Llama-4's dense call (row ``r`` of ``hidden[E*T, H]``
+        goes to expert ``r // T``). Thread-safe: every thread may have one call in flight (submitting twice from
+        one thread without ``sync`` is an OperatorError); calls from several threads run one after the other
+        on the pool.
         """
         if self._moe is None:
             raise OperatorError(f"cpu_experts for {self.module_name!r} has no weights yet (load_weights was not called)")
-        validate_routing(hidden_states, top_k_index, top_k_weights, self.spec, self.module_name)
-        _check_call_inputs(hidden_states, top_k_index, top_k_weights, self.module_name)
-        x = hidden_states.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        s = self.spec
+        if s.call == "dense" and top_k_index is None and top_k_weights is None:
+            top_k_index, top_k_weights = self._dense_routing(hidden_states)
+        elif top_k_index is None or top_k_weights is None:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: experts(hidden, top_k_index, top_k_weights) needs all "
+                                "three arguments")
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1]) if s.hidden_3d and hidden_states.dim() == 3 else hidden_states
+        validate_routing(flat, top_k_index, top_k_weights, s, self.module_name)
+        _check_call_inputs(flat, top_k_index, top_k_weights, self.module_name)
+        x = flat.detach().to(device="cpu", dtype=torch.float32).contiguous()
         ids = top_k_index.detach().to(device="cpu", dtype=torch.int64).contiguous()
         weights = top_k_weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        out = torch.empty_like(x)
+        layout = _CallLayout(s, self.post_expert_norm, x, ids, weights, hidden_states.shape)
+        rows, row_ids, row_weights = layout.native_inputs()
+        out = torch.empty_like(rows)
         try:
-            self._moe.submit(x.numpy(), ids.numpy(), weights.numpy(), out.numpy())
+            self._moe.submit(rows.numpy(), row_ids.numpy(), row_weights.numpy(), out.numpy())
         except ValueError as exc:
             raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
-        self._pending[threading.get_ident()] = (out, hidden_states.device, hidden_states.dtype)
+        self._pending[threading.get_ident()] = (out, hidden_states.device, hidden_states.dtype, layout)
+
+    def _dense_routing(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama-4's dense call as a routed one: row ``r`` of ``hidden[E*T, H]`` goes to expert ``r // T``, weight 1."""
+        e, h = self.spec.num_experts, self.spec.hidden_size
+        if hidden.dim() != 2 or hidden.shape[1] != h or hidden.shape[0] % e:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: hidden_states must be [num_experts*tokens, {h}] with "
+                                f"num_experts={e}, got {tuple(hidden.shape)}")
+        ids = torch.arange(e, dtype=torch.int64).repeat_interleave(hidden.shape[0] // e)[:, None]
+        return ids, torch.ones(ids.shape, dtype=torch.float32)
 
     def sync(self) -> torch.Tensor:
         """Wait for the submitted call; returns its result on the caller's device and dtype.
@@ -268,25 +353,34 @@ class CpuExperts(Operator):
         pending = self._pending.pop(threading.get_ident(), None)
         if pending is None:
             raise OperatorError(f"cpu_experts for {self.module_name!r}: sync() without submit() from this thread")
-        out, device, dtype = pending
+        out, device, dtype, layout = pending
         try:
             self._moe.sync()
         except ValueError as exc:
             raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
-        return out.to(device=device, dtype=dtype)
+        return layout.result(out).to(device=device, dtype=dtype)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        self.submit(hidden_states, top_k_index, top_k_weights)
-        return self.sync()
-
-    def extra_repr(self) -> str:
-        s = self.spec
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.spec.call == "dense":  # Llama-4: experts(hidden[E*T, H]); HF passes no routing
+            if top_k_index is not None or top_k_weights is not None:
+                raise OperatorError(f"cpu_experts for {self.module_name!r}: these experts are called as "
+                                    "experts(hidden[E*T, H]) (dense), not with routing")
+            top_k_index, top_k_weights = self._dense_routing(hidden_states)
+        elif top_k_index is None or top_k_weights is None:
+            raise OperatorError(f"cpu_experts for {self.module_name!r}: experts(hidden, top_k_index, top_k_weights) needs all "
+                                "three arguments")
         if torch.compiler.is_compiling():  # an opaque node for dynamo (eager calls skip the op's dispatch)
             return torch_ops.cpu_experts(hidden_states, top_k_index, top_k_weights, self._handle)
         return self.run(hidden_states, top_k_index, top_k_weights)
 
     def run(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """One call, start to finish (also what the ``ktinject::cpu_experts`` custom op calls)."""
+        self.submit(hidden_states, top_k_index, top_k_weights)
+        return self.sync()
+
+    def extra_repr(self) -> str:
+        s = self.spec
         types = "/".join(self._types) if self._types else "not loaded"
         where = f"isa={self._moe.isa}, threads={self._moe.threads}, numa_nodes={self._moe.numa_nodes}" if self._moe is not None else ""
         return f"experts={s.num_experts}, hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, weights={types}, {where}"
@@ -303,6 +397,44 @@ def _check_call_inputs(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
         raise OperatorError(f"cpu_experts for {name!r}: top_k_index must be an integer tensor, got {top_k_index.dtype}")
     if not (top_k_weights.dtype.is_floating_point):
         raise OperatorError(f"cpu_experts for {name!r}: top_k_weights must be a floating-point tensor, got {top_k_weights.dtype}")
+
+
+class _CallLayout:
+    """One call mapped onto the kernels' routed call and back (identity experts, post-expert norm, 3-D hidden
+    states); a plain layout passes everything through."""
+
+    def __init__(self, spec: ExpertsSpec, norm: nn.Module | None, x: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor, shape: torch.Size) -> None:
+        self.spec, self.norm, self.x, self.ids, self.weights, self.shape = spec, norm, x, ids, weights, shape
+        e = spec.num_experts
+        # Identity experts (ids E .. E+Z-1) reach C++ as the unused slot E; larger ids stay, so C++ refuses them.
+        self.identity = (ids >= e) & (ids < e + spec.identity_experts) if spec.identity_experts else None
+
+    def native_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows, ids and weights for the kernels."""
+        ids = self.ids
+        if self.identity is not None:
+            ids = ids.masked_fill(self.identity, self.spec.num_experts)
+        if self.norm is None:
+            return self.x, ids, self.weights
+        # The norm runs on each expert's output before its weight: every (token, slot) pair is its own row.
+        tokens, k = ids.shape
+        rows = self.x.repeat_interleave(k, dim=0).contiguous()
+        return rows, ids.reshape(tokens * k, 1).contiguous(), torch.ones(tokens * k, 1, dtype=torch.float32)
+
+    def result(self, out: torch.Tensor) -> torch.Tensor:
+        """The module's result from the kernels' output."""
+        if self.norm is not None:
+            tokens, k = self.ids.shape
+            with torch.no_grad():
+                normed = self.norm(out).view(tokens, k, -1)
+            routed = (self.ids < self.spec.num_experts)[..., None]  # unused and identity slots have no expert output
+            out = (torch.where(routed, normed, 0.0) * self.weights[..., None]).sum(dim=1)
+        if self.identity is not None:  # identity experts return their input times the routing weight
+            out = out + (self.weights * self.identity).sum(dim=1, keepdim=True) * self.x
+        if self.spec.hidden_3d and len(self.shape) == 3:  # DBRX returns [B, -1, H] for hidden [B, S, H]
+            out = out.view(self.shape[0], -1, self.shape[-1])
+        return out
 
 
 class _Requantize(Exception):

@@ -29,7 +29,10 @@ new family with a known layout works without code here. The layouts found in tra
 when not gated), ``up [E, I, H]``, ``down [E, H, I]`` (rows = output features, like ``nn.Linear.weight``),
 optional biases. ``ExpertsSpec.features`` names what a layout needs beyond the plain fused one, so an
 operator states what it supports (``experts_spec(module, supports=...)``) and anything else is an
-``OperatorError`` that names the module and the feature, never a silently wrong result.
+``OperatorError`` that names the module and the feature, never a silently wrong result. The features are
+of two sorts: the math (``KERNEL_FEATURES``: what the C++ kernels compute) and the call layouts
+(``CALL_LAYOUTS``: how the module is called and stores its weights, which an operator maps onto a routed
+call around its kernels); ``cpu_experts`` and ``torch_experts`` run both.
 """
 
 from __future__ import annotations
@@ -64,17 +67,19 @@ ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # Activations whose math involves both halves of gate_up beyond ``act(gate) * up``.
 GATED_ONLY = ("gptoss_swiglu", "clamped_swiglu", "swiglu_clamp_after", "softcapped_swiglu")
 
-# What the C++ kernels (and every operator) implement: the default for ``experts_spec(supports=...)``.
+# The math the C++ kernels implement (weights' orientation and the activation).
 KERNEL_FEATURES: frozenset[str] = frozenset(
     {"transposed", "interleaved", "bias", "not gated"}
     | {f"activation {a}" for a in (*ELEMENTWISE, *GATED_ONLY)}
 )
-# Everything this module can describe (what the pure-torch reference implements).
-ALL_FEATURES: frozenset[str] = frozenset(
-    {"transposed", "interleaved", "bias", "not gated", "post-expert norm", "identity experts", "dense call",
-     "w1/v1/w2 storage", "3-D hidden states"}
-    | {f"activation {a}" for a in (*ELEMENTWISE, *GATED_ONLY)}
+# How a module is called and stores its weights, beyond experts(hidden[T, H], index, weights) over fused
+# tensors: an operator maps these onto a plain routed call (see cpu_experts).
+CALL_LAYOUTS: frozenset[str] = frozenset(
+    {"post-expert norm", "identity experts", "dense call", "w1/v1/w2 storage", "3-D hidden states"}
 )
+# Everything this module can describe: the default for ``experts_spec(supports=...)``; what cpu_experts and the
+# pure-torch reference run.
+ALL_FEATURES: frozenset[str] = KERNEL_FEATURES | CALL_LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,12 +176,12 @@ def looks_like_experts(module: nn.Module) -> bool:
     return all(_has(module, f"mlp.{n}") for n in ("w1", "v1", "w2")) and hasattr(module, "num_experts")
 
 
-def experts_spec(module: nn.Module, *, name: str = "", supports: Collection[str] = KERNEL_FEATURES) -> ExpertsSpec:
+def experts_spec(module: nn.Module, *, name: str = "", supports: Collection[str] = ALL_FEATURES) -> ExpertsSpec:
     """Describe ``module`` (a HF v5 experts module).
 
     OperatorError when it is not an experts module, when its math is not one we recognise, or when the
-    layout needs a feature outside ``supports`` (default: what the C++ kernels implement; pass
-    ``ALL_FEATURES`` for the pure-torch reference). The message names the module and the feature.
+    layout needs a feature outside ``supports`` (default: every feature described here; an operator passes
+    the set it runs). The message names the module and the feature.
     """
     where = f"module {name!r} ({type(module).__name__})"
     if all(_has(module, f"mlp.{n}") for n in ("w1", "v1", "w2")):

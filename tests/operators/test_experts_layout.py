@@ -12,8 +12,8 @@ from transformers import MixtralConfig
 from transformers.activations import ACT2FN
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from families.tiny_configs import tiny_model
 from ktinject import OperatorError
+from ktinject.families.tiny import tiny_model
 from ktinject.operators.experts_layout import (
     ALL_FEATURES,
     KERNEL_FEATURES,
@@ -124,12 +124,17 @@ def test_every_layout_in_transformers_is_read(model_type, index, activation, par
 ])
 def test_layout_outside_supports_names_module_and_feature(model_type, feature):
     with pytest.raises(OperatorError, match=rf"'layer\.experts' \(\w+\): {feature} is not supported by this operator \(layout: "):
-        experts_spec(family_experts(model_type), name="layer.experts")
+        experts_spec(family_experts(model_type), name="layer.experts", supports=ALL_FEATURES - {feature})
 
 
-def test_kernel_layouts_pass_the_default_supports():
-    for model_type in ("qwen3_moe", "gpt_oss", "openai_privacy_filter", "minimax_m3_vl", "aria", "gemma4"):
-        experts_spec(family_experts(model_type))  # no error: cpu_experts runs these
+def test_call_layouts_are_outside_the_kernels_math():
+    with pytest.raises(OperatorError, match=r"'layer\.experts' \(MuseSparkExperts\): post-expert norm is not supported"):
+        experts_spec(family_experts("muse_spark"), name="layer.experts", supports=KERNEL_FEATURES)
+
+
+def test_every_layout_passes_the_default_supports():
+    for model_type in ("qwen3_moe", "gpt_oss", "nemotron_h", "deepseek_v4", "muse_spark", "llama4", "dbrx", "longcat_flash"):
+        experts_spec(family_experts(model_type))  # no error: cpu_experts and torch_experts run all of these
 
 
 def test_features_and_description():

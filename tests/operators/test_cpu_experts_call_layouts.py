@@ -1,0 +1,158 @@
+"""cpu_experts on the layouts it maps onto one routed kernel call in Python: identity experts (LongCat-Flash),
+Llama-4's dense call, DBRX's flat storage and 3-D hidden states, Muse Spark's post-expert norm. Each against the
+unmodified transformers module, built live and built on meta + loaded, sync and async."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from ktinject import OperatorError
+from ktinject.families.calls import experts_call
+from ktinject.families.tiny import tiny_model
+from ktinject.native import native_available
+from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuExpertsConfig
+from ktinject.operators.experts_layout import ALL_FEATURES, looks_like_experts
+from ktinject.weights import ModuleSource
+
+if not native_available():
+    pytest.fail("ktinject._native is not built", pytrace=False)
+
+CPU = torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def family_model(model_type: str) -> nn.Module:
+    return tiny_model(model_type)
+
+
+def family_experts(model_type: str) -> nn.Module:
+    return next(m for m in family_model(model_type).modules() if looks_like_experts(m))
+
+
+def build(module: nn.Module) -> CpuExperts:
+    return CpuExperts.from_module(module, name="layer.experts", device=CPU, config=CpuExpertsConfig())
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape
+    # float32 weights and activations: only summation order differs
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 2e-5
+
+
+LAYOUTS = {  # model type -> the weight names the operator loads
+    "longcat_flash": ["gate_up_proj", "down_proj"],
+    "llama4": ["gate_up_proj", "down_proj"],
+    "dbrx": ["mlp.w1", "mlp.v1", "mlp.w2"],
+    "muse_spark": ["gate_up_proj", "down_proj", "post_expert_norm.weight"],
+}
+
+
+def test_cpu_experts_runs_every_layout_experts_layout_describes():
+    assert SUPPORTED_FEATURES == ALL_FEATURES
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+def test_live_module_matches_hf(model_type):
+    module = family_experts(model_type)
+    op = build(module)
+    for seed in range(3):
+        args = experts_call(op.spec, seed=seed)
+        with torch.no_grad():
+            assert_matches(op(*args), module(*args))
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+def test_built_on_meta_then_loaded_matches_hf(model_type):
+    module = family_experts(model_type)
+    op = build(copy.deepcopy(module).to_empty(device="meta"))
+    assert op.weight_names() == LAYOUTS[model_type]
+    op.load_weights(ModuleSource(module), prefix="")
+    args = experts_call(op.spec, seed=1)
+    with torch.no_grad():
+        assert_matches(op(*args), module(*args))
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+def test_submit_and_sync(model_type):
+    module = family_experts(model_type)
+    op = build(module)
+    args = experts_call(op.spec, seed=2)
+    op.submit(*args)
+    with torch.no_grad():
+        assert_matches(op.sync(), module(*args))
+
+
+def test_identity_experts_return_their_input_times_the_weight():
+    module = family_experts("longcat_flash")
+    op = build(module)
+    e = op.spec.num_experts
+    hidden = torch.randn(3, op.spec.hidden_size)
+    index = torch.tensor([[e, e + 1], [e + 1, 2], [0, e]])  # identity experts are ids e and e+1
+    weights = torch.rand(3, 2)
+    with torch.no_grad():
+        assert_matches(op(hidden, index, weights), module(hidden, index, weights))
+    torch.testing.assert_close(op(hidden[:1], index[:1], weights[:1]), hidden[:1] * weights[:1].sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_ids_past_the_identity_experts_are_refused():
+    op = build(family_experts("longcat_flash"))
+    total = op.spec.num_experts + op.spec.identity_experts
+    with pytest.raises(OperatorError, match=rf"top_k_index\[0, 1\] = {total} is not an expert id"):
+        op(torch.randn(1, op.spec.hidden_size), torch.tensor([[0, total]]), torch.ones(1, 2))
+
+
+def test_dense_call_contract():
+    op = build(family_experts("llama4"))
+    e, h = op.spec.num_experts, op.spec.hidden_size
+    with pytest.raises(OperatorError, match=r"'layer\.experts': these experts are called as experts\(hidden\[E\*T, H\]\)"):
+        op(torch.randn(e, h), torch.zeros(e, 1, dtype=torch.long), torch.ones(e, 1))
+    with pytest.raises(OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"):
+        op(torch.randn(5, h))
+
+
+def test_routed_call_needs_routing():
+    op = build(family_experts("qwen3_moe"))
+    with pytest.raises(OperatorError, match=r"'layer\.experts': experts\(hidden, top_k_index, top_k_weights\) needs all three"):
+        op(torch.randn(2, op.spec.hidden_size))
+
+
+def test_dbrx_keeps_its_3d_shape():
+    module = family_experts("dbrx")
+    op = build(module)
+    hidden = torch.randn(2, 3, op.spec.hidden_size)
+    index = torch.randint(0, op.spec.num_experts, (6, 2))
+    weights = torch.rand(6, 2)
+    out = op(hidden, index, weights)
+    assert out.shape == (2, 3, op.spec.hidden_size)
+    with torch.no_grad():
+        assert_matches(out, module(hidden, index, weights))
+
+
+def test_post_expert_norm_runs_before_the_routing_weight_on_a_copy():
+    module = copy.deepcopy(family_experts("muse_spark"))
+    op = build(module)
+    assert type(op.post_expert_norm) is type(module.post_expert_norm) and op.post_expert_norm is not module.post_expert_norm
+    hidden = torch.randn(4, op.spec.hidden_size)
+    index = torch.tensor([[0, 1], [1, 2], [2, op.spec.num_experts], [3, 0]])  # an unused slot (id E) in token 2
+    weights = torch.rand(4, 2) * 3
+    with torch.no_grad():
+        expected = module(hidden, index, weights)
+        assert_matches(op(hidden, index, weights), expected)
+        module.post_expert_norm.weight.add_(1.0)  # the operator holds its own copy
+    assert_matches(op(hidden, index, weights), expected)
+
+
+def test_quantized_call_layouts_stay_close():
+    # q8_0 weights (dimensions are multiples of 32): the layouts around the kernels do not depend on the type.
+    for model_type in ("longcat_flash", "muse_spark", "llama4"):
+        module = family_experts(model_type)
+        op = CpuExperts.from_module(module, name="layer.experts", device=CPU, config=CpuExpertsConfig(weight_type="q8_0"))
+        args = experts_call(op.spec)
+        with torch.no_grad():
+            expected, actual = module(*args), op(*args)
+        assert ((actual - expected).norm() / expected.norm()).item() < 2e-2, model_type
