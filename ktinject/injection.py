@@ -120,7 +120,7 @@ def inject(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None
     tensors, ``from_pretrained()`` loads them where they go. ``source``: the weight file the plan is made
     against (memory at the stored types).
     """
-    ruleset = load_rules(rules, vars=vars, model_type=model_type)
+    ruleset = load_rules(rules, vars=vars, model_type=model_type, model=model)
     p = plan(model, ruleset, source=source)
     check_devices(p)
     for rule in p.unmatched_rules:
@@ -166,4 +166,4 @@ def plan_for(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | No
     ``source``: a weight file the model would be loaded from (e.g. a ``GGUFSource`` bound to ``model``); the
     memory column then counts what operators keep as stored (GGUF blocks) at its stored size.
     """
-    return plan(model, load_rules(rules, vars=vars, model_type=_model_type(model)), source=source)
+    return plan(model, load_rules(rules, vars=vars, model_type=_model_type(model), model=model), source=source)

@@ -201,6 +201,8 @@ def format_plan(p: Plan) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
+    if p.rules.origin:  # rules="auto": which rules were chosen and why
+        lines.append(p.rules.origin)
     lines.append(f"{len(p.entries)} modules claimed by {len(p.rules) - len(p.unmatched_rules)} of {len(p.rules)} rules")
     memory = ", ".join(f"{dev}: {_human_bytes(n)}" for dev, n in sorted(p.memory_by_device().items()))
     lines.append(f"estimated memory per device: {memory or 'none'}")

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
+from torch import nn
+
 from ktinject.errors import RuleError
 from ktinject.messages import show
+from ktinject.rules.auto import AutoChoice, choose_auto_rules
 from ktinject.rules.builtin import builtin_rule_names, builtin_rule_path, rules_for_model_type
 from ktinject.rules.loader import load_rule_file, parse_rules
 from ktinject.rules.schema import Match, Replace, Rule, RuleSet, SourceLocation
 
 RulesLike = Union[str, Path, RuleSet]
 
+logger = logging.getLogger("ktinject")
+
 __all__ = [
+    "AutoChoice",
     "Match",
     "Replace",
     "Rule",
@@ -22,6 +30,7 @@ __all__ = [
     "RulesLike",
     "SourceLocation",
     "builtin_rule_names",
+    "choose_auto_rules",
     "load_rules",
     "parse_rules",
     "rules_for_model_type",
@@ -40,11 +49,14 @@ def _is_file(name: str) -> bool:
         return False
 
 
-def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None) -> RuleSet:
+def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None,
+               model: nn.Module | None = None) -> RuleSet:
     """Load rules from a file path, a built-in name (``"qwen3_moe"``), YAML text, or pass a RuleSet through.
 
     ``vars`` override the files' variables (e.g. ``{"gpu": "cpu"}`` to run the shipped rules without a GPU).
-    ``"auto"`` needs ``model_type`` (``config.model_type``) and picks the shipped file for that family.
+    ``"auto"`` picks the shipped file for ``model_type`` (``config.model_type``) when the family has one, else
+    generic rules chosen by ``model``'s structure (MoE when it has an experts module, dense otherwise); the
+    choice and its reason are the RuleSet's ``origin``.
     """
     if isinstance(rules, RuleSet):
         if vars:
@@ -55,9 +67,12 @@ def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model
     if not isinstance(rules, str):
         raise RuleError(f"rules must be a path, a built-in name, YAML text or a RuleSet, got {type(rules).__name__}")
     if rules == "auto":
-        if model_type is None:
-            raise RuleError("rules='auto' needs the model's config.model_type to choose a built-in rule file")
-        rules = rules_for_model_type(model_type)
+        choice = choose_auto_rules(model_type, model)
+        builtin = builtin_rule_path(choice.name)
+        if builtin is None:
+            raise RuleError(f"rules='auto' chose the built-in rules {choice.name!r}, which this installation lacks (reinstall ktinject)")
+        logger.info("%s", choice.reason)
+        return dataclasses.replace(load_rule_file(builtin, vars=vars), origin=choice.reason)
     if _looks_like_yaml(rules):
         return parse_rules(rules, vars=vars)
     if _is_file(rules):

@@ -13,6 +13,7 @@ from ktinject.errors import RuleError
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 # config.model_type -> built-in rule file. Dense models that share Llama's module names use the dense file.
+# Families not listed here get the generic rules (``rules/auto.py``): a family file is optional.
 MODEL_TYPE_RULES: dict[str, str] = {
     "qwen3_moe": "qwen3_moe",
     "qwen2_moe": "qwen2_moe",
@@ -59,9 +60,11 @@ def builtin_rule_path(name: str) -> Path | None:
 
 
 def rules_for_model_type(model_type: str) -> str:
-    """The built-in rule file for ``config.model_type`` (what ``rules="auto"`` picks)."""
+    """The family's built-in rule file for ``config.model_type``. Without a model to look at, ``rules="auto"``
+    can only go by the name; with one it falls back to the generic rules (``ktinject.rules.auto``)."""
     try:
         return MODEL_TYPE_RULES[model_type]
     except KeyError:
         known = ", ".join(sorted(MODEL_TYPE_RULES))
-        raise RuleError(f"rules='auto': no built-in rules for model_type {model_type!r} (built-in: {known}); pass a rule file") from None
+        raise RuleError(f"rules='auto': no built-in rules for model_type {model_type!r} (built-in: {known}) and no model "
+                        "to recognise its experts in (ktinject.plan/optimize/from_pretrained pass it); pass a rule file") from None

@@ -37,6 +37,7 @@ from ktinject.errors import OperatorError, RuleError
 from ktinject.messages import exception_text, show
 from ktinject.operator import resolve_operator, validate_config
 from ktinject.rules.builtin import builtin_rule_path
+from ktinject.rules.kinds import KINDS, ModuleKind, module_kind
 from ktinject.rules.known_classes import is_known_class_name, known_class_names
 from ktinject.rules.limits import (
     MAX_FILE_BYTES,
@@ -53,7 +54,7 @@ from ktinject.rules.yaml_reader import Document, KeyPath, read_document, rule_er
 
 _TOP_KEYS = ("include", "vars", "rules")
 _RULE_KEYS = ("name", "match", "replace", "recursive")
-_MATCH_KEYS = ("name", "class")
+_MATCH_KEYS = ("name", "class", "kind")
 _REPLACE_KEYS = ("op", "device", "kwargs")
 
 
@@ -234,6 +235,14 @@ def _resolve_class(spec: str, doc: Document, path: KeyPath) -> tuple[str | None,
     return spec, None
 
 
+def _resolve_kind(value: Any, doc: Document, path: KeyPath) -> ModuleKind:
+    kind = module_kind(value) if isinstance(value, str) else None
+    if kind is None:
+        hint = get_close_matches(value, KINDS, n=1) if isinstance(value, str) and len(value) <= 64 else []
+        raise doc.error(path, f"unknown kind {show(value)} (known: {', '.join(KINDS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    return kind
+
+
 def _resolve_op(op: str, doc: Document, path: KeyPath):
     if len(op) > 256 or ("." in op and not _is_dotted_path(op)):
         raise doc.error(path, f"{show(op)} is neither an operator name nor a dotted path such as 'mypkg.ops.MyExperts'")
@@ -270,7 +279,7 @@ def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
 
     match_data = data.get("match")
     if not isinstance(match_data, dict) or not match_data:
-        raise doc.error(base + ("match",), "every rule needs a match mapping with 'name' (regex) and/or 'class'")
+        raise doc.error(base + ("match",), "every rule needs a match mapping with 'name' (regex), 'class' and/or 'kind'")
     for key in match_data:
         if key not in _MATCH_KEYS:
             raise doc.error(base + ("match", key), _unknown_key_message(key, _MATCH_KEYS))
@@ -282,6 +291,7 @@ def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
         if not isinstance(cls, str) or not cls:
             raise doc.error(base + ("match", "class"), f"match.class must be a class name or dotted path, got {show(cls)}")
         class_name, class_type = _resolve_class(cls, doc, base + ("match", "class"))
+    kind = _resolve_kind(match_data["kind"], doc, base + ("match", "kind")) if "kind" in match_data else None
 
     replace_data = data.get("replace")
     if not isinstance(replace_data, dict):
@@ -312,7 +322,7 @@ def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
         raise doc.error(base + ("recursive",), f"recursive must be true or false, got {show(recursive)}")
 
     return Rule(
-        match=Match(name=pattern, class_name=class_name, class_type=class_type),
+        match=Match(name=pattern, class_name=class_name, class_type=class_type, kind=kind),
         replace=Replace(op=op, op_class=op_class, device=device, kwargs=dict(kwargs), config=config),
         recursive=recursive,
         index=index,

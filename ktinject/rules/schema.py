@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ktinject.operator import Operator, OperatorConfig
+from ktinject.rules.kinds import ModuleKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Match:
     name: re.Pattern[str] | None = None  # re.search on the dotted module name
     class_name: str | None = None  # bare class name, compared with the names in the module's MRO
     class_type: type | None = None  # resolved dotted path, compared with isinstance
+    kind: ModuleKind | None = None  # what the module is, by structure (``kinds``)
 
     def matches(self, module_name: str, module: nn.Module) -> bool:
         if self.name is not None and self.name.search(module_name) is None:
@@ -42,6 +44,8 @@ class Match:
         if self.class_type is not None and not isinstance(module, self.class_type):
             return False
         if self.class_name is not None and all(c.__name__ != self.class_name for c in type(module).__mro__):
+            return False
+        if self.kind is not None and not self.kind(module):
             return False
         return True
 
@@ -52,6 +56,8 @@ class Match:
         if self.class_name or self.class_type:
             cls = self.class_name or f"{self.class_type.__module__}.{self.class_type.__qualname__}"  # type: ignore[union-attr]
             parts.append(f"class={cls}")
+        if self.kind is not None:
+            parts.append(f"kind={self.kind.name}")
         return " ".join(parts)
 
 
@@ -89,11 +95,15 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class RuleSet:
-    """An ordered list of rules (first match wins), the variables they were resolved with, and their files."""
+    """An ordered list of rules (first match wins), the variables they were resolved with, and their files.
+
+    ``origin``: why these rules were chosen, when ktinject chose them (``rules="auto"``); shown in plans.
+    """
 
     rules: tuple[Rule, ...]
     vars: Mapping[str, Any]
     files: tuple[str, ...]
+    origin: str = ""
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
@@ -109,6 +119,8 @@ class RuleSet:
 
     def __str__(self) -> str:
         lines = [f"RuleSet: {len(self.rules)} rules from {', '.join(self.files) or '<none>'}"]
+        if self.origin:
+            lines.append(f"  ({self.origin})")
         for r in self.rules:
             kw = f" {dict(r.replace.kwargs)}" if r.replace.kwargs else ""
             lines.append(f"  {r.index:>3} {r.label}: {r.match.describe()} -> {r.replace.op}@{r.replace.device}{kw}  ({r.location})")

@@ -1,0 +1,58 @@
+"""``match.kind``: modules recognised by what they are, not by their name or class.
+
+A name regex ties a rule to one family's module tree (``model.layers.N.mlp.experts``) and a class name to
+one family's class (``Qwen3MoeExperts``); a kind holds for every family whose module computes the same
+thing, wherever it sits (``model.language_model.layers.N.mlp.experts``, ``transformer.blocks.N.ffn.experts``,
+``model.layers.N.mixer.experts`` ...). That is what lets the shipped rules run a family they were never
+written for.
+
+Each kind is a cheap structural test (attribute and shape reads, nothing run), because a rule with a kind
+is tried on every module of the model a plan visits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+
+def _is_experts(module: nn.Module) -> bool:
+    from ktinject.operators.experts_layout import looks_like_experts
+
+    return looks_like_experts(module)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # A subclass that overrides forward computes something else with the same weight (DeepSeek-V4's grouped
+    # o_a_proj, Llama-4's router): replacing it by a plain linear would give wrong numbers, so it is no linear.
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleKind:
+    """One value of ``match.kind``."""
+
+    name: str
+    description: str  # for the README and error messages
+    test: Callable[[nn.Module], bool]
+
+    def __call__(self, module: nn.Module) -> bool:
+        return self.test(module)
+
+
+KINDS: dict[str, ModuleKind] = {
+    kind.name: kind
+    for kind in (
+        ModuleKind("experts", "a transformers v5 routed-experts module (stacked per-expert weights: fused gate_up_proj/"
+                   "up_proj + down_proj, or DBRX's mlp.w1/v1/w2), wherever it sits", _is_experts),
+        ModuleKind("linear", "an nn.Linear whose forward is nn.Linear's (subclasses computing something else are not)",
+                   _is_linear),
+    )
+}
+
+
+def module_kind(name: str) -> ModuleKind | None:
+    """The kind called ``name``, or None."""
+    return KINDS.get(name)
