@@ -123,19 +123,21 @@ def resolve_dtype(dtype: Any, config) -> torch.dtype:
 
 
 def build_meta_model(config, dtype: torch.dtype | None = None, hf_kwargs: Mapping[str, Any] | None = None):
-    """``AutoModelForCausalLM.from_config`` with parameters on meta and real (CPU) buffers; seconds for 671B.
+    """``from_config`` with parameters on meta and real (CPU) buffers; seconds for 671B. The Auto class is
+    ``auto_model_class``'s: the causal LM, or the vision-language model around a MoE language model.
 
     The one model builder of ``from_pretrained`` and ``ktinject plan``: the plan sees the tensors (and the
     float32 ones transformers keeps) the loaded model will have. ``dtype`` None: the config's, else bfloat16.
     A config transformers cannot build a causal LM from is a KtInjectError in one line.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from ktinject.families.model_class import auto_model_class
 
     dtype = dtype or config_dtype(config)
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **dict(hf_kwargs or {}))
+            model = auto_model_class(config).from_config(config, dtype=dtype, **dict(hf_kwargs or {}))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
         model_type = getattr(config, "model_type", "?")
         extra = f" with {', '.join(hf_kwargs)}" if hf_kwargs else ""

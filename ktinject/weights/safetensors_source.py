@@ -26,7 +26,7 @@ from torch import nn
 
 from ktinject.errors import WeightError
 from ktinject.weights.assembled import FileSource
-from ktinject.weights.layouts import Concat, Direct, Layout, Recipe, StackConcat, Unresolved
+from ktinject.weights.layouts import Concat, Direct, Layout, Recipe, StackConcat, Transpose, Unresolved
 from ktinject.weights.pages import is_file_backed
 from ktinject.weights.stored import StoredTensor, TorchStoredTensor
 
@@ -141,7 +141,8 @@ class SafetensorsSource(FileSource):
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        targets = set(model.state_dict())
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        targets = set(shapes)
         prefix = getattr(model, "base_model_prefix", "") or ""
 
         plain: dict[str, list[str]] = defaultdict(list)
@@ -172,7 +173,7 @@ class SafetensorsSource(FileSource):
             else:
                 recipes[target] = Unresolved(target, f"several checkpoint keys map to it: {', '.join(keys)}")
         for target, (converter, entries) in merged.items():
-            recipes[target] = self._merged_recipe(target, converter, entries)
+            recipes[target] = self._merged_recipe(target, converter, entries, shapes.get(target))
         self._by_target = recipes
 
     @staticmethod
@@ -186,8 +187,10 @@ class SafetensorsSource(FileSource):
             return f"{prefix}.{name}"
         return name
 
-    def _merged_recipe(self, target: str, converter, entries: list[tuple[int, int, str]]) -> Recipe | Unresolved:
+    def _merged_recipe(self, target: str, converter, entries: list[tuple[int, int, str]],
+                       expected: tuple[int, ...] | None = None) -> Recipe | Unresolved:
         from transformers.core_model_loading import Concatenate, MergeModulelist
+        from transformers.core_model_loading import Transpose as TransposeOp
 
         ops = list(converter.operations)
         patterns = list(converter.source_patterns)
@@ -198,6 +201,15 @@ class SafetensorsSource(FileSource):
             layout = StackConcat(groups=len(patterns), dim=ops[1].dim - 1)
         elif len(ops) == 1 and isinstance(ops[0], Concatenate):
             layout = Concat(ops[0].dim)
+        elif len(ops) == 1 and isinstance(ops[0], TransposeOp) and len(entries) == 1:
+            # Qwen3-VL-MoE checkpoints store the experts transposed (check_dims: only when the shapes say so).
+            stored = tuple(self._stored[entries[0][2]].shape)
+            ndim = len(stored)
+            last_two = ndim >= 2 and {ops[0].dim0 % ndim, ops[0].dim1 % ndim} == {ndim - 2, ndim - 1}
+            if ops[0].check_dims and stored == expected:
+                layout = Direct()
+            elif last_two:
+                layout = Transpose()
         if layout is None:
             names = ", ".join(type(op).__name__ for op in ops)
             return Unresolved(target, f"the checkpoint needs transformers' conversion [{names}], which ktinject's loader does not support")
