@@ -1,4 +1,4 @@
-"""The ``ktinject`` command line: validate, plan, doctor, demo, generate, chat, serve."""
+"""The ``ktinject`` command line: validate, plan, doctor, demo, generate, chat, serve, families."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from ktinject.errors import KtInjectError
 
 def _parser() -> argparse.ArgumentParser:
     from ktinject import __version__
-    from ktinject.cli import chat, demo, doctor, generate, plan_cmd, serve, validate
+    from ktinject.cli import chat, demo, doctor, families, generate, plan_cmd, serve, validate
 
     parser = argparse.ArgumentParser(prog="ktinject", description="Rule-driven CPU/GPU hybrid inference on stock transformers.")
     parser.add_argument("--version", action="version", version=f"ktinject {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (validate, plan_cmd, doctor, demo, generate, chat, serve):
+    for module in (validate, plan_cmd, doctor, demo, generate, chat, serve, families):
         module.register(sub)
     return parser
 
