@@ -138,13 +138,23 @@ def test_post_expert_norm_runs_before_the_routing_weight_on_a_copy():
     op = build(module)
     assert type(op.post_expert_norm) is type(module.post_expert_norm) and op.post_expert_norm is not module.post_expert_norm
     hidden = torch.randn(4, op.spec.hidden_size)
-    index = torch.tensor([[0, 1], [1, 2], [2, op.spec.num_experts], [3, 0]])  # an unused slot (id E) in token 2
+    index = torch.tensor([[0, 1], [1, 2], [2, 5], [3, 0]])
     weights = torch.rand(4, 2) * 3
     with torch.no_grad():
         expected = module(hidden, index, weights)
         assert_matches(op(hidden, index, weights), expected)
-        module.post_expert_norm.weight.add_(1.0)  # the operator holds its own copy
+        module.post_expert_norm.weight.normal_()  # the operator holds its own copy
     assert_matches(op(hidden, index, weights), expected)
+
+
+def test_an_unused_slot_adds_nothing_after_the_norm():
+    # Id E marks an unused slot: no expert output, so no norm of a zero row either. (transformers 5.24's Muse
+    # Spark module reads uninitialized memory for such a slot, so it is no reference here.)
+    op = build(family_experts("muse_spark"))
+    hidden, weights = torch.randn(2, op.spec.hidden_size), torch.rand(2, 2) + 0.5
+    unused = op(hidden, torch.tensor([[2, op.spec.num_experts], [op.spec.num_experts, 3]]), weights)
+    alone = op(hidden, torch.tensor([[2, 0], [1, 3]]), weights * torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(unused, alone, rtol=0, atol=1e-6)
 
 
 def test_quantized_call_layouts_stay_close():
