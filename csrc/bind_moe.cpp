@@ -110,27 +110,50 @@ class PyMoe {
     }
   }
 
-  void submit(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj, const py::object& out_obj) {
+  // A call's arguments, checked: arrays of the right dtype, shape and layout.
+  struct CallArrays {
+    py::array x, ids, w, out;
+    int64_t tokens, top_k;
+  };
+  CallArrays checked_call(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj,
+                          const py::object& out_obj) const {
     const MoeSpec& s = layer_->spec();
-    const py::array x = checked_array(x_obj, "hidden_states", py::dtype::of<float>(), "float32", {-1, s.hidden});
-    const int64_t T = x.shape(0);
-    const py::array ids = checked_array(ids_obj, "top_k_index", py::dtype::of<int64_t>(), "int64", {T, -1});
-    const int64_t K = ids.shape(1);
-    const py::array w = checked_array(w_obj, "top_k_weights", py::dtype::of<float>(), "float32", {T, K});
-    py::array out = checked_array(out_obj, "out", py::dtype::of<float>(), "float32", {T, s.hidden});
-    if (!out.writeable()) bad_arg("out", "must be writeable");
-    const std::thread::id me = std::this_thread::get_id();
-    if (pending_.count(me)) throw CallOrderError("submit() called twice from the same thread without sync() in between");
-    auto call = std::make_unique<MoeCall>(*layer_, static_cast<const float*>(x.data()), T,
-                                          static_cast<const int64_t*>(ids.data()), static_cast<const float*>(w.data()), K,
-                                          static_cast<float*>(out.mutable_data()));
+    CallArrays a;
+    a.x = checked_array(x_obj, "hidden_states", py::dtype::of<float>(), "float32", {-1, s.hidden});
+    a.tokens = a.x.shape(0);
+    a.ids = checked_array(ids_obj, "top_k_index", py::dtype::of<int64_t>(), "int64", {a.tokens, -1});
+    a.top_k = a.ids.shape(1);
+    a.w = checked_array(w_obj, "top_k_weights", py::dtype::of<float>(), "float32", {a.tokens, a.top_k});
+    a.out = checked_array(out_obj, "out", py::dtype::of<float>(), "float32", {a.tokens, s.hidden});
+    if (!a.out.writeable()) bad_arg("out", "must be writeable");
+    return a;
+  }
+  std::unique_ptr<MoeCall> start(CallArrays& a) {
+    auto call = std::make_unique<MoeCall>(*layer_, static_cast<const float*>(a.x.data()), a.tokens,
+                                          static_cast<const int64_t*>(a.ids.data()), static_cast<const float*>(a.w.data()),
+                                          a.top_k, static_cast<float*>(a.out.mutable_data()));
     try {
       py::gil_scoped_release release;  // start() waits for the pool's job in flight
       layer_->submit(*call);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(std::string("argument 'top_k_index': ") + e.what());
     }
-    pending_[me] = PendingCall{std::move(call), {x, ids, w, out}};
+    return call;
+  }
+
+  void submit(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj, const py::object& out_obj) {
+    CallArrays a = checked_call(x_obj, ids_obj, w_obj, out_obj);
+    const std::thread::id me = std::this_thread::get_id();
+    if (pending_.count(me)) throw CallOrderError("submit() called twice from the same thread without sync() in between");
+    std::unique_ptr<MoeCall> call = start(a);
+    pending_[me] = PendingCall{std::move(call), {a.x, a.ids, a.w, a.out}};
+  }
+
+  // submit() + sync() in one call (the arrays are the caller's for its whole duration).
+  void run(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj, const py::object& out_obj) {
+    CallArrays a = checked_call(x_obj, ids_obj, w_obj, out_obj);
+    std::unique_ptr<MoeCall> call = start(a);
+    finish_interruptibly(*call);
   }
 
   // Ends the calling thread's call in flight.
@@ -178,6 +201,8 @@ void bind_moe(py::module_& m) {
            "[T, k]) and return at once. The arrays are kept alive until sync(). Each thread may have one call "
            "in flight per layer (a second submit() from it raises CallOrderError); calls from several threads "
            "run one after the other.")
+      .def("run", &PyMoe::run, py::arg("hidden_states"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("out"),
+           "submit() and sync() in one call, independent of this thread's submitted call if any.")
       .def("sync", &PyMoe::sync,
            "Wait for this thread's submitted call; an error raised in a worker is raised here. Ctrl-C cancels "
            "the call and raises KeyboardInterrupt within ~50 ms.")

@@ -113,7 +113,7 @@ INTERRUPT_SCRIPT = textwrap.dedent(
     from transformers import AutoConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    H, I, E, K, T = 1024, 1024, 8, 2, 4096
+    H, I, E, K, T = 1024, 1024, 8, 2, 12288
     config = AutoConfig.for_model("qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
     torch.manual_seed(0)
     module = Qwen3MoeExperts(config)
