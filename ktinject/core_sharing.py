@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from ktinject.messages import format_ranges
+
 logger = logging.getLogger("ktinject")
 
 ENV_VAR = "KTINJECT_TORCH_THREADS"
@@ -47,7 +49,7 @@ def share_cores_with_pool(pool_cpus: list[int]) -> None:
             reason = f"{ENV_VAR}={requested}"
         else:
             wanted = 1
-            reason = (f"the CPU operators' pool is pinned to CPUs {_ranges(pool_cpus)} and torch's idle OpenMP "
+            reason = (f"the CPU operators' pool is pinned to CPUs {format_ranges(pool_cpus)} and torch's idle OpenMP "
                       f"workers would spin on them (set {ENV_VAR}=N to keep N)")
         if wanted != before:
             torch.set_num_threads(wanted)
@@ -59,17 +61,3 @@ def decision() -> str:
     """What ``share_cores_with_pool`` decided in this process, for ``ktinject doctor``."""
     return _decision or f"no CPU operator built yet; torch uses {torch.get_num_threads()} intra-op threads"
 
-
-def _ranges(cpus: list[int]) -> str:
-    cpus = sorted(set(cpus))
-    if not cpus:
-        return "none"
-    parts, start, prev = [], cpus[0], cpus[0]
-    for c in cpus[1:] + [None]:  # type: ignore[list-item]
-        if c is not None and c == prev + 1:
-            prev = c
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if c is not None:
-            start = prev = c
-    return ",".join(parts)

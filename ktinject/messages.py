@@ -1,4 +1,4 @@
-"""How error messages show values and key paths: always one line, never megabytes.
+"""How messages show values: always one line, never megabytes; runs of numbers as ranges.
 
 Input can hold anything (a 1 MiB string, a name with a newline); messages quote it shortened and with
 line breaks escaped, so an error (a ``RuleError`` starts with ``file:line:``) is always a single line.
@@ -46,3 +46,19 @@ def format_path(path: tuple[Any, ...]) -> str:
         name = part if isinstance(part, str) and part.isprintable() and 0 < len(part) <= 64 else show(part, 40)
         out += f".{name}" if out else name
     return out or "<top>"
+
+
+def format_ranges(numbers) -> str:
+    """Sorted distinct integers as ranges: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (``"none"`` when empty)."""
+    values = sorted(set(numbers))
+    if not values:
+        return "none"
+    parts, start, prev = [], values[0], values[0]
+    for n in values[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(parts)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ktinject.errors import OperatorError
+from ktinject.messages import format_ranges
 from ktinject.rules import RuleSet
 from ktinject.rules.schema import Rule
 from ktinject.weights.assembled import FileSource
@@ -166,19 +167,6 @@ def _human_bytes(n: int) -> str:
 _FIRST_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
 
-def _ranges(numbers: list[int]) -> str:
-    numbers = sorted(set(numbers))
-    parts, start, prev = [], numbers[0], numbers[0]
-    for n in numbers[1:] + [None]:  # type: ignore[list-item]
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ",".join(parts)
-
-
 def format_plan(p: Plan) -> str:
     """A readable table; entries that differ only in their first index (layer number) share one row."""
     groups: dict[tuple, list[int]] = {}  # insertion-ordered: rows follow model order
@@ -193,7 +181,7 @@ def format_plan(p: Plan) -> str:
     for key in groups:
         template, cls, label, op, device, _ = key
         idx = groups[key]
-        name = template.replace("{}", "{" + _ranges(idx) + "}") if "{}" in template else (template or "<root>")
+        name = template.replace("{}", "{" + format_ranges(idx) + "}") if "{}" in template else (template or "<root>")
         if "{}" in template and len(set(idx)) == 1:
             name = template.replace("{}", str(idx[0]))
         rows.append((name, cls, label, op, device, _human_bytes(bytes_by_key[key])))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from ktinject.messages import format_ranges
+
 
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="report CPU features, NUMA topology, the native build and the GPU")
@@ -72,13 +74,23 @@ def _native_rows(rows: list[tuple[str, str]]) -> None:
     nodes = ext.numa_topology()
     rows.append(("numa nodes", str(len(nodes))))
     for node in nodes:
-        rows.append((f"  node {node['node']} cpus", _compress(node["cpus"])))
+        rows.append((f"  node {node['node']} cpus", format_ranges(node["cpus"])))
     balancing = _read("/proc/sys/kernel/numa_balancing")
     hint = " (set to 0 for pinned experts: sysctl kernel.numa_balancing=0)" if balancing not in ("0", "n/a") else ""
     rows.append(("numa_balancing", balancing + hint))
     rows.append(("built with NUMA", "yes (libnuma)" if ext.built_with_numa else "no (libnuma-dev was missing at build time; one node)"))
     if hasattr(ext, "pool_layout"):
-        _row(rows, "cpu_experts default", lambda: _pool_default(ext))
+        _row(rows, "cpu operators default", lambda: _pool_default(ext))
+    _row(rows, "torch threads", _torch_threads)
+
+
+def _torch_threads() -> str:
+    """Who gets the cores: the CPU operators' pool, and torch's intra-op threads beside it (core_sharing)."""
+    from ktinject import core_sharing
+
+    env = core_sharing.ENV_VAR
+    return (f"{core_sharing.decision()}; building a CPU operator sets torch's intra-op threads to 1 so its OpenMP "
+            f"workers do not spin on the pool's cores (${env}=N keeps N)")
 
 
 def _pool_default(ext) -> str:
@@ -86,22 +98,9 @@ def _pool_default(ext) -> str:
         groups, memory_nodes = ext.pool_layout(0, 0)
     except ValueError as exc:
         return f"cannot place workers: {exc}"
-    desc = "; ".join(f"node {mem if mem >= 0 else '?'}: cpus {_compress(cpus)}" for cpus, mem in zip(groups, memory_nodes))
+    desc = "; ".join(f"node {mem if mem >= 0 else '?'}: cpus {format_ranges(cpus)}" for cpus, mem in zip(groups, memory_nodes))
     return (f"{sum(len(g) for g in groups)} pinned threads in {len(groups)} node group(s) ({desc}); "
             "kwargs threads= / numa_nodes= change it")
-
-
-def _compress(cpus: list[int]) -> str:
-    parts, start, prev = [], None, None
-    for c in sorted(cpus) + [None]:
-        if start is None:
-            start = prev = c
-        elif c is not None and c == prev + 1:
-            prev = c
-        else:
-            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = c
-    return ",".join(parts)
 
 
 def run(args) -> int:

@@ -58,7 +58,7 @@ def test_bad_set_option(capsys):
 def test_doctor(capsys):
     code, out, _ = run(capsys, "doctor")
     assert code == 0
-    for label in ("isa", "kernel path", "numa nodes", "numa_balancing", "built with NUMA", "cpu_experts default", "torch"):
+    for label in ("isa", "kernel path", "numa nodes", "numa_balancing", "built with NUMA", "cpu operators default", "torch threads"):
         assert label in out
 
 

@@ -136,7 +136,7 @@ def test_doctor_with_a_bad_isa_reports_it(capsys, monkeypatch):
     assert code == 0 and err == ""
     row = next(line for line in out.splitlines() if line.startswith("kernel path"))
     assert "ERROR: KTINJECT_ISA: unknown ISA 'bogus' (expected scalar, avx2 or avx512)" in row
-    assert "numa nodes" in out and "cpu_experts default" in out  # the other rows are still there
+    assert "numa nodes" in out and "cpu operators default" in out  # the other rows are still there
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path):
