@@ -36,13 +36,12 @@ from torch import nn
 from ktinject.core_sharing import share_cores_with_pool
 from ktinject.errors import OperatorError
 from ktinject.native import native
-from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operator import register_operator
 from ktinject.operators import torch_ops
+from ktinject.operators.cpu_pool import CpuOperator, CpuPoolConfig
 from ktinject.operators.cpu_weights import (
     GGML_TYPE_NAMES,
     GGML_TYPES,
-    IsaName,
-    WeightTypeName,
     bytes_per_weight,
     float_type_of,
     kept_stored_bytes,
@@ -69,28 +68,12 @@ SUPPORTED_FEATURES: frozenset[str] = KERNEL_FEATURES | CALL_LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
-class CpuExpertsConfig(OperatorConfig):
-    weight_type: WeightTypeName = "auto"  # auto: as stored in a GGUF; a live module keeps its dtype (bf16/f16/f32)
-    threads: int = 0  # worker threads; 0 = every CPU of the chosen NUMA nodes
-    numa_nodes: int = 0  # node groups; 0 = every node. More than the machine has splits its CPUs (testing)
-    isa: IsaName = "auto"  # kernel family; auto = the best this CPU runs (or KTINJECT_ISA)
-
-    def __post_init__(self) -> None:
-        # What the pool can pin (csrc choose_layout): at most one worker per CPU this process may run on, at
-        # least one worker per node group; checked here so a rule file fails at load time, not in the extension.
-        import os
-
-        from ktinject.operator import KwargError, check_int
-
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        check_int("threads", self.threads, 0, cpus, f" (0 = every CPU; this process may run on {cpus})")
-        check_int("numa_nodes", self.numa_nodes, 0, cpus, f" (0 = every node; each node group needs one of the {cpus} CPUs)")
-        if self.threads and self.numa_nodes > self.threads:
-            raise KwargError("numa_nodes", f"numa_nodes={self.numa_nodes} needs at least as many threads, got threads={self.threads}")
+class CpuExpertsConfig(CpuPoolConfig):
+    """weight_type, threads, numa_nodes, isa (see CpuPoolConfig)."""
 
 
 @register_operator("cpu_experts")
-class CpuExperts(Operator):
+class CpuExperts(CpuOperator):
     """Routed experts on the CPU (C++ kernels, NUMA-pinned thread pool)."""
 
     Config = CpuExpertsConfig
@@ -134,11 +117,6 @@ class CpuExperts(Operator):
             else:
                 op._load_canonical_batches(lambda n, start, stop: module.get_parameter(n)[start:stop])
         return op
-
-    @classmethod
-    def check_device(cls, device: torch.device, config: CpuExpertsConfig) -> None:
-        if device.type != "cpu":
-            raise OperatorError(f"cpu_experts computes on the CPU, not on {device} (use device: cpu)")
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: CpuExpertsConfig) -> int:

@@ -22,13 +22,12 @@ from torch import nn
 from ktinject.core_sharing import share_cores_with_pool
 from ktinject.errors import OperatorError
 from ktinject.native import native
-from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operator import register_operator
 from ktinject.operators import torch_ops
+from ktinject.operators.cpu_pool import CpuOperator, CpuPoolConfig
 from ktinject.operators.cpu_weights import (
     GGML_TYPE_NAMES,
     GGML_TYPES,
-    IsaName,
-    WeightTypeName,
     bytes_per_weight,
     column_multiple,
     float_type_of,
@@ -44,21 +43,12 @@ _ROWS_PER_BATCH = 4096
 
 
 @dataclasses.dataclass(frozen=True)
-class CpuLinearConfig(OperatorConfig):
-    weight_type: WeightTypeName = "auto"  # auto: as stored in a GGUF; a live module keeps its dtype (bf16/f16/f32)
-    threads: int = 0  # worker threads; 0 = every CPU of the chosen NUMA nodes (the pool cpu_experts uses)
-    numa_nodes: int = 0  # node groups; 0 = every node
-    isa: IsaName = "auto"  # kernel family; auto = the best this CPU runs (or KTINJECT_ISA)
-
-    def __post_init__(self) -> None:
-        # The pool's limits, as for cpu_experts (the same pool): checked when the rule file is loaded.
-        from ktinject.operators.cpu_experts import CpuExpertsConfig
-
-        CpuExpertsConfig(threads=self.threads, numa_nodes=self.numa_nodes)
+class CpuLinearConfig(CpuPoolConfig):
+    """weight_type, threads, numa_nodes, isa (see CpuPoolConfig; the same pool as cpu_experts)."""
 
 
 @register_operator("cpu_linear")
-class CpuLinear(Operator):
+class CpuLinear(CpuOperator):
     """``y = x W^T + b`` on the CPU over stored blocks (C++ kernels, NUMA-pinned thread pool)."""
 
     Config = CpuLinearConfig
@@ -87,11 +77,6 @@ class CpuLinear(Operator):
         if not weight.is_meta:
             op.load_weights(ModuleSource(module, description=f"module {name!r}"), "")
         return op
-
-    @classmethod
-    def check_device(cls, device: torch.device, config: CpuLinearConfig) -> None:
-        if device.type != "cpu":
-            raise OperatorError(f"cpu_linear computes on the CPU, not on {device} (use device: cpu)")
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: CpuLinearConfig) -> int:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ktinject.errors import OperatorError
-from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.operator import Operator, register_operator
 from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
-from ktinject.operators.cpu_weights import IsaName, WeightTypeName
+from ktinject.operators.cpu_pool import CpuPoolConfig
 from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
 
 # weight_type -> torch_linear's dtype, for devices other than the CPU.
@@ -23,14 +23,9 @@ _TORCH_DTYPES = {"auto": "auto", "bf16": "bfloat16", "f16": "float16", "f32": "f
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearConfig(OperatorConfig):
-    weight_type: WeightTypeName = "auto"  # CPU: any stored type; other devices: auto | bf16 | f16 | f32
-    threads: int = 0  # CPU only: worker threads (0 = every CPU)
-    numa_nodes: int = 0  # CPU only: node groups (0 = every node)
-    isa: IsaName = "auto"  # CPU only
-
-    def __post_init__(self) -> None:
-        CpuLinearConfig(weight_type=self.weight_type, threads=self.threads, numa_nodes=self.numa_nodes, isa=self.isa)
+class LinearConfig(CpuPoolConfig):
+    """As cpu_linear's; on devices other than the CPU weight_type is auto | bf16 | f16 | f32 and the pool's kwargs
+    are ignored."""
 
 
 @register_operator("linear")
