@@ -10,7 +10,8 @@ enough layers' weights (>= 3x the L3 cache) that the weights come from DRAM, as 
 are the median of repeated calls (ms per layer). Decode = 1 token, prefill = 128 tokens. The roofline is
 the bytes of the 8 active experts over this machine's read bandwidth, measured in the same run with the
 same pinned threads. Peers: transformers' own experts module in bf16 (torch), llama.cpp (llama-bench on a
-GGUF of the same quant: (4-layer - 1-layer) / 3) and kt-kernel, when installed (benchmarks/peers.py).
+GGUF of the same quant: (4-layer - 1-layer) / 3), ik_llama.cpp (the same, with and without its run-time repack)
+and kt-kernel, when installed (benchmarks/peers.py).
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ def bench_peers(quant: str, threads_list: list[int]) -> list[Row]:
     for threads in threads_list:
         for label, fn in (("llama.cpp", peers.llama_cpp_layer_ms),
                           ("llama.cpp (no-AMX build)", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="noamx")),
+                          ("ik_llama.cpp", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="ik", repack=False)),
+                          ("ik_llama.cpp -rtr 1", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="ik", repack=True)),
                           ("kt-kernel", peers.kt_kernel_layer_ms)):
             try:
                 r = fn(gguf_type, threads)

@@ -46,7 +46,6 @@ from benchmarks import peers  # noqa: E402
 
 SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, attention="full")
 MIX = {"q4_k": "Q4_K_M", "q8_0": "Q8_0"}
-IK_LLAMA_BENCH = ("IK_LLAMA_BENCH", peers.PEERS_ROOT / "ik_llama.cpp" / "build" / "bin" / "llama-bench")
 
 
 def cpu_model() -> str:
@@ -91,8 +90,8 @@ def peer_runs(args) -> list[tuple[str, str, list[str]]]:
     native = peers.find_llama_bench("native")
     if native:
         runs.append(("llama.cpp", native, []))
-    ik = os.environ.get(IK_LLAMA_BENCH[0]) or str(IK_LLAMA_BENCH[1])
-    if os.path.isfile(ik):
+    ik = peers.find_llama_bench("ik")
+    if ik:
         runs.append(("ik_llama.cpp", ik, []))
         runs.append(("ik_llama.cpp -rtr 1", ik, ["-rtr", "1"]))
     wanted = set(args.peers.split(",")) if args.peers else None

@@ -66,6 +66,8 @@ _ATTENTION_SHAPES = {"tiny": (1, 1, 128), "full": (32, 4, 128)}  # (heads, kv_he
 LLAMA_BENCH_BUILDS = {
     "native": ("LLAMA_BENCH", PEERS_ROOT / "llama.cpp-native" / "bin" / "llama-bench"),
     "noamx": ("LLAMA_BENCH_NOAMX", PEERS_ROOT / "llama.cpp-noamx" / "bin" / "llama-bench"),
+    # ik_llama.cpp (fused MoE by default; its repack switch is -rtr, "run-time repack")
+    "ik": ("IK_LLAMA_BENCH", PEERS_ROOT / "ik_llama.cpp" / "build" / "bin" / "llama-bench"),
 }
 
 
@@ -453,8 +455,9 @@ def find_llama_bench(build: str = "native") -> Optional[str]:
 
 def _run_llama_bench(exe: str, model: Path, threads: int, n_prompt: int, n_gen: int, reps: int, repack: bool,
                      timeout_s: float) -> tuple[dict[str, float], dict[str, Any], list[str]]:
+    repack_flag = "-rtr" if "ik_llama" in exe else "--repack"
     cmd = [exe, "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps),
-           "--repack", "1" if repack else "0", "-o", "json", "-v"]
+           repack_flag, "1" if repack else "0", "-o", "json", "-v"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env(),
                           preexec_fn=_unpin)
     if proc.returncode != 0:
