@@ -48,9 +48,12 @@ inline py::array checked_array(const py::object& obj, const char* name, const py
 }
 
 inline WeightType checked_type(int type_id, const char* name = "type_id") {
-  if (!weight_type_supported(type_id))
-    bad_arg(name, "unsupported GGML type id " + std::to_string(type_id) +
-                      " (expected one of f32=0, f16=1, q8_0=8, q4_k=12, q5_k=13, q6_k=14, bf16=30)");
+  if (!weight_type_supported(type_id)) {
+    std::string known;
+    for (const WeightTypeTraits& w : kWeightTypes)
+      known += (known.empty() ? "" : ", ") + std::string(w.name) + "=" + std::to_string(static_cast<int>(w.type));
+    bad_arg(name, "unsupported GGML type id " + std::to_string(type_id) + " (expected one of " + known + ")");
+  }
   return static_cast<WeightType>(type_id);
 }
 

@@ -272,12 +272,27 @@ void bind_quant(py::module_& m) {
       "supported_weight_types",
       []() {
         py::dict d;
-        for (WeightType t : {WeightType::F32, WeightType::F16, WeightType::BF16, WeightType::Q8_0, WeightType::Q4_K,
-                             WeightType::Q5_K, WeightType::Q6_K})
-          d[weight_type_name(t)] = static_cast<int>(t);
+        for (const WeightTypeTraits& w : kWeightTypes) d[w.name] = static_cast<int>(w.type);
         return d;
       },
       "Weight types of the CPU kernels: name -> GGML type id.");
+  m.def(
+      "weight_type_traits",
+      []() {
+        py::dict d;
+        for (const WeightTypeTraits& w : kWeightTypes) {
+          py::dict row;
+          row["id"] = static_cast<int>(w.type);
+          row["block_elems"] = w.block_elems;
+          row["block_bytes"] = w.block_bytes;
+          row["col_granularity"] = w.col_granularity;
+          row["act_block_elems"] = act_format_block_elems(w.act);
+          d[w.name] = row;
+        }
+        return d;
+      },
+      "The CPU kernels' weight-type table (csrc/quant/weight_types.h): name -> {id, block_elems, block_bytes, "
+      "col_granularity (a row's column count must be a multiple of it), act_block_elems}.");
 }
 
 }  // namespace ktinject

@@ -1,7 +1,9 @@
 """Weight types of the CPU kernels (csrc/quant): names, GGML ids and sizes, and conversion to GGUF blocks.
 
 The one place the CPU operators (``cpu_experts``, ``cpu_linear``) learn these facts. Ids and block sizes come
-from gguf-py's tables (the file format's own definition); the extension reads the same GGML ids.
+from gguf-py's tables (the file format's own definition; usable when planning without the extension); the
+extension reads the same GGML ids, and what only the kernels decide (the column multiple) comes from their type
+table (``native().weight_type_traits()``).
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ def bytes_per_weight(name: str) -> float:
 
 
 def column_multiple(name: str) -> int:
-    """Input features must be a multiple of this for ``name`` (the block size; 2 for 16-bit floats)."""
-    if name in ("f16", "bf16"):
-        return 2
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(GGML_TYPES[name])][0]
+    """Input features must be a multiple of this for ``name`` (the block size; 2 for 16-bit floats), as the
+    kernels' own type table says (csrc/quant/weight_types.h): their packing decides it, not the file format."""
+    return native().weight_type_traits()[name]["col_granularity"]
 
 
 def float_type_of(dtype: torch.dtype) -> str | None:

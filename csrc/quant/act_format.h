@@ -1,18 +1,19 @@
 // Layout of one quantized activation row (what quantize_act writes and gemm reads); private to the
-// kernel layer. Structure-of-arrays so that each part is a contiguous, 64-byte aligned vector load:
-//   K-quants (Q4_K/Q5_K/Q6_K):  qs int8[cols] | d f32[cols/256] | bsum16 int16[cols/16] | bsum32 int16[cols/32]
+// kernel layer. Structure-of-arrays so that each part is a contiguous, 64-byte aligned vector load; one
+// layout per ActFormat (the format a weight type reads is its `act` in kWeightTypes, weight_types.h):
+//   Int8x256 (K-quants):        qs int8[cols] | d f32[cols/256] | bsum16 int16[cols/16] | bsum32 int16[cols/32]
 //     x ~= d[sb] * qs; bsum16/bsum32 are sums of qs over each 16 / 32 elements (the weights' offset terms).
-//   Q8_0:                       qs int8[cols] | d f32[cols/32] | nsum int32[cols/32]
+//   Int8x32 (Q8_0):             qs int8[cols] | d f32[cols/32] | nsum int32[cols/32]
 //     x ~= d[b] * qs; nsum[b] = -128 * (sum of the block's qs): the packed weights are stored as
 //     u8 = w + 128, so sum((w + 128) * q) + nsum = sum(w * q).
-//   F32 / F16 / BF16:           f32[cols]
+//   F32 (F32 / F16 / BF16):     f32[cols]
 // Every part starts at a multiple of 64 bytes; the row is padded to a multiple of 64.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
-#include "quant/kernels.h"
+#include "quant/weight_types.h"
 
 namespace ktinject {
 
@@ -31,29 +32,30 @@ struct ActLayout {
   size_t bytes = 0;      // whole row, multiple of 64
 };
 
-static inline ActLayout act_layout(WeightType t, int64_t cols) {
+static inline ActLayout act_layout(ActFormat f, int64_t cols) {
   const size_t n = static_cast<size_t>(cols);
   ActLayout l;
-  switch (t) {
-    case WeightType::Q4_K:
-    case WeightType::Q5_K:
-    case WeightType::Q6_K:
+  switch (f) {
+    case ActFormat::Int8x256:
       l.d_off = round_up_64(n);
       l.sum_off = l.d_off + round_up_64(n / 256 * sizeof(float));
       l.sum32_off = l.sum_off + round_up_64(n / 16 * sizeof(int16_t));
       l.bytes = l.sum32_off + round_up_64(n / 32 * sizeof(int16_t));
       break;
-    case WeightType::Q8_0:
+    case ActFormat::Int8x32:
       l.d_off = round_up_64(n);
       l.sum_off = l.d_off + round_up_64(n / 32 * sizeof(float));
       l.bytes = l.sum_off + round_up_64(n / 32 * sizeof(int32_t));
       break;
-    default:
+    case ActFormat::F32:
       l.bytes = round_up_64(n * sizeof(float));
       break;
   }
   return l;
 }
+
+// The layout of the activation rows weight type t reads.
+static inline ActLayout act_layout(WeightType t, int64_t cols) { return act_layout(weight_traits(t).act, cols); }
 
 // A SIMD micro-kernel's view of its token group's activation rows (up to kMax rows), split into their parts.
 template <int kMax>

@@ -1,4 +1,4 @@
-// Type facts and run-time ISA dispatch of the quant kernels.
+// Run-time ISA dispatch of the quant kernels (the weight types' facts are the table in weight_types.h).
 #include "quant/kernels.h"
 
 #include <cstdlib>
@@ -9,68 +9,6 @@
 #include "quant/isa_kernels.h"
 
 namespace ktinject {
-
-bool weight_type_supported(int type_id) {
-  switch (static_cast<WeightType>(type_id)) {
-    case WeightType::F32:
-    case WeightType::F16:
-    case WeightType::Q8_0:
-    case WeightType::Q4_K:
-    case WeightType::Q5_K:
-    case WeightType::Q6_K:
-    case WeightType::BF16:
-      return true;
-  }
-  return false;
-}
-
-const char* weight_type_name(WeightType t) {
-  switch (t) {
-    case WeightType::F32: return "f32";
-    case WeightType::F16: return "f16";
-    case WeightType::Q8_0: return "q8_0";
-    case WeightType::Q4_K: return "q4_k";
-    case WeightType::Q5_K: return "q5_k";
-    case WeightType::Q6_K: return "q6_k";
-    case WeightType::BF16: return "bf16";
-  }
-  return "unknown";
-}
-
-int block_elems(WeightType t) {
-  switch (t) {
-    case WeightType::Q8_0: return 32;
-    case WeightType::Q4_K:
-    case WeightType::Q5_K:
-    case WeightType::Q6_K: return 256;
-    default: return 1;
-  }
-}
-
-size_t block_bytes(WeightType t) {
-  switch (t) {
-    case WeightType::F32: return 4;
-    case WeightType::F16:
-    case WeightType::BF16: return 2;
-    case WeightType::Q8_0: return 34;
-    case WeightType::Q4_K: return 144;
-    case WeightType::Q5_K: return 176;
-    case WeightType::Q6_K: return 210;
-  }
-  return 0;
-}
-
-int col_granularity(WeightType t) {
-  return (t == WeightType::F16 || t == WeightType::BF16) ? 2 : block_elems(t);
-}
-
-size_t row_bytes(WeightType t, int64_t cols) {
-  return static_cast<size_t>(cols / block_elems(t)) * block_bytes(t);
-}
-
-int act_block_elems(WeightType t) {
-  return (t == WeightType::F32 || t == WeightType::F16 || t == WeightType::BF16) ? 1 : block_elems(t);
-}
 
 size_t act_row_bytes(WeightType t, int64_t cols) { return act_layout(t, cols).bytes; }
 

@@ -1,5 +1,6 @@
 // Weight formats and kernels of the CPU MoE operator: one API over GGUF block formats (Q8_0, Q4_K,
 // Q5_K, Q6_K) and float rows (F32, F16, BF16), with scalar / AVX2 / AVX-512 variants chosen at run time.
+// The types themselves (ids, names, sizes) are the table in weight_types.h.
 // Raw pointers and shapes only; the binding layer and the MoE driver validate arguments, so every
 // function here states its preconditions instead of checking them.
 //
@@ -12,10 +13,9 @@
 #include <cstdint>
 #include <string>
 
-namespace ktinject {
+#include "quant/weight_types.h"
 
-// Values are the GGML type ids, so a GGUF tensor's type converts directly.
-enum class WeightType : int { F32 = 0, F16 = 1, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+namespace ktinject {
 
 // Kernel families. Avx2 needs AVX2+FMA+F16C; Avx512 needs AVX-512 F/BW/VL/DQ + VNNI.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
@@ -44,19 +44,8 @@ struct ActParams {
 
 constexpr int kTileRows = 16;
 
-// True when type_id is one of the WeightType values above.
-bool weight_type_supported(int type_id);
-// "f32", "f16", "q8_0", "q4_k", "q5_k", "q6_k", "bf16".
-const char* weight_type_name(WeightType t);
-// Elements per GGUF block: 1 for float types, 32 for Q8_0, 256 for K-quants.
-int block_elems(WeightType t);
-// Bytes of one GGUF block (float types: element size).
-size_t block_bytes(WeightType t);
-// A row's column count must be a multiple of this: the block size, and 2 for F16/BF16 (packing moves
-// 4-byte groups).
-int col_granularity(WeightType t);
-// Bytes of one weight row. Precondition: cols % col_granularity(t) == 0.
-size_t row_bytes(WeightType t, int64_t cols);
+// The weight types and their facts (weight_type_supported, weight_type_name, block_elems, block_bytes,
+// col_granularity, act_block_elems, row_bytes) are in weight_types.h.
 
 // Best kernel family of this CPU. KTINJECT_ISA=scalar|avx2|avx512 forces a lower one; naming one the
 // CPU (or this build) lacks, or an unknown name, throws std::invalid_argument.
@@ -86,8 +75,6 @@ void unpack_row(WeightType t, const uint8_t* packed, int64_t cols, int64_t row, 
 // one f32 scale per 256 elements (K-quants) or per 32 (Q8_0), f32 for float types. Identical bytes for
 // every Isa. Rows are act_row_bytes(t, cols) long (a multiple of 64).
 size_t act_row_bytes(WeightType t, int64_t cols);
-// Elements per activation quantization block: 256 (K-quants), 32 (Q8_0), 1 (float types).
-int act_block_elems(WeightType t);
 // Converts columns [col0, col0 + ncols) of one row: x holds those ncols values, `row` is the whole
 // destination row (of `cols` columns). Preconditions: isa_available(isa); col0 and ncols multiples of
 // act_block_elems(t) (ncols may end at cols); x finite for a meaningful result (never a crash).

@@ -460,6 +460,7 @@ void tile_f16(const uint8_t* tile, int64_t cols, const Acts& a, TileOut<NT>& out
 // ---------------------------------------------------------------------------------------------------
 // Driver: tiles outer (a tile's weights stay in L1/L2 while token groups reuse them), tokens inner.
 
+// One micro-kernel per type; no default, so -Wswitch names a type added without one.
 template <int NT>
 void tile_dispatch(WeightType t, const uint8_t* tile, int64_t cols, const Acts& a, TileOut<NT>& out) {
   switch (t) {

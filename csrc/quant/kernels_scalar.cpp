@@ -120,14 +120,18 @@ float group_float(WeightType t, const uint8_t* p, const ActRef& a, int64_t g) {
   return w0 * a.f[2 * g] + w1 * a.f[2 * g + 1];
 }
 
+// One dot product per type; no default, so -Wswitch names a type added without one.
 float group_dot(WeightType t, const uint8_t* blk, const ActRef& a, int64_t g) {
   switch (t) {
     case WeightType::Q4_K: return block_q45_k(false, blk, a, g);
     case WeightType::Q5_K: return block_q45_k(true, blk, a, g);
     case WeightType::Q6_K: return block_q6_k(blk, a, g);
     case WeightType::Q8_0: return block_q8_0(blk, a, g);
-    default: return group_float(t, blk, a, g);
+    case WeightType::F32:
+    case WeightType::F16:
+    case WeightType::BF16: break;
   }
+  return group_float(t, blk, a, g);
 }
 
 constexpr int kTokenGroup = 8;
@@ -135,10 +139,11 @@ constexpr int kTokenGroup = 8;
 void gemm_scalar(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, int64_t tile0, int64_t n_tiles,
                  const uint8_t* const* act, int64_t n_tokens, const GemmOut& out) {
   const PackedFormat f = packed_format(t);
-  const int64_t groups = cols / group_cols(t);
-  const size_t main = tile_main_bytes(t);
+  const int64_t groups = cols / f.group_cols;
+  const size_t main = tile_main_bytes(f);
   const size_t tb = tile_bytes(t, cols);
-  uint8_t blocks[kTileRows][256];  // one tile-block back in GGUF layout (a block is at most 210 bytes)
+  uint8_t blocks[kTileRows][256];  // one tile-block back in GGUF layout
+  static_assert(max_group_bytes() <= 256, "a type's group outgrows the scalar kernel's block buffer");
   for (int64_t tile = tile0; tile < tile0 + n_tiles; ++tile) {
     const uint8_t* tp = packed + tile * tb;
     const int valid = static_cast<int>(std::min<int64_t>(kTileRows, rows - tile * kTileRows));

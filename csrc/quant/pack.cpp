@@ -18,8 +18,8 @@ size_t packed_bytes(WeightType t, int64_t rows, int64_t cols) {
 void pack_tiles(WeightType t, const uint8_t* src, size_t src_stride, int64_t rows, int64_t cols, int64_t tile0,
                 int64_t tile1, uint8_t* packed) {
   const PackedFormat f = packed_format(t);
-  const int64_t groups = cols / group_cols(t);
-  const size_t main = tile_main_bytes(t);
+  const int64_t groups = cols / f.group_cols;
+  const size_t main = tile_main_bytes(f);
   const size_t tb = tile_bytes(t, cols);
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     uint8_t* dst = packed + tile * tb;
@@ -48,8 +48,8 @@ void pack_tiles(WeightType t, const uint8_t* src, size_t src_stride, int64_t row
 
 void unpack_row(WeightType t, const uint8_t* packed, int64_t cols, int64_t row, uint8_t* dst) {
   const PackedFormat f = packed_format(t);
-  const int64_t groups = cols / group_cols(t);
-  const size_t main = tile_main_bytes(t);
+  const int64_t groups = cols / f.group_cols;
+  const size_t main = tile_main_bytes(f);
   const uint8_t* tile = packed + (row / kTileRows) * tile_bytes(t, cols);
   const int r = static_cast<int>(row % kTileRows);
   const uint8_t* tail = tile + groups * main;

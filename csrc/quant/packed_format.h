@@ -23,38 +23,50 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "quant/kernels.h"
+#include "quant/weight_types.h"
 
 namespace ktinject {
 
+// One type's packing, derived from its row in kWeightTypes (weight_types.h): a group is one block-column
+// (col_granularity columns of a row, whole blocks); its 2-byte tail field, if any, sits at the group's start
+// or end and the rest is the main part.
 struct PackedFormat {
-  int group_bytes;   // bytes of one row per tile-block (== block_bytes; 4 for float types)
-  int main_off;      // first byte of the transposed range within the group
-  int main_vectors;  // 64-byte vectors of the main part
-  int tail_off;      // offset of the 2-byte tail field within the group, or -1
-  bool flip_sign;    // Q8_0: codes stored XOR 0x80
+  int64_t group_cols;  // columns covered by one tile-block (== col_granularity)
+  int group_bytes;     // bytes of one row per tile-block (== block_bytes for block formats; 4 for float types)
+  int main_off;        // first byte of the transposed range within the group
+  int main_vectors;    // 64-byte vectors of the main part
+  int tail_off;        // offset of the 2-byte tail field within the group, or -1
+  bool flip_sign;      // Q8_0: codes stored XOR 0x80
 };
 
-static inline PackedFormat packed_format(WeightType t) {
-  switch (t) {
-    case WeightType::Q4_K: return {144, 0, 36, -1, false};
-    case WeightType::Q5_K: return {176, 0, 44, -1, false};
-    case WeightType::Q6_K: return {210, 0, 52, 208, false};
-    case WeightType::Q8_0: return {34, 2, 8, 0, true};
-    default: return {4, 0, 1, -1, false};  // F32 / F16 / BF16: 4 bytes of a row per group
-  }
+static constexpr PackedFormat packed_format(WeightType t) {
+  const WeightTypeTraits& w = weight_traits(t);
+  const int group_bytes = w.col_granularity / w.block_elems * w.block_bytes;
+  const int tail_bytes = w.tail_off >= 0 ? 2 : 0;
+  return {w.col_granularity, group_bytes, w.tail_off == 0 ? tail_bytes : 0, (group_bytes - tail_bytes) / 4, w.tail_off,
+          w.flip_sign};
 }
 
-// Columns covered by one tile-block.
-static inline int64_t group_cols(WeightType t) {
-  switch (t) {
-    case WeightType::F32: return 1;
-    case WeightType::F16:
-    case WeightType::BF16: return 2;
-    default: return block_elems(t);
+// Bytes of a tile-block's main part (16 rows' main ranges).
+static constexpr size_t tile_main_bytes(const PackedFormat& f) { return static_cast<size_t>(f.main_vectors) * 64; }
+
+// The largest group of any type: what a buffer holding one row's group (the scalar kernel's) must hold.
+static constexpr int max_group_bytes() {
+  int m = 0;
+  for (const WeightTypeTraits& w : kWeightTypes) {
+    const int g = packed_format(w.type).group_bytes;
+    m = g > m ? g : m;
   }
+  return m;
 }
 
-static inline size_t tile_main_bytes(WeightType t) { return static_cast<size_t>(packed_format(t).main_vectors) * 64; }
+// The per-type list at the top of this file, as the table gives it.
+static_assert(packed_format(WeightType::Q4_K).main_vectors == 36 && packed_format(WeightType::Q4_K).tail_off == -1);
+static_assert(packed_format(WeightType::Q5_K).main_vectors == 44 && packed_format(WeightType::Q5_K).tail_off == -1);
+static_assert(packed_format(WeightType::Q6_K).main_vectors == 52 && packed_format(WeightType::Q6_K).tail_off == 208);
+static_assert(packed_format(WeightType::Q8_0).main_off == 2 && packed_format(WeightType::Q8_0).main_vectors == 8 &&
+              packed_format(WeightType::Q8_0).tail_off == 0 && packed_format(WeightType::Q8_0).flip_sign);
+static_assert(packed_format(WeightType::F32).group_cols == 1 && packed_format(WeightType::F16).group_cols == 2 &&
+              packed_format(WeightType::BF16).group_bytes == 4 && packed_format(WeightType::BF16).main_vectors == 1);
 
 }  // namespace ktinject

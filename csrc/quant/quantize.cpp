@@ -195,6 +195,8 @@ void quantize_q8_0(const float* x, BlockQ8_0* b) {
 
 }  // namespace
 
+// quantize_weights and dequantize_row: one case per type and no default, so -Wswitch names a type added
+// without its code.
 void quantize_weights(WeightType t, const float* src, int64_t n_rows, int64_t cols, uint8_t* dst) {
   const size_t rb = row_bytes(t, cols);
   for (int64_t r = 0; r < n_rows; ++r) {

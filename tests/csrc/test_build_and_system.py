@@ -53,7 +53,33 @@ def test_measure_read_bandwidth_is_a_system_binding():
 
 @pytest.mark.skipif(not native_available(), reason="ktinject._native is not built")
 def test_the_kernels_types_are_the_ones_python_names():
-    """operators/cpu_weights.py (ids from gguf-py) and csrc/quant/kernels.h (the enum) agree on every type."""
+    """operators/cpu_weights.py (ids from gguf-py) and csrc/quant/weight_types.h (the table) agree on every type."""
     from ktinject.operators.cpu_weights import GGML_TYPES
 
     assert native().supported_weight_types() == GGML_TYPES
+
+
+def _switch_bodies(text: str):
+    """The body of every `switch (...) { ... }` in C++ source text (braces matched)."""
+    for match in re.finditer(r"\bswitch\s*\(", text):
+        start = text.index("{", match.end())
+        depth, i = 0, start
+        while True:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        yield text[start:i + 1]
+
+
+def test_weight_type_switches_are_complete_without_a_default():
+    """A switch over WeightType or ActFormat has no `default`, so -Wswitch names every switch a new type's code is
+    missing from (the facts themselves are the table in quant/weight_types.h, not switches)."""
+    sources = sorted(CSRC.glob("quant/*.[ch]*")) + sorted(CSRC.glob("*.[ch]*"))
+    switches = 0
+    for path in sources:
+        for body in _switch_bodies(path.read_text()):
+            if "case WeightType::" in body or "case ActFormat::" in body:
+                switches += 1
+                assert "default:" not in body, f"{path.relative_to(CSRC)}: a switch over weight types has a default"
+    assert switches >= 6  # the dot products of every ISA, quantize, dequantize, the activation formats

@@ -295,3 +295,28 @@ def test_type_table() -> None:
     for name, tid in TYPES.items():
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tid)]
         assert m.row_bytes(tid, 4096) == 4096 // block * size
+
+
+def test_weight_type_traits_match_the_file_format() -> None:
+    """The kernels' one type table (csrc/quant/weight_types.h) says what gguf-py says about every block, and the
+    column multiple and activation block its packing and dot products need."""
+    traits = m.weight_type_traits()
+    assert {name: t["id"] for name, t in traits.items()} == TYPES
+    for name, t in traits.items():
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t["id"])]
+        assert (t["block_elems"], t["block_bytes"]) == (block, size), name
+        assert t["col_granularity"] == (2 if name in ("f16", "bf16") else block), name
+        assert t["act_block_elems"] == block, name  # 1 for float types: f32 activations
+
+
+def test_type_errors_come_from_the_table() -> None:
+    """An unknown id lists every kernel type with its id; a bad column count names the type's own multiple."""
+    with pytest.raises(ValueError) as err:
+        m.row_bytes(7, 256)
+    message = str(err.value)
+    assert message.startswith("argument 'type_id': unsupported GGML type id 7 (expected one of f32=0, f16=1, ")
+    assert all(f"{name}={tid}" in message for name, tid in TYPES.items()), message
+    with pytest.raises(ValueError, match=r"argument 'cols': must be a positive multiple of 2 for bf16, got 3"):
+        m.row_bytes(TYPES["bf16"], 3)
+    with pytest.raises(ValueError, match=r"must be a positive multiple of 32 for q8_0, got 48"):
+        m.row_bytes(TYPES["q8_0"], 48)
