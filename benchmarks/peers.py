@@ -336,8 +336,14 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
     def add(name: str, shape: tuple[int, ...], qtype: Any, make: Callable[[], np.ndarray]) -> None:
         entries.append((name, shape, qtype, make))
 
+    def fitting(qtype: Any, cols: int) -> Any:
+        """qtype, or what llama.cpp's quantize falls back to for rows its blocks do not divide (Q8_0, else F16)."""
+        if cols % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            return qtype
+        return T.Q8_0 if cols % 32 == 0 else T.F16
+
     def dense(rows: int, cols: int, qtype: Any) -> Callable[[], np.ndarray]:
-        return lambda: quant(normal(rows, cols), qtype)
+        return lambda: quant(normal(rows, cols), fitting(qtype, cols))
 
     def ones(n: int) -> Callable[[], np.ndarray]:
         return lambda: np.ones(n, np.float32)
@@ -358,7 +364,7 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
         add(p + "attn_q.weight", (heads * head_dim, H), mix["attn_q"], dense(heads * head_dim, H, mix["attn_q"]))
         add(p + "attn_k.weight", (kv_heads * head_dim, H), mix["attn_k"], dense(kv_heads * head_dim, H, mix["attn_k"]))
         add(p + "attn_v.weight", (kv_heads * head_dim, H), mix["attn_v"], dense(kv_heads * head_dim, H, mix["attn_v"]))
-        add(p + "attn_output.weight", (H, heads * head_dim), mix["attn_output"],
+        add(p + "attn_output.weight", (H, heads * head_dim), fitting(mix["attn_output"], heads * head_dim),
             dense(H, heads * head_dim, mix["attn_output"]))
         add(p + "attn_q_norm.weight", (head_dim,), T.F32, ones(head_dim))
         add(p + "attn_k_norm.weight", (head_dim,), T.F32, ones(head_dim))
