@@ -67,7 +67,7 @@ def random_blocks(quant: str, rows: int, cols: int, rng: np.random.Generator) ->
     view = raw.reshape(rows, -1, block)
     scale = np.full(view.shape[:2], 1e-3, np.float16).view(np.uint8).reshape(*view.shape[:2], 2)
     for off in fields:
-        view[:, :, off:off + 2] = scale
+        view[:, :, off : off + 2] = scale
     return raw
 
 
@@ -120,7 +120,10 @@ def bench_ours(quant: str, threads_list: list[int], args) -> list[Row]:
     rng = np.random.default_rng(0)
     t = TYPE_IDS[quant]
     n_layers = args.layers or layers_for_dram(EXPERTS * expert_bytes(quant))
-    print(f"  building {n_layers} layers of {quant} experts ({n_layers * EXPERTS * expert_bytes(quant) / 2**30:.2f} GiB)...", flush=True)
+    print(
+        f"  building {n_layers} layers of {quant} experts ({n_layers * EXPERTS * expert_bytes(quant) / 2**30:.2f} GiB)...",
+        flush=True,
+    )
     blocks = []
     for _ in range(n_layers):
         gate = random_blocks(quant, EXPERTS * INTER, HIDDEN, rng).reshape(EXPERTS, INTER, -1)
@@ -131,7 +134,9 @@ def bench_ours(quant: str, threads_list: list[int], args) -> list[Row]:
     for threads in threads_list:
         layers = []
         for gate, up, down in blocks:
-            moe = m.MoE(EXPERTS, HIDDEN, INTER, gate_type=t, up_type=t, down_type=t, threads=threads, numa_nodes=args.numa_nodes)
+            moe = m.MoE(
+                EXPERTS, HIDDEN, INTER, gate_type=t, up_type=t, down_type=t, threads=threads, numa_nodes=args.numa_nodes
+            )
             moe.load(0, gate, up, down)
             layers.append(moe)
         result = {}
@@ -146,9 +151,14 @@ def bench_ours(quant: str, threads_list: list[int], args) -> list[Row]:
                 layer.sync()
 
             result[label] = median_ms(call, len(layers), 50 if tokens == 1 else 10, args.seconds)
-        rows.append(Row("ktinject cpu_experts", quant, threads, result["decode"], result["prefill"], f"isa={layers[0].isa}"))
-        print(f"  ktinject {quant} threads={threads}: decode {result['decode']:.3f} ms, prefill-128 {result['prefill']:.2f} ms", flush=True)
-        del layers
+        rows.append(
+            Row("ktinject cpu_experts", quant, threads, result["decode"], result["prefill"], f"isa={layers[0].isa}")
+        )
+        print(
+            f"  ktinject {quant} threads={threads}: decode {result['decode']:.3f} ms, prefill-128 {result['prefill']:.2f} ms",
+            flush=True,
+        )
+        layers.clear()  # free this thread count's layers before the next builds its own
     return rows
 
 
@@ -157,8 +167,9 @@ def bench_torch(threads_list: list[int], args) -> list[Row]:
     from transformers import AutoConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS,
-                                  num_experts_per_tok=TOP_K)
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS, num_experts_per_tok=TOP_K
+    )
     n_layers = args.layers or layers_for_dram(EXPERTS * 3 * INTER * HIDDEN * 2)
     print(f"  building {n_layers} bf16 transformers experts layers...", flush=True)
     layers = []
@@ -174,8 +185,10 @@ def bench_torch(threads_list: list[int], args) -> list[Row]:
         torch.set_num_threads(threads)
         result = {}
         for tokens, label in ((1, "decode"), (128, "prefill")):
-            calls = [(torch.from_numpy(x).bfloat16(), torch.from_numpy(ids), torch.from_numpy(w).bfloat16())
-                     for x, ids, w in routings(tokens, 16, rng)]
+            calls = [
+                (torch.from_numpy(x).bfloat16(), torch.from_numpy(ids), torch.from_numpy(w).bfloat16())
+                for x, ids, w in routings(tokens, 16, rng)
+            ]
 
             def call(i: int) -> None:
                 with torch.no_grad():
@@ -183,7 +196,10 @@ def bench_torch(threads_list: list[int], args) -> list[Row]:
 
             result[label] = median_ms(call, len(layers), 20 if tokens == 1 else 5, args.seconds)
         rows.append(Row("transformers experts (torch bf16)", "bf16", threads, result["decode"], result["prefill"]))
-        print(f"  torch bf16 threads={threads}: decode {result['decode']:.3f} ms, prefill-128 {result['prefill']:.2f} ms", flush=True)
+        print(
+            f"  torch bf16 threads={threads}: decode {result['decode']:.3f} ms, prefill-128 {result['prefill']:.2f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -196,11 +212,13 @@ def bench_peers(quant: str, threads_list: list[int]) -> list[Row]:
     rows = []
     gguf_type = quant.upper() if quant != "bf16" else "BF16"
     for threads in threads_list:
-        for label, fn in (("llama.cpp", peers.llama_cpp_layer_ms),
-                          ("llama.cpp (no-AMX build)", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="noamx")),
-                          ("ik_llama.cpp", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="ik", repack=False)),
-                          ("ik_llama.cpp -rtr 1", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="ik", repack=True)),
-                          ("kt-kernel", peers.kt_kernel_layer_ms)):
+        for label, fn in (
+            ("llama.cpp", peers.llama_cpp_layer_ms),
+            ("llama.cpp (no-AMX build)", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="noamx")),
+            ("ik_llama.cpp", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="ik", repack=False)),
+            ("ik_llama.cpp -rtr 1", lambda q, t: peers.llama_cpp_layer_ms(q, t, build="ik", repack=True)),
+            ("kt-kernel", peers.kt_kernel_layer_ms),
+        ):
             try:
                 r = fn(gguf_type, threads)
             except Exception as exc:
@@ -212,7 +230,10 @@ def bench_peers(quant: str, threads_list: list[int]) -> list[Row]:
                 continue
             note = getattr(r, "note", "") or ""
             rows.append(Row(label, quant, threads, getattr(r, "decode_ms", None), getattr(r, "prefill_ms", None), note))
-            print(f"  {label} {quant} threads={threads}: decode {rows[-1].decode_ms} ms, prefill {rows[-1].prefill_ms} ms  {note}", flush=True)
+            print(
+                f"  {label} {quant} threads={threads}: decode {rows[-1].decode_ms} ms, prefill {rows[-1].prefill_ms} ms  {note}",
+                flush=True,
+            )
     return rows
 
 
@@ -221,15 +242,27 @@ def fmt(v: float | None, digits: int = 3) -> str:
 
 
 def report(rows: list[Row], bandwidth: dict[int, float]) -> str:
-    lines = ["| implementation | quant | threads | decode ms | prefill-128 ms | decode: llama.cpp / ours | prefill: llama.cpp / ours | decode floor ms (8 experts / read BW) | decode / floor | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| implementation | quant | threads | decode ms | prefill-128 ms | decode: llama.cpp / ours | prefill: llama.cpp / ours | decode floor ms (8 experts / read BW) | decode / floor | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ref = next((p for p in rows if p.impl == "llama.cpp" and p.quant == r.quant and p.threads == r.threads), None)
         floor = 8 * expert_bytes(r.quant) / (bandwidth[r.threads] * 1e9) * 1e3 if r.quant in TYPE_IDS else None
-        speed_d = f"{ref.decode_ms / r.decode_ms:.2f}x" if ref and ref.decode_ms and r.decode_ms and r.impl != "llama.cpp" else ""
-        speed_p = f"{ref.prefill_ms / r.prefill_ms:.2f}x" if ref and ref.prefill_ms and r.prefill_ms and r.impl != "llama.cpp" else ""
+        speed_d = (
+            f"{ref.decode_ms / r.decode_ms:.2f}x"
+            if ref and ref.decode_ms and r.decode_ms and r.impl != "llama.cpp"
+            else ""
+        )
+        speed_p = (
+            f"{ref.prefill_ms / r.prefill_ms:.2f}x"
+            if ref and ref.prefill_ms and r.prefill_ms and r.impl != "llama.cpp"
+            else ""
+        )
         ratio = f"{r.decode_ms / floor:.2f}" if floor and r.decode_ms else ""
-        lines.append(f"| {r.impl} | {r.quant} | {r.threads} | {fmt(r.decode_ms)} | {fmt(r.prefill_ms, 1)} | {speed_d} | {speed_p} | {fmt(floor)} | {ratio} | {r.note} |")
+        lines.append(
+            f"| {r.impl} | {r.quant} | {r.threads} | {fmt(r.decode_ms)} | {fmt(r.prefill_ms, 1)} | {speed_d} | {speed_p} | {fmt(floor)} | {ratio} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -246,7 +279,9 @@ def main() -> int:
     quants = args.quants.split(",")
     threads_list = [int(t) for t in args.threads.split(",")]
     m = native()
-    print(f"machine: {os.cpu_count()} CPUs, L3 {l3_bytes() / 2**20:.0f} MiB, kernels {m.best_isa()}, NUMA nodes {len(m.numa_topology())}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, L3 {l3_bytes() / 2**20:.0f} MiB, kernels {m.best_isa()}, NUMA nodes {len(m.numa_topology())}"
+    )
     bandwidth = {t: m.measure_read_bandwidth(1 << 30, t, 5) for t in threads_list}
     for t, bw in bandwidth.items():
         print(f"read bandwidth, {t} pinned thread(s): {bw:.1f} GB/s")

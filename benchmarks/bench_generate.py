@@ -61,21 +61,39 @@ def cpu_model() -> str:
 def model_file(quant: str, layers: int, experts: int = 128) -> Path:
     shape = {**SHAPE, "experts": experts}
     try:
-        return peers.cached_qwen3moe_gguf(layers=layers, expert_type=quant.upper(), dense_mix=MIX[quant],
-                                          tokenizer="llama", **shape)
+        return peers.cached_qwen3moe_gguf(
+            layers=layers, expert_type=quant.upper(), dense_mix=MIX[quant], tokenizer="llama", **shape
+        )
     finally:
         peers.clear_gguf_memo()
 
 
 # ------------------------------------------------------------------------------------------------ peers
-def llama_bench_tok_s(exe: str, path: Path, threads: int, n_prompt: int, n_gen: int, reps: int,
-                      extra: list[str]) -> dict[str, Any]:
-    cmd = [exe, "-m", str(path), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps),
-           "-o", "json", *extra]
+def llama_bench_tok_s(
+    exe: str, path: Path, threads: int, n_prompt: int, n_gen: int, reps: int, extra: list[str]
+) -> dict[str, Any]:
+    cmd = [
+        exe,
+        "-m",
+        str(path),
+        "-t",
+        str(threads),
+        "-p",
+        str(n_prompt),
+        "-n",
+        str(n_gen),
+        "-r",
+        str(reps),
+        "-o",
+        "json",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+        raise RuntimeError(
+            f"{' '.join(cmd)}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+        )
+    rows = json.loads(proc.stdout[proc.stdout.index("[") :])
     out: dict[str, Any] = {"command": " ".join(cmd)}
     for r in rows:
         samples = [float(x) for x in (r.get("samples_ts") or [r["avg_ts"]])]
@@ -104,8 +122,9 @@ def load(path: Path, threads: int, dtype: str):
 
     import ktinject
 
-    return ktinject.from_pretrained(gguf=str(path), vars={"gpu": "cpu", "cpu_threads": threads},
-                                    dtype=getattr(torch, dtype), progress=False)
+    return ktinject.from_pretrained(
+        gguf=str(path), vars={"gpu": "cpu", "cpu_threads": threads}, dtype=getattr(torch, dtype), progress=False
+    )
 
 
 class TokenTimes:
@@ -130,8 +149,9 @@ def decode_tok_s(model, n_gen: int, seed: int = 0) -> float:
 
     ids = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(seed))
     streamer = TokenTimes()
-    model.generate(ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer,
-                   pad_token_id=0)
+    model.generate(
+        ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer, pad_token_id=0
+    )
     t = streamer.times
     return (len(t) - 1) / (t[-1] - t[0])
 
@@ -155,16 +175,28 @@ def measure_ktinject(path: Path, args, dtype: str) -> list[dict[str, Any]]:
     decode_tok_s(model, 4)
     prefill = statistics.median(prefill_tok_s(model, args.n_prompt, seed) for seed in range(args.reps))
     decode = [decode_tok_s(model, args.n_gen, seed) for seed in range(args.reps)]
-    rows = [{"engine": f"ktinject {dtype}", "prefill_tok_s": prefill, "decode_tok_s": statistics.median(decode),
-             "split_ms": split(model, args.n_gen)}]
+    rows = [
+        {
+            "engine": f"ktinject {dtype}",
+            "prefill_tok_s": prefill,
+            "decode_tok_s": statistics.median(decode),
+            "split_ms": split(model, args.n_gen),
+        }
+    ]
     if args.compile:
         ktinject.compile_decoding(model)
         start = time.perf_counter()
         decode_tok_s(model, args.n_gen)  # compiles (the cache size of the timed calls)
         compile_s = time.perf_counter() - start
         decode = [decode_tok_s(model, args.n_gen, seed) for seed in range(args.reps)]
-        rows.append({"engine": f"ktinject {dtype}, compiled decoding", "prefill_tok_s": prefill,
-                     "decode_tok_s": statistics.median(decode), "compile_s": compile_s})
+        rows.append(
+            {
+                "engine": f"ktinject {dtype}, compiled decoding",
+                "prefill_tok_s": prefill,
+                "decode_tok_s": statistics.median(decode),
+                "compile_s": compile_s,
+            }
+        )
     del model
     return rows
 
@@ -205,8 +237,9 @@ def split(model, n_gen: int) -> dict[str, float]:
     ids = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(7))
     streamer = TokenTimes()
     try:
-        model.generate(ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer,
-                       pad_token_id=0)
+        model.generate(
+            ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer, pad_token_id=0
+        )
     finally:
         for h in handles:
             h.remove()
@@ -231,12 +264,17 @@ def non_kernel_ms_per_layer(path: Path, layers: int, args) -> dict[str, dict[str
         ids = __import__("torch").randint(3, model.config.vocab_size, (1, 1))
         streamer = TokenTimes()
         before = native().pool_stats(args.threads)
-        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, streamer=streamer,
-                       pad_token_id=0)
+        model.generate(
+            ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, streamer=streamer, pad_token_id=0
+        )
         after = native().pool_stats(args.threads)
         step = (streamer.times[-1] - streamer.times[0]) / (len(streamer.times) - 1)
         kernels = (after["busy_seconds"] - before["busy_seconds"]) / (steps + 2)  # + the prompt and first token
-        return {"step_ms": step * 1e3, "kernel_ms": kernels * 1e3, "non_kernel_ms_per_layer": (step - kernels) / layers * 1e3}
+        return {
+            "step_ms": step * 1e3,
+            "kernel_ms": kernels * 1e3,
+            "non_kernel_ms_per_layer": (step - kernels) / layers * 1e3,
+        }
 
     decode_tok_s(model, 4)
     result = {"eager": measure()}
@@ -277,15 +315,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=32)
-    ap.add_argument("--realtime", action="store_true",
-                    help="run under SCHED_FIFO (chrt -f 10; root) so other processes disturb the timings less")
+    ap.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run under SCHED_FIFO (chrt -f 10; root) so other processes disturb the timings less",
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtypes", default="bfloat16,float32", help="ktinject model dtypes to run")
     ap.add_argument("--peers", default=None, help="comma list of peers to run (default: all found)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--deep", type=int, default=0, help="also measure non-kernel time per layer on this many layers")
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="skip the compiled-decoding rows (compile_decoding; seconds of compilation each)")
+    ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the compiled-decoding rows (compile_decoding; seconds of compilation each)",
+    )
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args(argv)
     if args.realtime:
@@ -312,16 +357,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows += measure_ktinject(path, args, dtype)
         best_peer = max((r["decode_tok_s"] for r in rows if not r["engine"].startswith("ktinject")), default=None)
         llama = next((r for r in rows if r["engine"] == "llama.cpp"), None)
-        print(f"\n## {quant} experts, {MIX[quant]} dense, {args.layers} layers: decode floor {floor_ms:.2f} ms "
-              f"({1e3 / floor_ms:.0f} tok/s)")
-        print("| engine | prefill-128 tok/s | decode tok/s | decode / best peer | prefill / llama.cpp | floor / decode time |")
+        print(
+            f"\n## {quant} experts, {MIX[quant]} dense, {args.layers} layers: decode floor {floor_ms:.2f} ms "
+            f"({1e3 / floor_ms:.0f} tok/s)"
+        )
+        print(
+            "| engine | prefill-128 tok/s | decode tok/s | decode / best peer | prefill / llama.cpp | floor / decode time |"
+        )
         print("|---|---|---|---|---|---|")
         for r in rows:
             vs_peer = f"{r['decode_tok_s'] / best_peer:.2f}x" if best_peer else ""
             vs_llama = f"{r['prefill_tok_s'] / llama['prefill_tok_s']:.2f}x" if llama else ""
             engine = r["engine"] + (f" (compiled in {r['compile_s']:.0f} s)" if "compile_s" in r else "")
-            print(f"| {engine} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {vs_peer} | {vs_llama} | "
-                  f"{floor_ms / (1e3 / r['decode_tok_s']):.2f} |")
+            print(
+                f"| {engine} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {vs_peer} | {vs_llama} | "
+                f"{floor_ms / (1e3 / r['decode_tok_s']):.2f} |"
+            )
         for r in rows:
             if "split_ms" in r:
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items())
@@ -335,8 +386,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for mode in ("eager", "compiled"):
             if mode in deep:
                 d = deep[mode]
-                print(f"\n# {args.deep} layers ({quant}, 16 experts), {mode}: step {d['step_ms']:.2f} ms, pool jobs "
-                      f"{d['kernel_ms']:.2f} ms, the rest {d['non_kernel_ms_per_layer']:.3f} ms per layer")
+                print(
+                    f"\n# {args.deep} layers ({quant}, 16 experts), {mode}: step {d['step_ms']:.2f} ms, pool jobs "
+                    f"{d['kernel_ms']:.2f} ms, the rest {d['non_kernel_ms_per_layer']:.3f} ms per layer"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

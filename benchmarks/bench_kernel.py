@@ -81,8 +81,13 @@ def main() -> None:
         for quant in args.quants.split(","):
             for build in builds:  # a fresh process per measurement: no state carried between builds
                 env = dict(os.environ, **({"KTINJECT_NATIVE": build} if build else {}))
-                done = subprocess.run([sys.executable, __file__, "--child", quant, "--isa", args.isa], env=env,
-                                      capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--child", quant, "--isa", args.isa],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 key = (quant, build)
                 if key not in best or r["dram_ns"] < best[key]["dram_ns"]:
@@ -91,7 +96,9 @@ def main() -> None:
     print("| quant | build | L2 ns / 16x256 | DRAM ns / 16x256 | DRAM GB/s (1 thread) |")
     print("|---|---|---|---|---|")
     for (quant, build), r in best.items():
-        print(f"| {quant} | {os.path.basename(build) or 'installed'} | {r['l2_ns']:.1f} | {r['dram_ns']:.1f} | {r['dram_gbs']:.1f} |")
+        print(
+            f"| {quant} | {os.path.basename(build) or 'installed'} | {r['l2_ns']:.1f} | {r['dram_ns']:.1f} | {r['dram_gbs']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,10 +31,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = dict(
-    vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=6,
-    num_attention_heads=16, num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=8,
-    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096,
-    tie_word_embeddings=False, rms_norm_eps=1e-6,
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=64,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
 )
 
 
@@ -101,9 +113,13 @@ def measure(path: Path, rules: str, gpu: str) -> dict:
     except OSError:
         pass
     start = time.perf_counter()
-    model = ktinject.from_pretrained(gguf=path, rules=TORCH_RULES if rules == "torch" else rules,
-                                     vars=None if rules == "torch" else {"gpu": gpu},  # the torch rules declare no variables
-                                     dtype=torch.bfloat16, progress=False)
+    model = ktinject.from_pretrained(
+        gguf=path,
+        rules=TORCH_RULES if rules == "torch" else rules,
+        vars=None if rules == "torch" else {"gpu": gpu},  # the torch rules declare no variables
+        dtype=torch.bfloat16,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
     storages: dict[int, int] = {}
@@ -112,7 +128,11 @@ def measure(path: Path, rules: str, gpu: str) -> dict:
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
     kept = sum(storages.values())
-    raw_layers = [e.module_name for e in model._ktinject_plan if getattr(model.get_submodule(e.module_name), "wants_raw_weights", False)]
+    raw_layers = [
+        e.module_name
+        for e in model._ktinject_plan
+        if getattr(model.get_submodule(e.module_name), "wants_raw_weights", False)
+    ]
     if raw_layers:  # their weights live outside torch: count the stored blocks they took
         stored = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
         for name in raw_layers:
@@ -120,16 +140,29 @@ def measure(path: Path, rules: str, gpu: str) -> dict:
             kept += sum(n for key, n in stored.items() if key.startswith(f"blk.{layer}.") and "_exps." in key)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # the loaded model runs
-    return dict(file_bytes=path.stat().st_size, baseline=baseline, peak=peak, kept=kept, seconds=seconds,
-                ratio=(peak - baseline) / kept, after=_status("VmRSS"))
+    return dict(
+        file_bytes=path.stat().st_size,
+        baseline=baseline,
+        peak=peak,
+        kept=kept,
+        seconds=seconds,
+        ratio=(peak - baseline) / kept,
+        after=_status("VmRSS"),
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, help="GGUF to load (default: the cached benchmark model, written if absent)")
+    parser.add_argument(
+        "--gguf", type=Path, help="GGUF to load (default: the cached benchmark model, written if absent)"
+    )
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--expert-type", default="q8_0", help="GGUF type of the routed experts (q8_0, q4_k, ...)")
-    parser.add_argument("--rules", action="append", help="'torch', a built-in name or a rule file (repeatable; default: torch and qwen3_moe)")
+    parser.add_argument(
+        "--rules",
+        action="append",
+        help="'torch', a built-in name or a rule file (repeatable; default: torch and qwen3_moe)",
+    )
     parser.add_argument("--gpu", default="cpu", help="value of the rules' gpu variable (default cpu: all in RAM)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,7 +176,9 @@ def main() -> int:
         write_model(path, args.layers, args.expert_type)
     gib = 2**30
     print(f"model: {path.name}, {path.stat().st_size / gib:.2f} GiB")
-    print(f"{'rules':<10} {'kept GiB':>9} {'baseline':>9} {'peak':>9} {'after':>9} {'load s':>7} {'(peak-base)/kept':>17}")
+    print(
+        f"{'rules':<10} {'kept GiB':>9} {'baseline':>9} {'peak':>9} {'after':>9} {'load s':>7} {'(peak-base)/kept':>17}"
+    )
     worst = 0.0
     for rules in args.rules or ["torch", "qwen3_moe"]:
         cmd = [sys.executable, __file__, "--measure", "--gguf", str(path), "--rules", rules, "--gpu", args.gpu]
@@ -154,8 +189,10 @@ def main() -> int:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         worst = max(worst, r["ratio"])
-        print(f"{rules:<10} {r['kept'] / gib:9.2f} {r['baseline'] / gib:9.2f} {r['peak'] / gib:9.2f} {r['after'] / gib:9.2f} "
-              f"{r['seconds']:7.1f} {r['ratio']:17.3f}")
+        print(
+            f"{rules:<10} {r['kept'] / gib:9.2f} {r['baseline'] / gib:9.2f} {r['peak'] / gib:9.2f} {r['after'] / gib:9.2f} "
+            f"{r['seconds']:7.1f} {r['ratio']:17.3f}"
+        )
     print("target: (peak - baseline) / kept <= 1.15")
     return 0 if worst <= 1.15 else 1
 

@@ -148,8 +148,10 @@ def bench_shape(
 def print_table(rows: list[dict], methods: list[str]) -> None:
     present = [m for m in methods if any(m in r for r in rows)]
     props = torch.cuda.get_device_properties(0)
-    print(f"GPU: {props.name} ({props.multi_processor_count} SMs, L2 {l2_bytes() >> 20} MB); torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}; activations {rows[0]['dtype']}, group {rows[0]['group_size']}")
+    print(
+        f"GPU: {props.name} ({props.multi_processor_count} SMs, L2 {l2_bytes() >> 20} MB); torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; activations {rows[0]['dtype']}, group {rows[0]['group_size']}"
+    )
     print("us per call (CUDA graph replay, weights rotated over >= 3x L2); speedup = bf16 F.linear / ours")
     print()
     header = ["K x N", "M"] + present + (["speedup"] if "ours (cuda)" in present and "F.linear bf16" in present else [])
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="KxN,... (K inputs, N outputs)")
     parser.add_argument("--batches", default="1,8,16,32,64")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activations and scales of the int4 kernels")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bfloat16", help="activations and scales of the int4 kernels"
+    )
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--methods", default="F.linear bf16,F.linear fp16,torch int4,triton,ours (cuda)")
     parser.add_argument("--json", type=Path, help="also write the rows here")

@@ -42,8 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "ktinject", "serve", "--model", args.model, "--port", "0", "--no-progress",
-           "--max-batch-size", str(max(args.concurrency))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ktinject",
+        "serve",
+        "--model",
+        args.model,
+        "--port",
+        "0",
+        "--no-progress",
+        "--max-batch-size",
+        str(max(args.concurrency)),
+    ]
     if args.gguf:
         cmd += ["--gguf", args.gguf]
     cmd += ["--rules", args.rules]
@@ -82,8 +93,14 @@ def model_id(client, url: str) -> str:
 
 def stream_once(client, url: str, model: str, prompt: list[int], tokens: int) -> dict:
     """One streamed completion: send time, token arrival times."""
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     sent = time.perf_counter()
     times: list[float] = []
     with client.stream("POST", f"{url}/completions", json=body) as response:
@@ -121,9 +138,13 @@ def run_concurrency(url: str, model: str, prompt: list[int], tokens: int, stream
     produced = sum(len(r["times"]) for r in results)
     per_stream = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in results if len(r["times"]) > 1]
     ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
-    return {"streams": streams, "tokens": produced, "total_tps": produced / (end - start),
-            "stream_tps": statistics.median(per_stream) if per_stream else float("nan"),
-            "ttft_ms": 1000 * statistics.median(ttft)}
+    return {
+        "streams": streams,
+        "tokens": produced,
+        "total_tps": produced / (end - start),
+        "stream_tps": statistics.median(per_stream) if per_stream else float("nan"),
+        "ttft_ms": 1000 * statistics.median(ttft),
+    }
 
 
 def ttft(url: str, model: str, token: int, repeats: int, bare=None) -> tuple[float, float | None]:
@@ -148,7 +169,9 @@ def bare_generate(args, token: int):
     import ktinject
     from ktinject.cli.common import parse_vars
 
-    model = ktinject.from_pretrained(args.model, gguf=args.gguf, rules=args.rules, vars=parse_vars(args.set), progress=False)
+    model = ktinject.from_pretrained(
+        args.model, gguf=args.gguf, rules=args.rules, vars=parse_vars(args.set), progress=False
+    )
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[token]], device=device)
 
@@ -183,7 +206,9 @@ def main() -> int:
     parser.add_argument("--rules", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--url", help="an already running server's base URL (…/v1) instead of --model")
-    parser.add_argument("--tiny", action="store_true", help="benchmark a tiny random model (smoke run; built-in rules with gpu=cpu)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="benchmark a tiny random model (smoke run; built-in rules with gpu=cpu)"
+    )
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     parser.add_argument("--prompt-tokens", type=int, default=16)
@@ -218,14 +243,18 @@ def main() -> int:
         if proc is not None:
             stop_server(proc)
 
-    print(f"\nktinject serve, {args.tokens} tokens per stream, {args.prompt_tokens}-token prompt, greedy ({os.cpu_count()} CPUs)")
+    print(
+        f"\nktinject serve, {args.tokens} tokens per stream, {args.prompt_tokens}-token prompt, greedy ({os.cpu_count()} CPUs)"
+    )
     print(f"{'streams':>8} {'tok/s total':>12} {'tok/s per stream':>17} {'TTFT ms':>9}")
     for r in rows:
         print(f"{r['streams']:>8} {r['total_tps']:>12.1f} {r['stream_tps']:>17.1f} {r['ttft_ms']:>9.1f}")
     print(f"\nTTFT, 1-token prompt (median of {args.ttft_repeats}): server {1000 * served:.1f} ms")
     if direct is not None:
-        print(f"model.generate(max_new_tokens=1) in this process: {1000 * direct:.1f} ms; "
-              f"ratio server / generate = {served / direct:.2f}")
+        print(
+            f"model.generate(max_new_tokens=1) in this process: {1000 * direct:.1f} ms; "
+            f"ratio server / generate = {served / direct:.2f}"
+        )
     elif args.compare_generate:
         print("(--compare-generate needs --model: the bare call loads the model here)")
     return 0

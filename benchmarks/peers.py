@@ -35,6 +35,7 @@ line. Only the GGUF writers (`write_qwen3moe_gguf`, `cached_qwen3moe_gguf`) rais
 other processes used > 0.2 core says DISTURBED in its note (`wait_for_quiet()` helps); the CLI's
 `--quiet-wait` waits and retries. Builds and install commands: benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import numpy as np
 
 PEERS_ROOT = Path(os.environ.get("KTINJECT_PEERS_ROOT") or Path.home() / ".cache" / "ktinject-peers")
-DISTURBED_CORES = 0.2     # other processes' average core use above which a measurement is flagged
+DISTURBED_CORES = 0.2  # other processes' average core use above which a measurement is flagged
 GGUF_FORMAT_VERSION = 1  # bump when the writer's output changes: cached files get new names
 
 Attention = Literal["tiny", "full"]
@@ -139,11 +140,12 @@ class _ForeignCpu:
                 v = [int(x) for x in f.readline().split()[1:]]
         except (OSError, ValueError):
             return float("nan")
-        return (sum(v[:3]) + sum(v[5:8])) / os.sysconf("SC_CLK_TCK")   # user nice system irq softirq steal
+        return (sum(v[:3]) + sum(v[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq steal
 
     @staticmethod
     def _own() -> float:
         import resource
+
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
@@ -175,8 +177,11 @@ def default_cache_dir() -> Path:
 
 def _child_env(**extra: str) -> dict[str, str]:
     """The caller's environment without thread-pinning / thread-count variables (peers get their own)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")) and k != "KT_KERNEL_CPU_VARIANT"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")) and k != "KT_KERNEL_CPU_VARIANT"
+    }
     env.update(extra)
     return env
 
@@ -218,12 +223,20 @@ class _Quantizer:
             # size_t ggml_quantize_chunk(enum ggml_type, const float *src, void *dst, int64_t start,
             #                            int64_t nrows, int64_t n_per_row, const float *imatrix)
             f.restype = ctypes.c_size_t
-            f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                          ctypes.c_int64, ctypes.c_void_p]
+            f.argtypes = [
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+            ]
             self.lib = lib
 
     def __call__(self, x: np.ndarray, qtype: Any) -> np.ndarray:
         import gguf
+
         T = gguf.GGMLQuantizationType
         if qtype == T.F32:
             return np.ascontiguousarray(x, dtype=np.float32)
@@ -232,11 +245,13 @@ class _Quantizer:
         if self.lib is None or qtype == T.BF16:
             if qtype.name in ("Q4_K", "Q5_K", "Q6_K"):  # our own K-quant quantizer (ktinject's extension)
                 from ktinject.native import native
+
                 flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
                 return native().quantize(int(qtype), flat).reshape(*x.shape[:-1], -1)
             if qtype.name.endswith("_K") or qtype.name.startswith("IQ"):
-                raise RuntimeError(f"{qtype.name} needs ggml's quantizer: install llama-cpp-python or set "
-                                   "GGML_BASE_LIB")
+                raise RuntimeError(
+                    f"{qtype.name} needs ggml's quantizer: install llama-cpp-python or set GGML_BASE_LIB"
+                )
             return gguf.quants.quantize(x, qtype)
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[-1]
@@ -257,10 +272,12 @@ class _Quantizer:
         return out
 
 
-def expert_bytes_per_layer(expert_type: str, *, hidden: int = 2048, inter: int = 768, experts: int = 128,
-                           down_type: Optional[str] = None) -> int:
+def expert_bytes_per_layer(
+    expert_type: str, *, hidden: int = 2048, inter: int = 768, experts: int = 128, down_type: Optional[str] = None
+) -> int:
     """Bytes of gate+up+down expert tensors of one layer."""
     import gguf
+
     T = gguf.GGMLQuantizationType
 
     def nbytes(t: str, rows: int, cols: int) -> int:
@@ -281,18 +298,44 @@ def clear_gguf_memo() -> None:
 # Types of the dense tensors (attention q/k/v/o, token embedding, output) as llama.cpp's quantize stores them
 # for a file type: Q4_K_M keeps attn_v and the output in Q6_K.
 DENSE_MIXES: dict[str, dict[str, str]] = {
-    "Q4_K_M": {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "token_embd": "Q4_K",
-               "output": "Q6_K"},
-    "Q8_0": {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0", "attn_output": "Q8_0", "token_embd": "Q8_0",
-             "output": "Q8_0"},
+    "Q4_K_M": {
+        "attn_q": "Q4_K",
+        "attn_k": "Q4_K",
+        "attn_v": "Q6_K",
+        "attn_output": "Q4_K",
+        "token_embd": "Q4_K",
+        "output": "Q6_K",
+    },
+    "Q8_0": {
+        "attn_q": "Q8_0",
+        "attn_k": "Q8_0",
+        "attn_v": "Q8_0",
+        "attn_output": "Q8_0",
+        "token_embd": "Q8_0",
+        "output": "Q8_0",
+    },
 }
 
 
-def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: str, hidden: int = 2048,
-                        inter: int = 768, experts: int = 128, top_k: int = 8, seed: int = 0,
-                        down_type: Optional[str] = None, attention: Attention = "tiny", attn_type: str = "Q8_0",
-                        vocab: int = 1024, std: float = 0.02, ggml_lib: Optional[str] = None,
-                        dense_mix: Optional[str] = None, tokenizer: str = "none") -> Path:
+def write_qwen3moe_gguf(
+    path: str | os.PathLike,
+    *,
+    layers: int,
+    expert_type: str,
+    hidden: int = 2048,
+    inter: int = 768,
+    experts: int = 128,
+    top_k: int = 8,
+    seed: int = 0,
+    down_type: Optional[str] = None,
+    attention: Attention = "tiny",
+    attn_type: str = "Q8_0",
+    vocab: int = 1024,
+    std: float = 0.02,
+    ggml_lib: Optional[str] = None,
+    dense_mix: Optional[str] = None,
+    tokenizer: str = "none",
+) -> Path:
     """Write a random-weight qwen3moe GGUF that llama.cpp loads and kt-kernel's GGUF path reads.
 
     Tensors are streamed to disk one by one (peak memory ~ one layer's quantized experts + 256 MiB). The vocabulary is
@@ -301,10 +344,14 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
     type does (DENSE_MIXES); otherwise attention is attn_type and embedding/output Q8_0. Raises on error.
     """
     import gguf
+
     T = gguf.GGMLQuantizationType
     et, dt, at = T[expert_type], T[down_type or expert_type], T[attn_type]
-    mix = {k: T[v] for k, v in DENSE_MIXES[dense_mix].items()} if dense_mix else {
-        "attn_q": at, "attn_k": at, "attn_v": at, "attn_output": at, "token_embd": T.Q8_0, "output": T.Q8_0}
+    mix = (
+        {k: T[v] for k, v in DENSE_MIXES[dense_mix].items()}
+        if dense_mix
+        else {"attn_q": at, "attn_k": at, "attn_v": at, "attn_output": at, "token_embd": T.Q8_0, "output": T.Q8_0}
+    )
     heads, kv_heads, head_dim = _ATTENTION_SHAPES[attention]
     H, I, E = hidden, inter, experts
     quant = _Quantizer(ggml_lib if ggml_lib is not None else find_ggml_base_lib())
@@ -353,6 +400,7 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
             if key not in base:
                 base[key] = stacked(rows, cols, qtype)
             return np.ascontiguousarray(base[key][perms[li]])
+
         return make
 
     add("token_embd.weight", (vocab, H), mix["token_embd"], dense(vocab, H, mix["token_embd"]))
@@ -364,12 +412,16 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
         add(p + "attn_q.weight", (heads * head_dim, H), mix["attn_q"], dense(heads * head_dim, H, mix["attn_q"]))
         add(p + "attn_k.weight", (kv_heads * head_dim, H), mix["attn_k"], dense(kv_heads * head_dim, H, mix["attn_k"]))
         add(p + "attn_v.weight", (kv_heads * head_dim, H), mix["attn_v"], dense(kv_heads * head_dim, H, mix["attn_v"]))
-        add(p + "attn_output.weight", (H, heads * head_dim), fitting(mix["attn_output"], heads * head_dim),
-            dense(H, heads * head_dim, mix["attn_output"]))
+        add(
+            p + "attn_output.weight",
+            (H, heads * head_dim),
+            fitting(mix["attn_output"], heads * head_dim),
+            dense(H, heads * head_dim, mix["attn_output"]),
+        )
         add(p + "attn_q_norm.weight", (head_dim,), T.F32, ones(head_dim))
         add(p + "attn_k_norm.weight", (head_dim,), T.F32, ones(head_dim))
         add(p + "ffn_norm.weight", (H,), T.F32, ones(H))
-        add(p + "ffn_gate_inp.weight", (E, H), T.F32, dense(E, H, T.F32))     # router stays F32
+        add(p + "ffn_gate_inp.weight", (E, H), T.F32, dense(E, H, T.F32))  # router stays F32
         add(p + "ffn_gate_exps.weight", (E, I, H), et, experts_of("gate", li, I, H, et))
         add(p + "ffn_up_exps.weight", (E, I, H), et, experts_of("up", li, I, H, et))
         add(p + "ffn_down_exps.weight", (E, H, I), dt, experts_of("down", li, H, I, dt))
@@ -392,7 +444,8 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
     w.add_expert_used_count(top_k)
     w.add_expert_feed_forward_length(I)
     ftype = {T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.BF16: gguf.LlamaFileType.MOSTLY_BF16}.get(
-        et, gguf.LlamaFileType.GUESSED)
+        et, gguf.LlamaFileType.GUESSED
+    )
     w.add_file_type(int(ftype))
     if tokenizer == "llama":  # a dummy SPM vocab: llama-cpp-python refuses files without one
         w.add_tokenizer_model("llama")
@@ -409,8 +462,9 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
     for name, shape, qtype, _ in entries:
         if qtype in (T.F32, T.F16):
             itemsize = 4 if qtype == T.F32 else 2
-            w.add_tensor_info(name, shape, np.dtype(np.float32 if qtype == T.F32 else np.float16),
-                              int(np.prod(shape)) * itemsize)
+            w.add_tensor_info(
+                name, shape, np.dtype(np.float32 if qtype == T.F32 else np.float16), int(np.prod(shape)) * itemsize
+            )
         else:
             bs, ts = gguf.GGML_QUANT_SIZES[qtype]
             byte_shape = shape[:-1] + (shape[-1] // bs * ts,)
@@ -424,24 +478,46 @@ def write_qwen3moe_gguf(path: str | os.PathLike, *, layers: int, expert_type: st
     return out
 
 
-def cached_qwen3moe_gguf(*, layers: int, expert_type: str, hidden: int = 2048, inter: int = 768,
-                         experts: int = 128, top_k: int = 8, seed: int = 0, attention: Attention = "tiny",
-                         cache_dir: str | os.PathLike | None = None, dense_mix: Optional[str] = None,
-                         tokenizer: str = "none") -> Path:
+def cached_qwen3moe_gguf(
+    *,
+    layers: int,
+    expert_type: str,
+    hidden: int = 2048,
+    inter: int = 768,
+    experts: int = 128,
+    top_k: int = 8,
+    seed: int = 0,
+    attention: Attention = "tiny",
+    cache_dir: str | os.PathLike | None = None,
+    dense_mix: Optional[str] = None,
+    tokenizer: str = "none",
+) -> Path:
     """Path of a cached `write_qwen3moe_gguf` file; writes it (atomically) when missing. Raises on error."""
     d = Path(cache_dir) if cache_dir else default_cache_dir()
     extra = (f"-{dense_mix}" if dense_mix else "") + ("-spm" if tokenizer == "llama" else "")
-    name = (f"qwen3moe-v{GGUF_FORMAT_VERSION}-H{hidden}-I{inter}-E{experts}-K{top_k}-L{layers}-{expert_type}"
-            f"-attn_{attention}{extra}-s{seed}.gguf")
+    name = (
+        f"qwen3moe-v{GGUF_FORMAT_VERSION}-H{hidden}-I{inter}-E{experts}-K{top_k}-L{layers}-{expert_type}"
+        f"-attn_{attention}{extra}-s{seed}.gguf"
+    )
     path = d / name
     if path.exists():
         return path
     d.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        write_qwen3moe_gguf(tmp, layers=layers, expert_type=expert_type, hidden=hidden, inter=inter,
-                            experts=experts, top_k=top_k, seed=seed, attention=attention, dense_mix=dense_mix,
-                            tokenizer=tokenizer)
+        write_qwen3moe_gguf(
+            tmp,
+            layers=layers,
+            expert_type=expert_type,
+            hidden=hidden,
+            inter=inter,
+            experts=experts,
+            top_k=top_k,
+            seed=seed,
+            attention=attention,
+            dense_mix=dense_mix,
+            tokenizer=tokenizer,
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -459,17 +535,33 @@ def find_llama_bench(build: str = "native") -> Optional[str]:
     return None
 
 
-def _run_llama_bench(exe: str, model: Path, threads: int, n_prompt: int, n_gen: int, reps: int, repack: bool,
-                     timeout_s: float) -> tuple[dict[str, float], dict[str, Any], list[str]]:
+def _run_llama_bench(
+    exe: str, model: Path, threads: int, n_prompt: int, n_gen: int, reps: int, repack: bool, timeout_s: float
+) -> tuple[dict[str, float], dict[str, Any], list[str]]:
     repack_flag = "-rtr" if "ik_llama" in exe else "--repack"
-    cmd = [exe, "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps),
-           repack_flag, "1" if repack else "0", "-o", "json", "-v"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env(),
-                          preexec_fn=_unpin)
+    cmd = [
+        exe,
+        "-m",
+        str(model),
+        "-t",
+        str(threads),
+        "-p",
+        str(n_prompt),
+        "-n",
+        str(n_gen),
+        "-r",
+        str(reps),
+        repack_flag,
+        "1" if repack else "0",
+        "-o",
+        "json",
+        "-v",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env(), preexec_fn=_unpin)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         raise RuntimeError(f"llama-bench exit {proc.returncode}: {tail}")
-    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    rows = json.loads(proc.stdout[proc.stdout.index("[") :])
     times: dict[str, float] = {}
     meta: dict[str, Any] = {}
     for r in rows:
@@ -480,11 +572,12 @@ def _run_llama_bench(exe: str, model: Path, threads: int, n_prompt: int, n_gen: 
         else:
             times["prefill_ms"] = med_ms
         meta = {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "repack", "n_threads")}
-    buffers = {m.group(1): float(m.group(2))
-               for m in re.finditer(r"(\S+) model buffer size\s*=\s*([\d.]+) MiB", proc.stderr)}
+    buffers = {
+        m.group(1): float(m.group(2)) for m in re.finditer(r"(\S+) model buffer size\s*=\s*([\d.]+) MiB", proc.stderr)
+    }
     meta["buffers_mib"] = buffers
-    meta["repacked_tensors"] = len(re.findall(r"repack: repack tensor ", proc.stderr))      # CPU_REPACK
-    meta["amx_tensors"] = len(re.findall(r"amx repack tensor ", proc.stderr))               # AMX buffer
+    meta["repacked_tensors"] = len(re.findall(r"repack: repack tensor ", proc.stderr))  # CPU_REPACK
+    meta["amx_tensors"] = len(re.findall(r"amx repack tensor ", proc.stderr))  # AMX buffer
     return times, meta, cmd
 
 
@@ -496,11 +589,24 @@ def _has_amx_kernels(exe: str) -> bool:
         return False
 
 
-def llama_cpp_layer_ms(expert_type: str, threads: int, *, n_prompt: int = 128, n_gen: int = 32, reps: int = 5,
-                       build: str = "native", repack: bool = True, attention: Attention = "tiny",
-                       layers: tuple[int, int] = (1, 4), hidden: int = 2048, inter: int = 768, experts: int = 128,
-                       top_k: int = 8, cache_dir: str | os.PathLike | None = None,
-                       timeout_s: float = 1200.0) -> Optional[LayerTimes]:
+def llama_cpp_layer_ms(
+    expert_type: str,
+    threads: int,
+    *,
+    n_prompt: int = 128,
+    n_gen: int = 32,
+    reps: int = 5,
+    build: str = "native",
+    repack: bool = True,
+    attention: Attention = "tiny",
+    layers: tuple[int, int] = (1, 4),
+    hidden: int = 2048,
+    inter: int = 768,
+    experts: int = 128,
+    top_k: int = 8,
+    cache_dir: str | os.PathLike | None = None,
+    timeout_s: float = 1200.0,
+) -> Optional[LayerTimes]:
     """One MoE layer through llama.cpp: (t(L4) - t(L1)) / 3 from llama-bench, medians; None + last_reason().
 
     build: 'native' (GGML_NATIVE=ON) or 'noamx' (AVX-512 flags, AMX off). repack: llama-bench --repack
@@ -510,13 +616,13 @@ def llama_cpp_layer_ms(expert_type: str, threads: int, *, n_prompt: int = 128, n
         exe = find_llama_bench(build)
         if exe is None:
             env, default = LLAMA_BENCH_BUILDS[build]
-            return _fail(f"llama-bench ({build}) not found: set ${env} or build it to {default} "
-                         "(see benchmarks/README.md)")
+            return _fail(
+                f"llama-bench ({build}) not found: set ${env} or build it to {default} (see benchmarks/README.md)"
+            )
         lo, hi = layers
         if hi <= lo:
             return _fail(f"layers must be (small, big), got {layers}")
-        shape = dict(hidden=hidden, inter=inter, experts=experts, top_k=top_k, attention=attention,
-                     cache_dir=cache_dir)
+        shape = dict(hidden=hidden, inter=inter, experts=experts, top_k=top_k, attention=attention, cache_dir=cache_dir)
         try:
             models = {n: cached_qwen3moe_gguf(layers=n, expert_type=expert_type, **shape) for n in (lo, hi)}
         finally:
@@ -535,19 +641,39 @@ def llama_cpp_layer_ms(expert_type: str, threads: int, *, n_prompt: int = 128, n
             return (res[hi][key] - res[lo][key]) / (hi - lo)
 
         mb = metas[hi]
-        extra = [f"{k} {mb['repacked_tensors'] if k == 'CPU_REPACK' else mb['amx_tensors']} tensors"
-                 for k in ("CPU_REPACK", "AMX") if k in mb["buffers_mib"]]
-        note = (f"llama.cpp {mb.get('build_commit')} {build} (AMX kernels "
-                f"{'built' if _has_amx_kernels(exe) else 'absent'}), repack {'on' if repack else 'off'}: "
-                f"{', '.join(extra) or 'no extra buffers'}; attention {attention}; (L{hi}-L{lo})/{hi - lo}"
-                f"{_foreign_note(other_cores)}")
-        return _ok(LayerTimes(
-            peer=f"llama.cpp-{build}", expert_type=expert_type, threads=threads, cores_used=float(threads),
-            decode_ms=per_layer("decode_ms"), prefill_ms=per_layer("prefill_ms"), note=note, elapsed_s=elapsed,
-            command=" ".join(cmds[hi]),
-            details={"raw_ms": {f"L{n}": r for n, r in res.items()}, "meta": metas, "n_prompt": n_prompt,
-                     "n_gen": n_gen, "reps": reps, "models": {n: str(m) for n, m in models.items()},
-                     "foreign_cores": other_cores}))
+        extra = [
+            f"{k} {mb['repacked_tensors'] if k == 'CPU_REPACK' else mb['amx_tensors']} tensors"
+            for k in ("CPU_REPACK", "AMX")
+            if k in mb["buffers_mib"]
+        ]
+        note = (
+            f"llama.cpp {mb.get('build_commit')} {build} (AMX kernels "
+            f"{'built' if _has_amx_kernels(exe) else 'absent'}), repack {'on' if repack else 'off'}: "
+            f"{', '.join(extra) or 'no extra buffers'}; attention {attention}; (L{hi}-L{lo})/{hi - lo}"
+            f"{_foreign_note(other_cores)}"
+        )
+        return _ok(
+            LayerTimes(
+                peer=f"llama.cpp-{build}",
+                expert_type=expert_type,
+                threads=threads,
+                cores_used=float(threads),
+                decode_ms=per_layer("decode_ms"),
+                prefill_ms=per_layer("prefill_ms"),
+                note=note,
+                elapsed_s=elapsed,
+                command=" ".join(cmds[hi]),
+                details={
+                    "raw_ms": {f"L{n}": r for n, r in res.items()},
+                    "meta": metas,
+                    "n_prompt": n_prompt,
+                    "n_gen": n_gen,
+                    "reps": reps,
+                    "models": {n: str(m) for n, m in models.items()},
+                    "foreign_cores": other_cores,
+                },
+            )
+        )
     except subprocess.TimeoutExpired:
         return _fail(f"llama-bench timed out after {timeout_s:.0f}s")
     except Exception as e:  # a peer never crashes the caller
@@ -558,12 +684,23 @@ def llama_cpp_layer_ms(expert_type: str, threads: int, *, n_prompt: int = 128, n
 KT_METHODS = ("LLAMAFILE", "AMXINT8", "AMXINT4", "AMXBF16")
 
 
-def kt_kernel_layer_ms(expert_type: str, threads: int, *, qlens: Sequence[int] = (1, 128), method: str = "LLAMAFILE",
-                       layers: Optional[int] = None, min_time_s: float = 2.0, check: bool = True,
-                       cpu_variant: Optional[str] = None,
-                       hidden: int = 2048, inter: int = 768, experts: int = 128, top_k: int = 8,
-                       cache_dir: str | os.PathLike | None = None,
-                       timeout_s: float = 1800.0) -> Optional[LayerTimes]:
+def kt_kernel_layer_ms(
+    expert_type: str,
+    threads: int,
+    *,
+    qlens: Sequence[int] = (1, 128),
+    method: str = "LLAMAFILE",
+    layers: Optional[int] = None,
+    min_time_s: float = 2.0,
+    check: bool = True,
+    cpu_variant: Optional[str] = None,
+    hidden: int = 2048,
+    inter: int = 768,
+    experts: int = 128,
+    top_k: int = 8,
+    cache_dir: str | os.PathLike | None = None,
+    timeout_s: float = 1800.0,
+) -> Optional[LayerTimes]:
     """One MoE layer through kt-kernel's raw extension, in a subprocess; None + last_reason().
 
     method 'LLAMAFILE' runs the GGUF blocks as stored (kt_kernel_ext.moe.MOE); 'AMXINT8'/'AMXINT4'/'AMXBF16'
@@ -587,12 +724,26 @@ def kt_kernel_layer_ms(expert_type: str, threads: int, *, qlens: Sequence[int] =
                 per_layer = 6 * experts * inter * hidden
             layers = max(4, math.ceil(3 * l3_bytes() / per_layer))
         try:
-            model = cached_qwen3moe_gguf(layers=layers, expert_type=expert_type, hidden=hidden, inter=inter,
-                                         experts=experts, top_k=top_k, attention="tiny", cache_dir=cache_dir)
+            model = cached_qwen3moe_gguf(
+                layers=layers,
+                expert_type=expert_type,
+                hidden=hidden,
+                inter=inter,
+                experts=experts,
+                top_k=top_k,
+                attention="tiny",
+                cache_dir=cache_dir,
+            )
         finally:
             clear_gguf_memo()
-        job = {"gguf": str(model), "threads": threads, "qlens": [int(q) for q in qlens], "method": method,
-               "min_time_s": min_time_s, "check": check}
+        job = {
+            "gguf": str(model),
+            "threads": threads,
+            "qlens": [int(q) for q in qlens],
+            "method": method,
+            "min_time_s": min_time_s,
+            "check": check,
+        }
         cmd = [sys.executable, os.path.abspath(__file__), "--kt-worker", json.dumps(job)]
         env = _child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         if cpu_variant:
@@ -607,26 +758,38 @@ def kt_kernel_layer_ms(expert_type: str, threads: int, *, qlens: Sequence[int] =
             tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
             return _fail(f"kt-kernel worker exit {proc.returncode}: {tail}")
         if lines[-1].startswith("KT_SKIP "):
-            return _fail(lines[-1][len("KT_SKIP "):])
-        r = json.loads(lines[-1][len("KT_RESULT "):])
+            return _fail(lines[-1][len("KT_SKIP ") :])
+        r = json.loads(lines[-1][len("KT_RESULT ") :])
         if cpu_variant and r["variant"] != cpu_variant:
-            return _fail(f"kt-kernel loaded variant {r['variant']!r}, not the requested {cpu_variant!r} (valid: amx, "
-                         "avx512_bf16, avx512_vbmi, avx512_vnni, avx512_base, avx2)")
+            return _fail(
+                f"kt-kernel loaded variant {r['variant']!r}, not the requested {cpu_variant!r} (valid: amx, "
+                "avx512_bf16, avx512_vbmi, avx512_vnni, avx512_base, avx2)"
+            )
         ms = {int(k): v for k, v in r["ms"].items()}
         cores = {int(k): v for k, v in r["cpu_per_wall"].items()}
         big = max(q for q in ms if q > 1) if any(q > 1 for q in ms) else None
         check_txt = f", check rel err {r['check_rel_err']:.1e}" if r.get("check_rel_err") is not None else ""
-        note = (f"kt-kernel {r['version']} {r['variant']} {method}, cores used "
-                f"{'/'.join(f'{cores[q]:.2f}' for q in sorted(cores))} (qlen {'/'.join(map(str, sorted(cores)))}), "
-                f"{r['layers']} layers/{r['expert_bytes_total'] / 2**20:.0f} MiB rotated{check_txt}"
-                f"{_foreign_note(other_cores)}")
+        note = (
+            f"kt-kernel {r['version']} {r['variant']} {method}, cores used "
+            f"{'/'.join(f'{cores[q]:.2f}' for q in sorted(cores))} (qlen {'/'.join(map(str, sorted(cores)))}), "
+            f"{r['layers']} layers/{r['expert_bytes_total'] / 2**20:.0f} MiB rotated{check_txt}"
+            f"{_foreign_note(other_cores)}"
+        )
         r["foreign_cores"] = other_cores
-        return _ok(LayerTimes(
-            peer=f"kt-kernel-{method}" + (f"@{cpu_variant}" if cpu_variant else ""), expert_type=expert_type,
-            threads=threads,
-            cores_used=max(cores.values()) if cores else None,
-            decode_ms=ms.get(1), prefill_ms=ms.get(big) if big else None, note=note, elapsed_s=elapsed,
-            command=" ".join(cmd[:3]) + " '" + cmd[3] + "'", details=r))
+        return _ok(
+            LayerTimes(
+                peer=f"kt-kernel-{method}" + (f"@{cpu_variant}" if cpu_variant else ""),
+                expert_type=expert_type,
+                threads=threads,
+                cores_used=max(cores.values()) if cores else None,
+                decode_ms=ms.get(1),
+                prefill_ms=ms.get(big) if big else None,
+                note=note,
+                elapsed_s=elapsed,
+                command=" ".join(cmd[:3]) + " '" + cmd[3] + "'",
+                details=r,
+            )
+        )
     except subprocess.TimeoutExpired:
         return _fail(f"kt-kernel worker timed out after {timeout_s:.0f}s")
     except Exception as e:
@@ -637,9 +800,11 @@ def _kt_worker(job: dict[str, Any]) -> None:
     """Runs in the subprocess started by kt_kernel_layer_ms; prints one KT_RESULT/KT_SKIP line."""
     try:
         import torch
+
         torch.set_num_threads(1)
         import gguf
         import kt_kernel
+
         ext = kt_kernel.kt_kernel_ext
     except Exception as e:
         print(f"KT_SKIP kt-kernel import failed: {type(e).__name__}: {e}", flush=True)
@@ -656,15 +821,15 @@ def _kt_worker(job: dict[str, Any]) -> None:
     H, E = kv_int("qwen3moe.embedding_length"), kv_int("qwen3moe.expert_count")
     K, I = kv_int("qwen3moe.expert_used_count"), kv_int("qwen3moe.expert_feed_forward_length")
     NL = kv_int("qwen3moe.block_count")
-    max_len = -(-max(max(qlens), 64) // 64) * 64            # AMX buffers want a multiple of their M step
+    max_len = -(-max(max(qlens), 64) // 64) * 64  # AMX buffers want a multiple of their M step
 
     pool_cfg = ext.WorkerPoolConfig()
     pool_cfg.subpool_count = 1
     pool_cfg.subpool_numa_map = [0]
     pool_cfg.subpool_thread_count = [threads]
     cpu = ext.CPUInfer(pool_cfg)
-    no_gpu = torch.zeros(E, dtype=torch.bool)          # every expert on the CPU
-    identity = torch.arange(E, dtype=torch.int64)      # physical -> logical expert ids
+    no_gpu = torch.zeros(E, dtype=torch.bool)  # every expert on the CPU
+    identity = torch.arange(E, dtype=torch.int64)  # physical -> logical expert ids
     keep_alive: list[Any] = [no_gpu, identity]
     moes = []
     total_bytes = 0
@@ -677,7 +842,7 @@ def _kt_worker(job: dict[str, Any]) -> None:
         cfg.pool = cpu.backend_
         cfg.max_len = max_len
         if method == "LLAMAFILE":
-            arrs = [np.asarray(t.data) for t in ts]     # memory-mapped GGUF blocks, kept alive below
+            arrs = [np.asarray(t.data) for t in ts]  # memory-mapped GGUF blocks, kept alive below
             keep_alive.append(arrs)
             cfg.m_block, cfg.group_min_len, cfg.group_max_len = 32, 10, max_len
             cfg.gate_proj, cfg.up_proj, cfg.down_proj = (a.ctypes.data for a in arrs)
@@ -688,37 +853,53 @@ def _kt_worker(job: dict[str, Any]) -> None:
             cpu.sync()
             total_bytes += sum(a.nbytes for a in arrs)
         else:
-            src = [torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), T(t.tensor_type))).to(torch.bfloat16)
-                   .contiguous() for t in ts]
+            src = [
+                torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), T(t.tensor_type)))
+                .to(torch.bfloat16)
+                .contiguous()
+                for t in ts
+            ]
             cfg.gate_proj, cfg.up_proj, cfg.down_proj = (s.data_ptr() for s in src)
             cfg.physical_to_logical_map = identity.data_ptr()
-            cls = {"AMXINT8": ext.moe.AMXInt8_MOE, "AMXINT4": ext.moe.AMXInt4_MOE,
-                   "AMXBF16": ext.moe.AMXBF16_MOE}[method]
+            cls = {"AMXINT8": ext.moe.AMXInt8_MOE, "AMXINT4": ext.moe.AMXInt4_MOE, "AMXBF16": ext.moe.AMXBF16_MOE}[
+                method
+            ]
             moe = cls(cfg)
             cpu.submit(moe.load_weights_task())
             cpu.sync()
-            del src                                      # the AMX classes keep their own converted copy
+            del src  # the AMX classes keep their own converted copy
             total_bytes += int(3 * E * I * H * {"AMXINT8": 1, "AMXINT4": 0.5, "AMXBF16": 2}[method])
         moes.append(moe)
 
     def forward(li: int, qlen: int, ids: torch.Tensor, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         n = torch.tensor([qlen], dtype=torch.int32)
-        cpu.submit(moes[li].forward_task(n.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(), y.data_ptr(),
-                                         False))
+        cpu.submit(
+            moes[li].forward_task(n.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(), y.data_ptr(), False)
+        )
         cpu.sync()
 
     gen = torch.Generator().manual_seed(1234)
 
     def routing(qlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.rand(qlen, E, generator=gen).argsort(dim=1)[:, :K].contiguous()   # K distinct of all E
+        ids = torch.rand(qlen, E, generator=gen).argsort(dim=1)[:, :K].contiguous()  # K distinct of all E
         w = torch.softmax(torch.randn(qlen, K, generator=gen), dim=-1).contiguous()
         return ids.to(torch.int64), w.to(torch.float32)
 
-    out: dict[str, Any] = {"version": kt_kernel.__version__, "variant": kt_kernel.__cpu_variant__,
-                           "int8_kernel": getattr(kt_kernel, "__int8_kernel__", "?"), "layers": NL,
-                           "expert_bytes_total": total_bytes, "method": method, "threads": threads,
-                           "ms": {}, "mean_ms": {}, "n_calls": {}, "cpu_per_wall": {}, "eff_GBps": {},
-                           "check_rel_err": None}
+    out: dict[str, Any] = {
+        "version": kt_kernel.__version__,
+        "variant": kt_kernel.__cpu_variant__,
+        "int8_kernel": getattr(kt_kernel, "__int8_kernel__", "?"),
+        "layers": NL,
+        "expert_bytes_total": total_bytes,
+        "method": method,
+        "threads": threads,
+        "ms": {},
+        "mean_ms": {},
+        "n_calls": {},
+        "cpu_per_wall": {},
+        "eff_GBps": {},
+        "check_rel_err": None,
+    }
 
     if job.get("check"):  # layer 0 against a float32 reference from the dequantized GGUF experts
         q = 4
@@ -742,11 +923,11 @@ def _kt_worker(job: dict[str, Any]) -> None:
 
     bytes_per_expert = total_bytes / NL / E
     for qlen in qlens:
-        pool = 61                                           # prime: routings and layers do not line up
+        pool = 61  # prime: routings and layers do not line up
         routes = [routing(qlen) for _ in range(pool)]
         xs = [torch.randn(qlen, H, generator=gen).to(torch.bfloat16) for _ in range(3)]
         y = torch.zeros(qlen, H, dtype=torch.bfloat16)
-        for i in range(2 * NL):                             # warm-up: every layer, pool and page faults
+        for i in range(2 * NL):  # warm-up: every layer, pool and page faults
             forward(i % NL, qlen, *routes[i % pool], xs[i % 3], y)
         times: list[float] = []
         uniq: list[int] = []
@@ -795,9 +976,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Measure the peers (llama.cpp, kt-kernel) on one Qwen3-MoE layer.")
     ap.add_argument("--types", default="Q4_K,Q8_0")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--peers", default="llama.cpp-native,llama.cpp-noamx,kt-kernel",
-                    help="comma list of llama.cpp-native, llama.cpp-noamx, kt-kernel[-LLAMAFILE|-AMXINT8|-AMXINT4]"
-                         "[@amx|@avx512_bf16|...]")
+    ap.add_argument(
+        "--peers",
+        default="llama.cpp-native,llama.cpp-noamx,kt-kernel",
+        help="comma list of llama.cpp-native, llama.cpp-noamx, kt-kernel[-LLAMAFILE|-AMXINT8|-AMXINT4]"
+        "[@amx|@avx512_bf16|...]",
+    )
     ap.add_argument("--attention", default="tiny", choices=["tiny", "full"])
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=32)
@@ -806,9 +990,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--min-time", type=float, default=2.0, help="kt-kernel: seconds of timed calls per qlen")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--json", default=None, help="also write all results to this file")
-    ap.add_argument("--quiet-wait", type=float, default=0.0,
-                    help="before each measurement wait up to this many seconds for other processes to go idle, "
-                         "and repeat a disturbed measurement (up to --retries times)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each measurement wait up to this many seconds for other processes to go idle, "
+        "and repeat a disturbed measurement (up to --retries times)",
+    )
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--kt-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -833,8 +1021,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     r = _measure(peer, et, th, a)
                     disturbed = isinstance(r, dict) and r.get("details", {}).get("foreign_cores", 0.0)
                     if disturbed and disturbed > DISTURBED_CORES:
-                        print(f"  {peer} {et} t={th}: disturbed (others used "
-                              f"{r['details']['foreign_cores']:.2f} cores), attempt {attempt + 1}", flush=True)
+                        print(
+                            f"  {peer} {et} t={th}: disturbed (others used "
+                            f"{r['details']['foreign_cores']:.2f} cores), attempt {attempt + 1}",
+                            flush=True,
+                        )
                         continue
                     break
                 if r is False:
@@ -845,8 +1036,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"  skipped {peer} {et} t={th}: {last_reason()}", flush=True)
                 else:
                     rows.append(r)
-                    print(f"  {r['peer']:<22} {et:<5} t={th} decode {_fmt(r.get('decode_ms'))} ms  prefill-"
-                          f"{a.n_prompt} {_fmt(r.get('prefill_ms'))} ms  ({r['elapsed_s']:.0f}s)", flush=True)
+                    print(
+                        f"  {r['peer']:<22} {et:<5} t={th} decode {_fmt(r.get('decode_ms'))} ms  prefill-"
+                        f"{a.n_prompt} {_fmt(r.get('prefill_ms'))} ms  ({r['elapsed_s']:.0f}s)",
+                        flush=True,
+                    )
     _print_table(rows, skipped, a.n_prompt)
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=1, default=str))
@@ -856,14 +1050,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _measure(peer: str, et: str, th: int, a: argparse.Namespace) -> LayerTimes | None | bool:
     """One CLI measurement; False for an unknown peer name."""
     if peer.startswith("llama.cpp-"):
-        return llama_cpp_layer_ms(et, th, n_prompt=a.n_prompt, n_gen=a.n_gen, reps=a.reps,
-                                  build=peer[len("llama.cpp-"):], repack=not a.no_repack, attention=a.attention,
-                                  cache_dir=a.cache_dir)
-    if peer.startswith("kt-kernel"):                       # kt-kernel[-METHOD][@cpu_variant]
+        return llama_cpp_layer_ms(
+            et,
+            th,
+            n_prompt=a.n_prompt,
+            n_gen=a.n_gen,
+            reps=a.reps,
+            build=peer[len("llama.cpp-") :],
+            repack=not a.no_repack,
+            attention=a.attention,
+            cache_dir=a.cache_dir,
+        )
+    if peer.startswith("kt-kernel"):  # kt-kernel[-METHOD][@cpu_variant]
         name, _, variant = peer.partition("@")
         method = name.split("-", 2)[2] if name.count("-") >= 2 else "LLAMAFILE"
-        return kt_kernel_layer_ms(et, th, qlens=(1, a.n_prompt), method=method, min_time_s=a.min_time,
-                                  cpu_variant=variant or None, cache_dir=a.cache_dir)
+        return kt_kernel_layer_ms(
+            et,
+            th,
+            qlens=(1, a.n_prompt),
+            method=method,
+            min_time_s=a.min_time,
+            cpu_variant=variant or None,
+            cache_dir=a.cache_dir,
+        )
     return False
 
 
@@ -872,8 +1081,10 @@ def _print_table(rows: Sequence[LayerTimes], skipped: Sequence[str], n_prompt: i
     print(f"| peer | experts | threads | cores used | decode (1 tok) | prefill ({n_prompt} tok) | took |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['peer']} | {r['expert_type']} | {r['threads']} | {_fmt(r.get('cores_used'))} | "
-              f"{_fmt(r.get('decode_ms'))} | {_fmt(r.get('prefill_ms'))} | {r['elapsed_s']:.0f} s |")
+        print(
+            f"| {r['peer']} | {r['expert_type']} | {r['threads']} | {_fmt(r.get('cores_used'))} | "
+            f"{_fmt(r.get('decode_ms'))} | {_fmt(r.get('prefill_ms'))} | {r['elapsed_s']:.0f} s |"
+        )
     print("\nnotes / commands:")
     for r in rows:
         print(f"- {r['peer']} {r['expert_type']} t={r['threads']}: {r['note']}\n    {r['command']}")

@@ -31,7 +31,8 @@ inline bool same_dtype(const py::dtype& a, const py::dtype& b) {
 inline py::array checked_array(const py::object& obj, const char* name, const py::dtype& dtype, const char* dtype_name,
                                std::vector<int64_t> shape = {-1, -1}) {
   if (!py::isinstance<py::array>(obj))
-    bad_arg(name, std::string("expected a numpy array, got ") + py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+    bad_arg(name, std::string("expected a numpy array, got ") +
+                      py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
   py::array a = py::reinterpret_borrow<py::array>(obj);
   if (!same_dtype(a.dtype(), dtype))
     bad_arg(name, std::string("expected dtype ") + dtype_name + ", got " + py::str(a.dtype()).cast<std::string>());
@@ -39,7 +40,8 @@ inline py::array checked_array(const py::object& obj, const char* name, const py
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
   if (!ok) {
     std::string want = "[", got = "[";
-    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+    for (size_t i = 0; i < shape.size(); ++i)
+      want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
     for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
     bad_arg(name, "expected shape " + want + "], got " + got + "] (" + std::to_string(a.ndim()) + "-D)");
   }
@@ -98,9 +100,11 @@ inline ActParams checked_act_params(const std::string& activation, bool gated, f
   p.limit = limit;
   p.softcap_gate = softcap_gate;
   p.softcap_up = softcap_up;
-  if (!gated && !activation_is_elementwise(p.kind)) bad_arg("activation", "'" + activation + "' needs a gate (gated=True)");
+  if (!gated && !activation_is_elementwise(p.kind))
+    bad_arg("activation", "'" + activation + "' needs a gate (gated=True)");
   const auto positive = [](float v) { return v > 0.0f && v < 3.0e38f; };
-  if ((p.kind == Activation::GptOssSwiglu || p.kind == Activation::ClampedSwiglu || p.kind == Activation::SwigluClampAfter) &&
+  if ((p.kind == Activation::GptOssSwiglu || p.kind == Activation::ClampedSwiglu ||
+       p.kind == Activation::SwigluClampAfter) &&
       !positive(limit))
     bad_arg("limit", "must be finite and > 0 for '" + activation + "', got " + std::to_string(limit));
   if (p.kind == Activation::GptOssSwiglu && !(alpha == alpha && alpha > -3.0e38f && alpha < 3.0e38f))

@@ -90,7 +90,8 @@ class PyLinear {
 }  // namespace
 
 void bind_linear(py::module_& m) {
-  py::class_<PyLinear>(m, "Linear", "A linear layer on the CPU over GGUF blocks or float rows (see csrc/linear/linear.h).")
+  py::class_<PyLinear>(m, "Linear",
+                       "A linear layer on the CPU over GGUF blocks or float rows (see csrc/linear/linear.h).")
       .def(py::init<int64_t, int64_t, int, bool, int, int, const std::string&>(), py::arg("out_features"),
            py::arg("in_features"), py::kw_only(), py::arg("type"), py::arg("has_bias") = false, py::arg("threads") = 0,
            py::arg("numa_nodes") = 0, py::arg("isa") = "auto",

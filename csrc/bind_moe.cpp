@@ -10,17 +10,17 @@
 #include <cstring>
 #include <map>
 #include <memory>
-#include <thread>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bind_args.h"
 #include "bind_call.h"
 #include "moe/moe.h"
+#include "quant/kernels.h"
 #include "runtime/node_buffer.h"
 #include "runtime/thread_pool.h"
-#include "quant/kernels.h"
 
 namespace py = pybind11;
 
@@ -28,7 +28,6 @@ namespace ktinject {
 namespace {
 
 using namespace bind;
-
 
 // One call in flight from one Python thread: the native call and the arrays it reads and writes.
 struct PendingCall {
@@ -103,8 +102,8 @@ class PyMoe {
     const py::array d = checked_array(down_obj, "down_bias", f32, "float32", {s.num_experts, s.hidden});
     try {
       py::gil_scoped_release release;
-      layer_->load_bias(s.act.gated ? static_cast<const float*>(g.data()) : nullptr, static_cast<const float*>(u.data()),
-                        static_cast<const float*>(d.data()));
+      layer_->load_bias(s.act.gated ? static_cast<const float*>(g.data()) : nullptr,
+                        static_cast<const float*>(u.data()), static_cast<const float*>(d.data()));
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }
@@ -129,9 +128,9 @@ class PyMoe {
     return a;
   }
   std::unique_ptr<MoeCall> start(CallArrays& a) {
-    auto call = std::make_unique<MoeCall>(*layer_, static_cast<const float*>(a.x.data()), a.tokens,
-                                          static_cast<const int64_t*>(a.ids.data()), static_cast<const float*>(a.w.data()),
-                                          a.top_k, static_cast<float*>(a.out.mutable_data()));
+    auto call = std::make_unique<MoeCall>(
+        *layer_, static_cast<const float*>(a.x.data()), a.tokens, static_cast<const int64_t*>(a.ids.data()),
+        static_cast<const float*>(a.w.data()), a.top_k, static_cast<float*>(a.out.mutable_data()));
     try {
       py::gil_scoped_release release;  // start() waits for the pool's job in flight
       layer_->submit(*call);
@@ -144,7 +143,8 @@ class PyMoe {
   void submit(const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj, const py::object& out_obj) {
     CallArrays a = checked_call(x_obj, ids_obj, w_obj, out_obj);
     const std::thread::id me = std::this_thread::get_id();
-    if (pending_.count(me)) throw CallOrderError("submit() called twice from the same thread without sync() in between");
+    if (pending_.count(me))
+      throw CallOrderError("submit() called twice from the same thread without sync() in between");
     std::unique_ptr<MoeCall> call = start(a);
     pending_[me] = PendingCall{std::move(call), {a.x, a.ids, a.w, a.out}};
   }
@@ -179,12 +179,13 @@ void bind_moe(py::module_& m) {
   // submit() twice from one thread without sync(), sync() without submit(): a ValueError subclass.
   py::register_local_exception<CallOrderError>(m, "CallOrderError", PyExc_ValueError);
   py::class_<PyMoe>(m, "MoE", "The routed experts of one MoE layer on the CPU (see csrc/moe/moe.h).")
-      .def(py::init<int64_t, int64_t, int64_t, int, int, int, const std::string&, bool, bool, float, float, float, float, int,
-                    int, const std::string&>(),
+      .def(py::init<int64_t, int64_t, int64_t, int, int, int, const std::string&, bool, bool, float, float, float,
+                    float, int, int, const std::string&>(),
            py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::kw_only(), py::arg("gate_type"),
            py::arg("up_type"), py::arg("down_type"), py::arg("activation") = "silu", py::arg("gated") = true,
-           py::arg("has_bias") = false, py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("softcap_gate") = 0.0f,
-           py::arg("softcap_up") = 0.0f, py::arg("threads") = 0, py::arg("numa_nodes") = 0, py::arg("isa") = "auto",
+           py::arg("has_bias") = false, py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,
+           py::arg("softcap_gate") = 0.0f, py::arg("softcap_up") = 0.0f, py::arg("threads") = 0,
+           py::arg("numa_nodes") = 0, py::arg("isa") = "auto",
            "Weight types are GGML type ids (gate_type is ignored when gated=False: there is no gate). activation: "
            "silu | gelu | gelu_tanh | relu | relu2 | quick_gelu (gated or not), gptoss_swiglu (alpha, limit), "
            "clamped_swiglu / swiglu_clamp_after (limit), softcapped_swiglu (softcap_gate, softcap_up). threads/"
@@ -201,12 +202,14 @@ void bind_moe(py::module_& m) {
            "[T, k]) and return at once. The arrays are kept alive until sync(). Each thread may have one call "
            "in flight per layer (a second submit() from it raises CallOrderError); calls from several threads "
            "run one after the other.")
-      .def("run", &PyMoe::run, py::arg("hidden_states"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("out"),
-           "submit() and sync() in one call, independent of this thread's submitted call if any.")
+      .def("run", &PyMoe::run, py::arg("hidden_states"), py::arg("top_k_index"), py::arg("top_k_weights"),
+           py::arg("out"), "submit() and sync() in one call, independent of this thread's submitted call if any.")
       .def("sync", &PyMoe::sync,
            "Wait for this thread's submitted call; an error raised in a worker is raised here. Ctrl-C cancels "
            "the call and raises KeyboardInterrupt within ~50 ms.")
-      .def("_fail_next_call", [](PyMoe& p) { p.layer().fail_next_call(); }, "Test hook: the next call fails in a worker.")
+      .def(
+          "_fail_next_call", [](PyMoe& p) { p.layer().fail_next_call(); },
+          "Test hook: the next call fails in a worker.")
       .def_property_readonly("isa", [](PyMoe& p) { return std::string(isa_name(p.layer().isa())); })
       .def_property_readonly("threads", [](PyMoe& p) { return p.layer().pool().threads(); })
       .def_property_readonly("numa_nodes", [](PyMoe& p) { return p.layer().pool().nodes(); })

@@ -23,8 +23,8 @@ using namespace bind;
 void check_cols(WeightType t, int64_t cols, const char* name) {
   const int be = col_granularity(t);
   if (cols <= 0 || cols % be != 0)
-    bad_arg(name, "must be a positive multiple of " + std::to_string(be) + " for " + weight_type_name(t) +
-                      ", got " + std::to_string(cols));
+    bad_arg(name, "must be a positive multiple of " + std::to_string(be) + " for " + weight_type_name(t) + ", got " +
+                      std::to_string(cols));
 }
 
 py::array_t<uint8_t> py_quantize(int type_id, const py::object& x_obj) {
@@ -102,7 +102,8 @@ py::array_t<uint8_t> py_unpack(int type_id, const py::array_t<uint8_t, py::array
   if (rows < 0) bad_arg("rows", "must be >= 0");
   if (static_cast<size_t>(packed.size()) != packed_bytes(t, rows, cols))
     bad_arg("packed", "expected " + std::to_string(packed_bytes(t, rows, cols)) + " bytes for " + std::to_string(rows) +
-                          " x " + std::to_string(cols) + " " + weight_type_name(t) + ", got " + std::to_string(packed.size()));
+                          " x " + std::to_string(cols) + " " + weight_type_name(t) + ", got " +
+                          std::to_string(packed.size()));
   const size_t rb = row_bytes(t, cols);
   py::array_t<uint8_t> out({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(rb)});
   for (int64_t r = 0; r < rows; ++r) unpack_row(t, packed.data(), cols, r, out.mutable_data() + r * rb);
@@ -136,9 +137,11 @@ py::array_t<float> py_gemm(int type_id, const std::string& isa_name, const py::o
   check_cols(t, cols, "x.shape[1]");
   const py::array W = check_blocks(t, W_obj, cols);
   const int64_t rows = W.shape(0), tiles = num_tiles(rows);
-  if (tile0 < 0 || tile0 > tiles) bad_arg("tile0", "must be in [0, " + std::to_string(tiles) + "], got " + std::to_string(tile0));
+  if (tile0 < 0 || tile0 > tiles)
+    bad_arg("tile0", "must be in [0, " + std::to_string(tiles) + "], got " + std::to_string(tile0));
   if (n_tiles < 0) n_tiles = tiles - tile0;
-  if (n_tiles > tiles - tile0) bad_arg("n_tiles", "tile0 + n_tiles exceeds the " + std::to_string(tiles) + " tiles of W");
+  if (n_tiles > tiles - tile0)
+    bad_arg("n_tiles", "tile0 + n_tiles exceeds the " + std::to_string(tiles) + " tiles of W");
   py::array_t<float> out;
   if (out_obj.is_none()) {
     out = py::array_t<float>({static_cast<py::ssize_t>(n_tokens), static_cast<py::ssize_t>(rows)});
@@ -180,8 +183,10 @@ void py_gemm_packed(int type_id, const std::string& isa_name, const py::array_t<
   const WeightType t = checked_type(type_id);
   const Isa isa = checked_isa(isa_name);
   check_cols(t, cols, "cols");
-  if (static_cast<size_t>(packed.size()) != packed_bytes(t, rows, cols)) bad_arg("packed", "size does not match rows x cols");
-  if (act.ndim() != 2 || static_cast<size_t>(act.shape(1)) != act_row_bytes(t, cols)) bad_arg("act", "rows of the wrong size");
+  if (static_cast<size_t>(packed.size()) != packed_bytes(t, rows, cols))
+    bad_arg("packed", "size does not match rows x cols");
+  if (act.ndim() != 2 || static_cast<size_t>(act.shape(1)) != act_row_bytes(t, cols))
+    bad_arg("act", "rows of the wrong size");
   const int64_t n = act.shape(0);
   if (out.ndim() != 2 || out.shape(0) != n || out.shape(1) != rows) bad_arg("out", "must be float32 [tokens, rows]");
   if (reinterpret_cast<uintptr_t>(act.data()) % 64 != 0) bad_arg("act", "must be 64-byte aligned");
@@ -238,7 +243,8 @@ void bind_quant(py::module_& m) {
         "The kernel alone: packed weights (from pack) . activation rows (from quantize_activation, 64-byte "
         "aligned) -> out float32 [tokens, rows]. For benchmarks.");
   m.def("activate", &py_activate, py::arg("isa"), py::arg("activation"), py::arg("gate"), py::arg("up"),
-        py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("softcap_gate") = 0.0f, py::arg("softcap_up") = 0.0f,
+        py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f, py::arg("softcap_gate") = 0.0f,
+        py::arg("softcap_up") = 0.0f,
         "The experts' activation as the CPU operator computes it (float32, 1-D): gated with gate given, act(up) "
         "with gate=None.");
   m.def(

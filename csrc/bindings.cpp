@@ -7,7 +7,7 @@ void bind_system(pybind11::module_& m);
 void bind_quant(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
 void bind_linear(pybind11::module_& m);
-}
+}  // namespace ktinject
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "ktinject native kernels (CPU features, NUMA topology, CPU MoE and linear layers)";

@@ -28,9 +28,9 @@ CpuFeatures detect() {
   f.f16c = (ecx >> 29) & 1;
   if (!osxsave) return CpuFeatures{};
   const uint64_t xcr0 = read_xcr0();
-  const bool ymm_state = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
+  const bool ymm_state = (xcr0 & 0x6) == 0x6;                 // SSE + AVX state
   const bool zmm_state = ymm_state && (xcr0 & 0xE0) == 0xE0;  // opmask + ZMM hi256 + hi16 ZMM
-  const bool tile_state = (xcr0 & 0x60000) == 0x60000;    // XTILECFG + XTILEDATA
+  const bool tile_state = (xcr0 & 0x60000) == 0x60000;        // XTILECFG + XTILEDATA
   if (!(avx && ymm_state)) {
     f.fma = f.f16c = false;
     return f;

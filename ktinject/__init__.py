@@ -1,8 +1,8 @@
 """ktinject: turn a stock Hugging Face model into a hybrid CPU/GPU model with a YAML rule file.
 
-    import ktinject
-    plan = ktinject.optimize(model, "qwen3_moe")   # or a path, "auto", YAML text, a RuleSet
-    model.generate(...)                            # stock transformers generate()
+import ktinject
+plan = ktinject.optimize(model, "qwen3_moe")   # or a path, "auto", YAML text, a RuleSet
+model.generate(...)                            # stock transformers generate()
 """
 
 from __future__ import annotations

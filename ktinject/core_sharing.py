@@ -49,8 +49,10 @@ def share_cores_with_pool(pool_cpus: list[int]) -> None:
             reason = f"{ENV_VAR}={requested}"
         else:
             wanted = 1
-            reason = (f"the CPU operators' pool is pinned to CPUs {format_ranges(pool_cpus)} and torch's idle OpenMP "
-                      f"workers would spin on them (set {ENV_VAR}=N to keep N)")
+            reason = (
+                f"the CPU operators' pool is pinned to CPUs {format_ranges(pool_cpus)} and torch's idle OpenMP "
+                f"workers would spin on them (set {ENV_VAR}=N to keep N)"
+            )
         if wanted != before:
             torch.set_num_threads(wanted)
             logger.info("torch intra-op threads %d -> %d: %s", before, wanted, reason)
@@ -60,4 +62,3 @@ def share_cores_with_pool(pool_cpus: list[int]) -> None:
 def decision() -> str:
     """What ``share_cores_with_pool`` decided in this process, for ``ktinject doctor``."""
     return _decision or f"no CPU operator built yet; torch uses {torch.get_num_threads()} intra-op threads"
-

@@ -32,10 +32,14 @@ def compile_decoding(model: nn.Module, backend: str = "inductor") -> None:
 
     generation_config = getattr(model, "generation_config", None)
     if generation_config is None:
-        raise KtInjectError(f"{type(model).__name__} has no generation_config: compiled decoding needs a generative model")
+        raise KtInjectError(
+            f"{type(model).__name__} has no generation_config: compiled decoding needs a generative model"
+        )
     if not getattr(model, "_can_compile_fullgraph", True):
-        logger.warning("%s does not declare a compilable forward; compiling anyway (graph breaks fall back to Python)",
-                       type(model).__name__)
+        logger.warning(
+            "%s does not declare a compilable forward; compiling anyway (graph breaks fall back to Python)",
+            type(model).__name__,
+        )
     config = CompileConfig(fullgraph=False, backend=backend, mode=None)
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     generation_config.cache_implementation = "static"

@@ -29,8 +29,13 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def demo_model(tokenizer: PreTrainedTokenizerFast, *, steps: int = 80, seed: int = 0,
-               progress: Callable[[int, int, float], None] | None = None) -> PreTrainedModel:
+def demo_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    steps: int = 80,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> PreTrainedModel:
     """A 2-layer, 8-expert Qwen3-MoE trained for ``steps`` AdamW steps on DEMO_TEXT (about a second or two on a
     CPU); ``progress(step, steps, loss)`` is called after each step."""
     config = AutoConfig.for_model(

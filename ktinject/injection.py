@@ -45,7 +45,9 @@ def check_devices(p: Plan) -> None:
                     f"{torch.cuda.device_count()} CUDA device(s) exist"
                 )
         elif device.type not in ("cpu", "meta") and not hasattr(torch, device.type):
-            raise KtInjectError(f"rule {entry.rule.label} ({entry.rule.location}): unsupported device type {device.type!r}")
+            raise KtInjectError(
+                f"rule {entry.rule.label} ({entry.rule.location}): unsupported device type {device.type!r}"
+            )
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -58,7 +60,9 @@ def build_operator(model: nn.Module, entry: PlanEntry) -> None:
     """Replace ``entry``'s module in ``model`` by its rule's operator (built from the live module, or on meta
     when loading from files). Shared by optimize() and from_pretrained(); errors name the rule."""
     if entry.module_name == "":
-        raise KtInjectError(f"rule {entry.rule.label} ({entry.rule.location}) would replace the whole model; use op: keep for the root")
+        raise KtInjectError(
+            f"rule {entry.rule.label} ({entry.rule.location}) would replace the whole model; use op: keep for the root"
+        )
     module = model.get_submodule(entry.module_name)
     replace = entry.rule.replace
     try:
@@ -68,7 +72,9 @@ def build_operator(model: nn.Module, entry: PlanEntry) -> None:
     _set_submodule(model, entry.module_name, op)
 
 
-def _move_owned_tensors(root: nn.Module, root_name: str, device: torch.device, claimed: set[str], moved: dict[int, Any]) -> None:
+def _move_owned_tensors(
+    root: nn.Module, root_name: str, device: torch.device, claimed: set[str], moved: dict[int, Any]
+) -> None:
     stack = [(root_name, root)]
     while stack:
         name, module = stack.pop()
@@ -109,8 +115,14 @@ def input_mover(device: torch.device):
     return hook
 
 
-def inject(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None,
-           source: FileSource | None = None) -> Plan:
+def inject(
+    model: nn.Module,
+    rules: RulesLike,
+    *,
+    vars: Mapping[str, Any] | None = None,
+    model_type: str | None = None,
+    source: FileSource | None = None,
+) -> Plan:
     """Apply ``rules`` to ``model`` up to the point where weights matter: the steps ``optimize()`` and
     ``from_pretrained()`` share.
 
@@ -159,8 +171,9 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def plan_for(model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None,
-             source: FileSource | None = None) -> Plan:
+def plan_for(
+    model: nn.Module, rules: RulesLike, *, vars: Mapping[str, Any] | None = None, source: FileSource | None = None
+) -> Plan:
     """``ktinject.plan``: the dry run of ``optimize`` (nothing is changed; devices need not exist).
 
     ``source``: a weight file the model would be loaded from (e.g. a ``GGUFSource`` bound to ``model``); the

@@ -22,7 +22,9 @@ def show(value: Any, limit: int = _SHOW_CHARS) -> str:
     """``repr(value)`` cut to about ``limit`` characters (the repr of a str already escapes line breaks)."""
     if isinstance(value, (str, bytes)) and len(value) > limit:
         text = repr(value[:limit])
-        return f"{text}... ({len(value):,} characters)" if isinstance(value, str) else f"{text}... ({len(value):,} bytes)"
+        return (
+            f"{text}... ({len(value):,} characters)" if isinstance(value, str) else f"{text}... ({len(value):,} bytes)"
+        )
     try:
         text = repr(value)
     except Exception:  # a caller's object whose repr fails: its type is enough

@@ -70,9 +70,7 @@ class Operator(nn.Module):
     placement_only: ClassVar[bool] = False
 
     @classmethod
-    def from_module(
-        cls, module: nn.Module, *, name: str, device: torch.device, config: OperatorConfig
-    ) -> nn.Module:
+    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: OperatorConfig) -> nn.Module:
         """Build the replacement for ``module`` (named ``name`` in the model) placed on ``device``.
 
         When ``module`` holds real tensors the operator takes its weights from it; when it is on ``meta``
@@ -227,7 +225,9 @@ def _type_ok(value: Any, annotation: Any, depth: int = 0) -> bool:
     if origin is dict:
         if not isinstance(value, Mapping):
             return False
-        return not args or all(_type_ok(k, args[0], depth + 1) and _type_ok(v, args[1], depth + 1) for k, v in value.items())
+        return not args or all(
+            _type_ok(k, args[0], depth + 1) and _type_ok(v, args[1], depth + 1) for k, v in value.items()
+        )
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True

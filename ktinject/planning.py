@@ -123,10 +123,14 @@ def _estimate(rule: Rule, name: str, module: nn.Module, source: FileSource | Non
     try:
         if source is None:
             return replace.op_class.estimate_bytes(module, replace.config)
-        return replace.op_class.estimate_stored_bytes(module, replace.config, replace.device, _stored(source, name, module))
+        return replace.op_class.estimate_stored_bytes(
+            module, replace.config, replace.device, _stored(source, name, module)
+        )
     except OperatorError as exc:
-        raise OperatorError(f"rule {rule.label} ({rule.location}) matches {name or '<root>'} "
-                            f"({type(module).__name__}), which {rule.replace.op} cannot replace: {exc}") from None
+        raise OperatorError(
+            f"rule {rule.label} ({rule.location}) matches {name or '<root>'} "
+            f"({type(module).__name__}), which {rule.replace.op} cannot replace: {exc}"
+        ) from None
 
 
 def _stored(source: FileSource, name: str, module: nn.Module) -> dict[str, TensorInfo]:
@@ -173,7 +177,7 @@ def format_plan(p: Plan) -> str:
     bytes_by_key: dict[tuple, int] = defaultdict(int)
     for e in p.entries:
         m = _FIRST_INDEX.search(e.module_name)
-        template = e.module_name[: m.start()] + ".{}" + e.module_name[m.end():] if m else e.module_name
+        template = e.module_name[: m.start()] + ".{}" + e.module_name[m.end() :] if m else e.module_name
         key = (template, e.module_class, e.rule.label, e.op, str(e.device), e.rule.index)
         groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
         bytes_by_key[key] += e.estimated_bytes
@@ -198,5 +202,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"warning: rule {rule.label} ({rule.location}) matched no module")
     if p.uncovered_modules:
         shown = ", ".join(p.uncovered_modules[:5]) + (" ..." if len(p.uncovered_modules) > 5 else "")
-        lines.append(f"warning: {len(p.uncovered_modules)} modules with tensors are not placed by any rule (they stay where they are): {shown}")
+        lines.append(
+            f"warning: {len(p.uncovered_modules)} modules with tensors are not placed by any rule (they stay where they are): {shown}"
+        )
     return "\n".join(lines)

@@ -1,4 +1,11 @@
 """Operator implementations shipped with ktinject. Importing this package registers their short names."""
 
-from ktinject.operators import cpu_experts, cpu_linear, keep, linear, torch_experts, torch_linear  # noqa: F401
-from ktinject.operators import marlin_linear  # noqa: F401  (registers marlin_linear)
+from ktinject.operators import (  # noqa: F401
+    cpu_experts,
+    cpu_linear,
+    keep,
+    linear,
+    marlin_linear,  # noqa: F401  (registers marlin_linear)
+    torch_experts,
+    torch_linear,
+)

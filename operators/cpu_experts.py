@@ -31,12 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from ktinject.core_sharing import share_cores_with_pool
-from ktinject.errors import OperatorError
-from ktinject.native import native
-from ktinject.operator import register_operator
 from ktinject.operators import torch_ops
 from ktinject.operators.cpu_pool import CpuOperator, CpuPoolConfig
 from ktinject.operators.cpu_weights import (
@@ -57,6 +51,12 @@ from ktinject.operators.experts_layout import (
     validate_routing,
 )
 from ktinject.operators.experts_layout import weight_names as experts_weight_names
+from torch import nn
+
+from ktinject.core_sharing import share_cores_with_pool
+from ktinject.errors import OperatorError
+from ktinject.native import native
+from ktinject.operator import register_operator
 
 logger = logging.getLogger("ktinject")
 
@@ -79,8 +79,15 @@ class CpuExperts(CpuOperator):
     Config = CpuExpertsConfig
     wants_raw_weights = True  # the loader hands GGUF blocks over as stored (see load_weights)
 
-    def __init__(self, spec: ExpertsSpec, *, name: str, config: CpuExpertsConfig, transposed: bool,
-                 post_expert_norm: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        spec: ExpertsSpec,
+        *,
+        name: str,
+        config: CpuExpertsConfig,
+        transposed: bool,
+        post_expert_norm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.module_name = name
@@ -98,7 +105,9 @@ class CpuExperts(CpuOperator):
     # ---- building ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: CpuExpertsConfig) -> "CpuExperts":
+    def from_module(
+        cls, module: nn.Module, *, name: str, device: torch.device, config: CpuExpertsConfig
+    ) -> "CpuExperts":
         if device.type != "cpu":
             raise OperatorError(f"cpu_experts computes on the CPU; {name!r} is placed on {device} (use device: cpu)")
         spec = experts_spec(module, name=name, supports=SUPPORTED_FEATURES)
@@ -112,8 +121,12 @@ class CpuExperts(CpuOperator):
         if not module.get_parameter(names[0]).is_meta:
             if spec.storage == "fused":
                 first = module.get_parameter(names[0])
-                op._load_from_float(first, module.down_proj, getattr(module, f"{names[0]}_bias", None),
-                                    getattr(module, "down_proj_bias", None))
+                op._load_from_float(
+                    first,
+                    module.down_proj,
+                    getattr(module, f"{names[0]}_bias", None),
+                    getattr(module, "down_proj_bias", None),
+                )
             else:
                 op._load_canonical_batches(lambda n, start, stop: module.get_parameter(n)[start:stop])
         return op
@@ -135,15 +148,29 @@ class CpuExperts(CpuOperator):
         s, c = self.spec, self.config
         try:
             self._moe = native().MoE(
-                s.num_experts, s.hidden_size, s.intermediate_size,
-                gate_type=GGML_TYPES[gate_type], up_type=GGML_TYPES[up_type], down_type=GGML_TYPES[down_type],
-                activation=s.activation, gated=s.gated, has_bias=s.has_bias, alpha=s.swiglu_alpha, limit=s.swiglu_limit,
-                softcap_gate=s.softcap_gate, softcap_up=s.softcap_up, threads=c.threads, numa_nodes=c.numa_nodes, isa=c.isa,
+                s.num_experts,
+                s.hidden_size,
+                s.intermediate_size,
+                gate_type=GGML_TYPES[gate_type],
+                up_type=GGML_TYPES[up_type],
+                down_type=GGML_TYPES[down_type],
+                activation=s.activation,
+                gated=s.gated,
+                has_bias=s.has_bias,
+                alpha=s.swiglu_alpha,
+                limit=s.swiglu_limit,
+                softcap_gate=s.softcap_gate,
+                softcap_up=s.softcap_up,
+                threads=c.threads,
+                numa_nodes=c.numa_nodes,
+                isa=c.isa,
             )
         except ValueError as exc:
             hint = ""
             if "not a multiple" in str(exc):
-                hint = " (K-quants need dimensions that are multiples of 256, q8_0 of 32; bf16/f16/f32 fit any even size)"
+                hint = (
+                    " (K-quants need dimensions that are multiples of 256, q8_0 of 32; bf16/f16/f32 fit any even size)"
+                )
             raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}{hint}") from None
         self._types = (gate_type, up_type, down_type)
         share_cores_with_pool([c for node in self._moe.cpus for c in node])
@@ -156,8 +183,13 @@ class CpuExperts(CpuOperator):
             raise OperatorError(f"cpu_experts for {self.module_name!r}: cannot keep dtype {dtype}; set weight_type")
         return name
 
-    def _load_from_float(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None,
-                         down_bias: torch.Tensor | None) -> None:
+    def _load_from_float(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        gate_up_bias: torch.Tensor | None,
+        down_bias: torch.Tensor | None,
+    ) -> None:
         """Convert float weights (HF fused layout, any device) to the configured type, a few experts at a time.
         ``gate_up`` is ``up_proj`` for experts without a gate."""
         self._load_float_batches(lambda e0, e1: (gate_up[e0:e1], down[e0:e1]))
@@ -165,7 +197,9 @@ class CpuExperts(CpuOperator):
             if gate_up_bias is not None and down_bias is not None:
                 self._load_bias(gate_up_bias.detach().cpu(), down_bias.detach().cpu())
             elif self.spec.has_bias and gate_up_bias is not None:
-                raise OperatorError(f"cpu_experts for {self.module_name!r}: the module has gate_up_proj_bias but no down_proj_bias")
+                raise OperatorError(
+                    f"cpu_experts for {self.module_name!r}: the module has gate_up_proj_bias but no down_proj_bias"
+                )
 
     def _load_canonical_batches(self, rows) -> None:
         """Weights stored other than fused (DBRX's flat ``mlp.w1/v1/w2``): ``rows(name, start, stop)`` gives rows
@@ -177,12 +211,18 @@ class CpuExperts(CpuOperator):
             for e0 in range(0, s.num_experts, _EXPERTS_PER_BATCH):
                 e1 = min(s.num_experts, e0 + _EXPERTS_PER_BATCH)
                 part = dataclasses.replace(s, num_experts=e1 - e0, identity_experts=0)
-                w = canonical_from_tensors({n: rows(n, e0 * per_expert, e1 * per_expert).detach().cpu() for n in names}, part)
+                w = canonical_from_tensors(
+                    {n: rows(n, e0 * per_expert, e1 * per_expert).detach().cpu() for n in names}, part
+                )
                 if e0 == 0:
                     wtype = self._float_type(w.up.dtype)
                     self._create(wtype, wtype, wtype)
-                self._moe.load(e0, None if w.gate is None else to_blocks(w.gate, wtype), to_blocks(w.up, wtype),
-                               to_blocks(w.down, wtype))
+                self._moe.load(
+                    e0,
+                    None if w.gate is None else to_blocks(w.gate, wtype),
+                    to_blocks(w.up, wtype),
+                    to_blocks(w.down, wtype),
+                )
 
     def _load_float_batches(self, batch) -> None:
         """``batch(e0, e1)`` gives experts [e0, e1) of (gate_up_proj, down_proj) in the HF layout; each batch is
@@ -197,7 +237,9 @@ class CpuExperts(CpuOperator):
                 gate, up = self._gate_and_up(gate_up.detach().cpu())
                 d = down.detach().cpu()
                 d = d.transpose(1, 2) if self._source_transposed else d
-                self._moe.load(e0, None if gate is None else to_blocks(gate, wtype), to_blocks(up, wtype), to_blocks(d, wtype))
+                self._moe.load(
+                    e0, None if gate is None else to_blocks(gate, wtype), to_blocks(up, wtype), to_blocks(d, wtype)
+                )
 
     def _gate_and_up(self, stacked: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Canonical gate and up [E, I, H] (or bias [E, I]) from the module's stacked first tensor; no gate when
@@ -221,8 +263,10 @@ class CpuExperts(CpuOperator):
     def load_weights(self, source, prefix: str) -> None:
         """Take the weights from ``source``: GGUF blocks as stored when it offers them, else float tensors."""
         if self.post_expert_norm is not None:
-            state = {k: source.tensor(f"{prefix}post_expert_norm.{k}", dtype=torch.float32)
-                     for k in self.post_expert_norm.state_dict()}
+            state = {
+                k: source.tensor(f"{prefix}post_expert_norm.{k}", dtype=torch.float32)
+                for k in self.post_expert_norm.state_dict()
+            }
             self.post_expert_norm.load_state_dict(state)
         if self.spec.storage != "fused":
             self._load_canonical_batches(lambda n, start, stop: source.tensor_rows(prefix + n, start, stop))
@@ -258,19 +302,27 @@ class CpuExperts(CpuOperator):
         expected[down.stored_name] = (s.num_experts, s.hidden_size, s.intermediate_size)
         for part in present:
             if tuple(part.shape) != expected[part.stored_name]:
-                raise OperatorError(f"cpu_experts for {self.module_name!r}: {part.stored_name} has shape {tuple(part.shape)}, "
-                                    f"expected {expected[part.stored_name]}")
+                raise OperatorError(
+                    f"cpu_experts for {self.module_name!r}: {part.stored_name} has shape {tuple(part.shape)}, "
+                    f"expected {expected[part.stored_name]}"
+                )
         types = []
         for part in present:
             name = GGML_TYPE_NAMES.get(part.ggml_type)
             if name is None:
-                raise OperatorError(f"cpu_experts for {self.module_name!r}: {part.stored_name} is stored as GGML type "
-                                    f"{part.ggml_type}, which the CPU kernels do not read (supported: {', '.join(GGML_TYPES)})")
+                raise OperatorError(
+                    f"cpu_experts for {self.module_name!r}: {part.stored_name} is stored as GGML type "
+                    f"{part.ggml_type}, which the CPU kernels do not read (supported: {', '.join(GGML_TYPES)})"
+                )
             types.append(name)
         wanted = self.config.weight_type
         if wanted != "auto" and any(t != wanted for t in types):
-            logger.warning("cpu_experts %s: weight_type=%s but the file stores %s; converting (dequantize + quantize, slow, lossy)",
-                           self.module_name, wanted, "/".join(types))
+            logger.warning(
+                "cpu_experts %s: weight_type=%s but the file stores %s; converting (dequantize + quantize, slow, lossy)",
+                self.module_name,
+                wanted,
+                "/".join(types),
+            )
             raise _Requantize()
         self._create(*(types if s.gated else [types[0], *types]))  # no gate: its type is the up type
         for e0 in range(0, s.num_experts, _EXPERTS_PER_BATCH):
@@ -281,8 +333,12 @@ class CpuExperts(CpuOperator):
 
     # ---- running ----------------------------------------------------------------------------------
 
-    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
-               top_k_weights: torch.Tensor | None = None) -> None:
+    def submit(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> None:
         """Start the experts on the CPU and return at once; ``sync()`` returns the result.
 
         Routing may be left out only for experts with Llama-4's dense call (row ``r`` of ``hidden[E*T, H]``
@@ -291,14 +347,22 @@ class CpuExperts(CpuOperator):
         on the pool.
         """
         if self._moe is None:
-            raise OperatorError(f"cpu_experts for {self.module_name!r} has no weights yet (load_weights was not called)")
+            raise OperatorError(
+                f"cpu_experts for {self.module_name!r} has no weights yet (load_weights was not called)"
+            )
         s = self.spec
         if s.call == "dense" and top_k_index is None and top_k_weights is None:
             top_k_index, top_k_weights = self._dense_routing(hidden_states)
         elif top_k_index is None or top_k_weights is None:
-            raise OperatorError(f"cpu_experts for {self.module_name!r}: experts(hidden, top_k_index, top_k_weights) needs all "
-                                "three arguments")
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1]) if s.hidden_3d and hidden_states.dim() == 3 else hidden_states
+            raise OperatorError(
+                f"cpu_experts for {self.module_name!r}: experts(hidden, top_k_index, top_k_weights) needs all "
+                "three arguments"
+            )
+        flat = (
+            hidden_states.reshape(-1, hidden_states.shape[-1])
+            if s.hidden_3d and hidden_states.dim() == 3
+            else hidden_states
+        )
         validate_routing(flat, top_k_index, top_k_weights, s, self.module_name)
         _check_call_inputs(flat, top_k_index, top_k_weights, self.module_name)
         x = flat.detach().to(device="cpu", dtype=torch.float32).contiguous()
@@ -317,8 +381,10 @@ class CpuExperts(CpuOperator):
         """Llama-4's dense call as a routed one: row ``r`` of ``hidden[E*T, H]`` goes to expert ``r // T``, weight 1."""
         e, h = self.spec.num_experts, self.spec.hidden_size
         if hidden.dim() != 2 or hidden.shape[1] != h or hidden.shape[0] % e:
-            raise OperatorError(f"cpu_experts for {self.module_name!r}: hidden_states must be [num_experts*tokens, {h}] with "
-                                f"num_experts={e}, got {tuple(hidden.shape)}")
+            raise OperatorError(
+                f"cpu_experts for {self.module_name!r}: hidden_states must be [num_experts*tokens, {h}] with "
+                f"num_experts={e}, got {tuple(hidden.shape)}"
+            )
         ids = torch.arange(e, dtype=torch.int64).repeat_interleave(hidden.shape[0] // e)[:, None]
         return ids, torch.ones(ids.shape, dtype=torch.float32)
 
@@ -338,16 +404,24 @@ class CpuExperts(CpuOperator):
             raise OperatorError(f"cpu_experts for {self.module_name!r}: {exc}") from None
         return layout.result(out).to(device=device, dtype=dtype)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
-                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.spec.call == "dense":  # Llama-4: experts(hidden[E*T, H]); HF passes no routing
             if top_k_index is not None or top_k_weights is not None:
-                raise OperatorError(f"cpu_experts for {self.module_name!r}: these experts are called as "
-                                    "experts(hidden[E*T, H]) (dense), not with routing")
+                raise OperatorError(
+                    f"cpu_experts for {self.module_name!r}: these experts are called as "
+                    "experts(hidden[E*T, H]) (dense), not with routing"
+                )
             top_k_index, top_k_weights = self._dense_routing(hidden_states)
         elif top_k_index is None or top_k_weights is None:
-            raise OperatorError(f"cpu_experts for {self.module_name!r}: experts(hidden, top_k_index, top_k_weights) needs all "
-                                "three arguments")
+            raise OperatorError(
+                f"cpu_experts for {self.module_name!r}: experts(hidden, top_k_index, top_k_weights) needs all "
+                "three arguments"
+            )
         if torch.compiler.is_compiling():  # an opaque node for dynamo (eager calls skip the op's dispatch)
             return torch_ops.cpu_experts(hidden_states, top_k_index, top_k_weights, self._handle)
         return self.run(hidden_states, top_k_index, top_k_weights)
@@ -359,11 +433,23 @@ class CpuExperts(CpuOperator):
         native call with no conversions: at one token the Python around the call is a large part of its cost.
         """
         s, moe = self.spec, self._moe
-        if (moe is not None and s.call == "routed" and not s.identity_experts and self.post_expert_norm is None
-                and not s.hidden_3d and hidden_states.dtype is torch.float32 and top_k_weights.dtype is torch.float32
-                and top_k_index.dtype is torch.int64 and hidden_states.device.type == "cpu"
-                and top_k_index.device.type == "cpu" and top_k_weights.device.type == "cpu" and not hidden_states.requires_grad
-                and hidden_states.is_contiguous() and top_k_index.is_contiguous() and top_k_weights.is_contiguous()):
+        if (
+            moe is not None
+            and s.call == "routed"
+            and not s.identity_experts
+            and self.post_expert_norm is None
+            and not s.hidden_3d
+            and hidden_states.dtype is torch.float32
+            and top_k_weights.dtype is torch.float32
+            and top_k_index.dtype is torch.int64
+            and hidden_states.device.type == "cpu"
+            and top_k_index.device.type == "cpu"
+            and top_k_weights.device.type == "cpu"
+            and not hidden_states.requires_grad
+            and hidden_states.is_contiguous()
+            and top_k_index.is_contiguous()
+            and top_k_weights.is_contiguous()
+        ):
             out = torch.empty(hidden_states.shape)
             try:  # the binding checks shapes, contiguity and ids, naming the argument
                 moe.run(hidden_states.numpy(), top_k_index.numpy(), top_k_weights.numpy(), out.numpy())
@@ -376,7 +462,11 @@ class CpuExperts(CpuOperator):
     def extra_repr(self) -> str:
         s = self.spec
         types = "/".join(self._types) if self._types else "not loaded"
-        where = f"isa={self._moe.isa}, threads={self._moe.threads}, numa_nodes={self._moe.numa_nodes}" if self._moe is not None else ""
+        where = (
+            f"isa={self._moe.isa}, threads={self._moe.threads}, numa_nodes={self._moe.numa_nodes}"
+            if self._moe is not None
+            else ""
+        )
         return f"experts={s.num_experts}, hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, weights={types}, {where}"
 
 
@@ -385,20 +475,31 @@ def _check_call_inputs(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     or bool index would be truncated into some other expert's id)."""
     for arg, tensor in (("hidden_states", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
         if tensor.is_meta:
-            raise OperatorError(f"cpu_experts for {name!r}: {arg} is on the meta device (no data); load the model's "
-                                "weights before running it")
+            raise OperatorError(
+                f"cpu_experts for {name!r}: {arg} is on the meta device (no data); load the model's "
+                "weights before running it"
+            )
     if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
         raise OperatorError(f"cpu_experts for {name!r}: top_k_index must be an integer tensor, got {top_k_index.dtype}")
     if not (top_k_weights.dtype.is_floating_point):
-        raise OperatorError(f"cpu_experts for {name!r}: top_k_weights must be a floating-point tensor, got {top_k_weights.dtype}")
+        raise OperatorError(
+            f"cpu_experts for {name!r}: top_k_weights must be a floating-point tensor, got {top_k_weights.dtype}"
+        )
 
 
 class _CallLayout:
     """One call mapped onto the kernels' routed call and back (identity experts, post-expert norm, 3-D hidden
     states); a plain layout passes everything through."""
 
-    def __init__(self, spec: ExpertsSpec, norm: nn.Module | None, x: torch.Tensor, ids: torch.Tensor,
-                 weights: torch.Tensor, shape: torch.Size) -> None:
+    def __init__(
+        self,
+        spec: ExpertsSpec,
+        norm: nn.Module | None,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        shape: torch.Size,
+    ) -> None:
         self.spec, self.norm, self.x, self.ids, self.weights, self.shape = spec, norm, x, ids, weights, shape
         e = spec.num_experts
         # Identity experts (ids E .. E+Z-1) reach C++ as the unused slot E; larger ids stay, so C++ refuses them.
@@ -444,7 +545,9 @@ def _stored_as_blocks(gate_up_parts: list, down_parts: list, gated: bool) -> boo
     GGML type: packed as stored. Per-expert checkpoint tensors (bf16 safetensors also carry a GGML type) take the
     float path."""
     parts = (*gate_up_parts, *down_parts)
-    stacked = len(gate_up_parts) == (2 if gated else 1) and len(down_parts) == 1 and all(len(p.shape) == 3 for p in parts)
+    stacked = (
+        len(gate_up_parts) == (2 if gated else 1) and len(down_parts) == 1 and all(len(p.shape) == 3 for p in parts)
+    )
     return stacked and all(p.ggml_type is not None for p in (*gate_up_parts, *down_parts))
 
 

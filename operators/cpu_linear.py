@@ -17,12 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from ktinject.core_sharing import share_cores_with_pool
-from ktinject.errors import OperatorError
-from ktinject.native import native
-from ktinject.operator import register_operator
 from ktinject.operators import torch_ops
 from ktinject.operators.cpu_pool import CpuOperator, CpuPoolConfig
 from ktinject.operators.cpu_weights import (
@@ -34,6 +28,12 @@ from ktinject.operators.cpu_weights import (
     kept_stored_bytes,
     to_blocks,
 )
+from torch import nn
+
+from ktinject.core_sharing import share_cores_with_pool
+from ktinject.errors import OperatorError
+from ktinject.native import native
+from ktinject.operator import register_operator
 from ktinject.weights.source import ModuleSource, RawTensor, WeightSource
 
 logger = logging.getLogger("ktinject")
@@ -54,7 +54,9 @@ class CpuLinear(CpuOperator):
     Config = CpuLinearConfig
     wants_raw_weights = True  # the loader hands GGUF blocks over as stored (see load_weights)
 
-    def __init__(self, in_features: int, out_features: int, has_bias: bool, *, name: str, config: CpuLinearConfig) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, has_bias: bool, *, name: str, config: CpuLinearConfig
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -92,11 +94,20 @@ class CpuLinear(CpuOperator):
     def _create(self, wtype: str) -> None:
         c = self.config
         if self.in_features % column_multiple(wtype):
-            raise OperatorError(f"cpu_linear for {self.module_name!r}: in_features {self.in_features} is not a multiple of "
-                                f"{column_multiple(wtype)}, which {wtype} needs; choose another weight_type")
+            raise OperatorError(
+                f"cpu_linear for {self.module_name!r}: in_features {self.in_features} is not a multiple of "
+                f"{column_multiple(wtype)}, which {wtype} needs; choose another weight_type"
+            )
         try:
-            self._linear = native().Linear(self.out_features, self.in_features, type=GGML_TYPES[wtype], has_bias=self.has_bias,
-                                           threads=c.threads, numa_nodes=c.numa_nodes, isa=c.isa)
+            self._linear = native().Linear(
+                self.out_features,
+                self.in_features,
+                type=GGML_TYPES[wtype],
+                has_bias=self.has_bias,
+                threads=c.threads,
+                numa_nodes=c.numa_nodes,
+                isa=c.isa,
+            )
         except ValueError as exc:
             raise OperatorError(f"cpu_linear for {self.module_name!r}: {exc}") from None
         self._type = wtype
@@ -116,7 +127,7 @@ class CpuLinear(CpuOperator):
             self._create(stored)
             blocks = _as_blocks(part.data, self.out_features)
             for r0 in range(0, self.out_features, _ROWS_PER_BATCH):
-                self._linear.load(r0, np.ascontiguousarray(blocks[r0:r0 + _ROWS_PER_BATCH]))
+                self._linear.load(r0, np.ascontiguousarray(blocks[r0 : r0 + _ROWS_PER_BATCH]))
         else:
             wtype = self._convert_type(part, stored)
             self._create(wtype)
@@ -132,13 +143,22 @@ class CpuLinear(CpuOperator):
         stored_name = getattr(part, "stored_name", "?")
         if wanted != "auto":
             if stored not in (None, "f32", "f16", "bf16"):  # quantizing floats is what weight_type asks for
-                logger.warning("cpu_linear %s: weight_type=%s but %s is stored as %s; converting (dequantize + "
-                               "quantize: slow and lossy)", self.module_name, wanted, stored_name, stored)
+                logger.warning(
+                    "cpu_linear %s: weight_type=%s but %s is stored as %s; converting (dequantize + "
+                    "quantize: slow and lossy)",
+                    self.module_name,
+                    wanted,
+                    stored_name,
+                    stored,
+                )
             return wanted
         if part is not None and part.ggml_type is None and part.data.dtype in (np.float32, np.float16):
             return "f32" if part.data.dtype == np.float32 else "f16"
-        logger.warning("cpu_linear %s: %s is stored in a type the CPU kernels do not read; converting to q8_0",
-                       self.module_name, stored_name)
+        logger.warning(
+            "cpu_linear %s: %s is stored in a type the CPU kernels do not read; converting to q8_0",
+            self.module_name,
+            stored_name,
+        )
         return "q8_0" if self.in_features % 32 == 0 else "f32"
 
     # ---- running ----------------------------------------------------------------------------------
@@ -149,7 +169,9 @@ class CpuLinear(CpuOperator):
         ``proj.weight.dtype`` to cast its input (DeepSeek-V3.2's indexer, HY-V4's LM head)."""
         stand_in = self.__dict__.get("_weight_stand_in")
         if stand_in is None:
-            raise AttributeError(f"cpu_linear for {self.module_name!r} was not built from a module: it has no weight to describe")
+            raise AttributeError(
+                f"cpu_linear for {self.module_name!r} was not built from a module: it has no weight to describe"
+            )
         return stand_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +189,9 @@ class CpuLinear(CpuOperator):
         if linear is None:
             raise OperatorError(f"cpu_linear for {self.module_name!r} has no weights yet (load_weights was not called)")
         if x.shape[-1] != self.in_features:
-            raise OperatorError(f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}")
+            raise OperatorError(
+                f"cpu_linear for {self.module_name!r}: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
         if x.device.type != "cpu" or x.dtype is not torch.float32 or x.requires_grad:
             if x.is_meta:
                 raise OperatorError(f"cpu_linear for {self.module_name!r}: the input is on the meta device (no data)")
@@ -183,10 +207,15 @@ class CpuLinear(CpuOperator):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        where = (f", isa={self._linear.isa}, threads={self._linear.threads}, numa_nodes={self._linear.numa_nodes}"
-                 if self._linear is not None else "")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
-                f"weights={self._type or 'not loaded'}{where}")
+        where = (
+            f", isa={self._linear.isa}, threads={self._linear.threads}, numa_nodes={self._linear.numa_nodes}"
+            if self._linear is not None
+            else ""
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
+            f"weights={self._type or 'not loaded'}{where}"
+        )
 
 
 def _linear_weight(module: nn.Module, name: str) -> torch.Tensor:

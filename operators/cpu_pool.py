@@ -7,10 +7,10 @@ import dataclasses
 import os
 
 import torch
+from ktinject.operators.cpu_weights import IsaName, WeightTypeName
 
 from ktinject.errors import OperatorError
 from ktinject.operator import KwargError, Operator, OperatorConfig, check_int
-from ktinject.operators.cpu_weights import IsaName, WeightTypeName
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,9 +25,13 @@ class CpuPoolConfig(OperatorConfig):
         # least one worker per node group; checked here so a rule file fails at load time, not in the extension.
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         check_int("threads", self.threads, 0, cpus, f" (0 = every CPU; this process may run on {cpus})")
-        check_int("numa_nodes", self.numa_nodes, 0, cpus, f" (0 = every node; each node group needs one of the {cpus} CPUs)")
+        check_int(
+            "numa_nodes", self.numa_nodes, 0, cpus, f" (0 = every node; each node group needs one of the {cpus} CPUs)"
+        )
         if self.threads and self.numa_nodes > self.threads:
-            raise KwargError("numa_nodes", f"numa_nodes={self.numa_nodes} needs at least as many threads, got threads={self.threads}")
+            raise KwargError(
+                "numa_nodes", f"numa_nodes={self.numa_nodes} needs at least as many threads, got threads={self.threads}"
+            )
 
 
 class CpuOperator(Operator):

@@ -23,8 +23,9 @@ WeightTypeName = Literal["auto", "q4_k", "q5_k", "q6_k", "q8_0", "bf16", "f16", 
 IsaName = Literal["auto", "avx512", "avx2", "scalar"]
 
 # The stored types the kernels read (the names ``weight_type`` takes besides ``auto``): name -> GGML type id.
-GGML_TYPES: dict[str, int] = {name: int(gguf.GGMLQuantizationType[name.upper()])
-                              for name in typing.get_args(WeightTypeName) if name != "auto"}
+GGML_TYPES: dict[str, int] = {
+    name: int(gguf.GGMLQuantizationType[name.upper()]) for name in typing.get_args(WeightTypeName) if name != "auto"
+}
 GGML_TYPE_NAMES: dict[int, str] = {v: k for k, v in GGML_TYPES.items()}
 FLOAT_STORAGE: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_TO_TYPE: dict[torch.dtype, str] = {v: k for k, v in FLOAT_STORAGE.items()}

@@ -49,8 +49,16 @@ from torch import nn
 from ktinject.errors import OperatorError
 
 Activation = Literal[
-    "silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu",
-    "gptoss_swiglu", "clamped_swiglu", "swiglu_clamp_after", "softcapped_swiglu",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "relu2",
+    "quick_gelu",
+    "gptoss_swiglu",
+    "clamped_swiglu",
+    "swiglu_clamp_after",
+    "softcapped_swiglu",
 ]
 Storage = Literal["fused", "w1_v1_w2"]
 Call = Literal["routed", "dense"]
@@ -69,8 +77,7 @@ GATED_ONLY = ("gptoss_swiglu", "clamped_swiglu", "swiglu_clamp_after", "softcapp
 
 # The math the C++ kernels implement (weights' orientation and the activation).
 KERNEL_FEATURES: frozenset[str] = frozenset(
-    {"transposed", "interleaved", "bias", "not gated"}
-    | {f"activation {a}" for a in (*ELEMENTWISE, *GATED_ONLY)}
+    {"transposed", "interleaved", "bias", "not gated"} | {f"activation {a}" for a in (*ELEMENTWISE, *GATED_ONLY)}
 )
 # How a module is called and stores its weights, beyond experts(hidden[T, H], index, weights) over fused
 # tensors: an operator maps these onto a plain routed call (see cpu_experts).
@@ -112,10 +119,15 @@ class ExpertsSpec:
     def features(self) -> frozenset[str]:
         """What this layout needs beyond fused, concatenated, bias-free ``act(gate) * up`` experts."""
         named = {
-            "transposed": self.transposed, "interleaved": bool(self.interleaved), "bias": self.has_bias,
-            "not gated": not self.gated, "post-expert norm": self.post_expert_norm,
-            "identity experts": self.identity_experts > 0, "dense call": self.call == "dense",
-            "w1/v1/w2 storage": self.storage == "w1_v1_w2", "3-D hidden states": self.hidden_3d,
+            "transposed": self.transposed,
+            "interleaved": bool(self.interleaved),
+            "bias": self.has_bias,
+            "not gated": not self.gated,
+            "post-expert norm": self.post_expert_norm,
+            "identity experts": self.identity_experts > 0,
+            "dense call": self.call == "dense",
+            "w1/v1/w2 storage": self.storage == "w1_v1_w2",
+            "3-D hidden states": self.hidden_3d,
         }
         return frozenset({f"activation {self.activation}"} | {k for k, on in named.items() if on})
 
@@ -123,7 +135,9 @@ class ExpertsSpec:
         """One line for plans and catalogues, e.g. ``gated silu, transposed, bias``."""
         act = self.activation
         if act in ("gptoss_swiglu", "clamped_swiglu", "swiglu_clamp_after"):
-            act += f"(limit={self.swiglu_limit:g}" + (f", alpha={self.swiglu_alpha:g})" if act == "gptoss_swiglu" else ")")
+            act += f"(limit={self.swiglu_limit:g}" + (
+                f", alpha={self.swiglu_alpha:g})" if act == "gptoss_swiglu" else ")"
+            )
         elif act == "softcapped_swiglu":
             act += f"(gate={self.softcap_gate:g}, up={self.softcap_up:g})"
         extra = sorted(f for f in self.features if not f.startswith("activation") and f != "not gated")
@@ -205,7 +219,9 @@ def _stacked_spec(module: nn.Module, where: str) -> ExpertsSpec:
             "(transformers v5 layout); match the '...mlp.experts' module, not the MoE block"
         )
     if first.dim() != 3 or down.dim() != 3:
-        raise OperatorError(f"{where}: expected 3-D {first_name}/down_proj, got {tuple(first.shape)}/{tuple(down.shape)}")
+        raise OperatorError(
+            f"{where}: expected 3-D {first_name}/down_proj, got {tuple(first.shape)}/{tuple(down.shape)}"
+        )
     num_experts = down.shape[0]
     identity = first.shape[0] - num_experts
     if identity < 0 or (identity and not any(isinstance(m, nn.Identity) for m in module.children())):
@@ -222,7 +238,10 @@ def _stacked_spec(module: nn.Module, where: str) -> ExpertsSpec:
         )
     has_bias = _flag(module, "has_bias", False)
     if has_bias:
-        for bias_name, shape in ((f"{first_name}_bias", (first.shape[0], width)), ("down_proj_bias", (num_experts, hidden))):
+        for bias_name, shape in (
+            (f"{first_name}_bias", (first.shape[0], width)),
+            ("down_proj_bias", (num_experts, hidden)),
+        ):
             bias = getattr(module, bias_name, None)
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != shape:
                 found = tuple(bias.shape) if isinstance(bias, torch.Tensor) else None
@@ -266,14 +285,17 @@ def _transposed(module: nn.Module, first: torch.Tensor, down: torch.Tensor, gate
 def _call_kind(module: nn.Module, where: str) -> Call:
     """``routed``: ``forward(hidden, top_k_index, top_k_weights)``; ``dense``: ``forward(hidden)`` (Llama-4)."""
     params = [
-        p for p in inspect.signature(type(module).forward).parameters.values()
+        p
+        for p in inspect.signature(type(module).forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
     ]
     if len(params) >= 3:
         return "routed"
     if len(params) == 1:
         return "dense"
-    raise OperatorError(f"{where}: forward takes {[p.name for p in params]}; expected (hidden, top_k_index, top_k_weights) or (hidden)")
+    raise OperatorError(
+        f"{where}: forward takes {[p.name for p in params]}; expected (hidden, top_k_index, top_k_weights) or (hidden)"
+    )
 
 
 def _w1_v1_w2_spec(module: nn.Module, where: str) -> ExpertsSpec:
@@ -282,7 +304,9 @@ def _w1_v1_w2_spec(module: nn.Module, where: str) -> ExpertsSpec:
     if not isinstance(num_experts, int) or num_experts <= 0 or w1.dim() != 2 or w1.shape[0] % num_experts:
         raise OperatorError(f"{where}: mlp.w1 {tuple(w1.shape)} is not num_experts={num_experts} stacked [I, H] blocks")
     if not (w1.shape == v1.shape == w2.shape):
-        raise OperatorError(f"{where}: mlp.w1/v1/w2 shapes differ: {tuple(w1.shape)}, {tuple(v1.shape)}, {tuple(w2.shape)}")
+        raise OperatorError(
+            f"{where}: mlp.w1/v1/w2 shapes differ: {tuple(w1.shape)}, {tuple(v1.shape)}, {tuple(w2.shape)}"
+        )
     act = getattr(module.mlp, "activation_fn", None)
     return ExpertsSpec(
         num_experts=num_experts,
@@ -335,12 +359,18 @@ def _recognise_math(module: nn.Module, *, gated: bool, interleaved: bool, where:
         return {"activation": _recognise_elementwise(act, where)}
     limit = _number(module, "limit", "swiglu_limit")
     alpha = _number(module, "alpha", "swiglu_alpha")
-    caps = (_number(getattr(act, "gate_softcap", None), "softcap"), _number(getattr(act, "up_softcap", None), "softcap"))
+    caps = (
+        _number(getattr(act, "gate_softcap", None), "softcap"),
+        _number(getattr(act, "up_softcap", None), "softcap"),
+    )
     candidates: list[dict[str, object]] = []
     if alpha is not None and limit is not None:
         candidates.append(dict(activation="gptoss_swiglu", swiglu_alpha=alpha, swiglu_limit=limit))
     if limit is not None and math.isfinite(limit):
-        candidates += [dict(activation="clamped_swiglu", swiglu_limit=limit), dict(activation="swiglu_clamp_after", swiglu_limit=limit)]
+        candidates += [
+            dict(activation="clamped_swiglu", swiglu_limit=limit),
+            dict(activation="swiglu_clamp_after", swiglu_limit=limit),
+        ]
     if caps[0] is not None and caps[1] is not None:
         candidates.append(dict(activation="softcapped_swiglu", softcap_gate=caps[0], softcap_up=caps[1]))
     candidates += [dict(activation=name) for name in ELEMENTWISE]
@@ -447,7 +477,9 @@ def apply_activation(gate: torch.Tensor | None, up: torch.Tensor, spec: ExpertsS
     return ELEMENTWISE[act](gate) * up
 
 
-def validate_routing(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, spec: ExpertsSpec, name: str) -> None:
+def validate_routing(
+    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, spec: ExpertsSpec, name: str
+) -> None:
     """Shape checks shared by the experts operators (cheap attribute reads only; no device sync)."""
     if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size:
         raise OperatorError(f"{name}: hidden_states must be [tokens, {spec.hidden_size}], got {tuple(hidden.shape)}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
+from ktinject.operators.cpu_pool import CpuPoolConfig
+from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
 from torch import nn
 
 from ktinject.errors import OperatorError
 from ktinject.operator import Operator, register_operator
-from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
-from ktinject.operators.cpu_pool import CpuPoolConfig
-from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
 
 # weight_type -> torch_linear's dtype, for devices other than the CPU.
 _TORCH_DTYPES = {"auto": "auto", "bf16": "bfloat16", "f16": "float16", "f32": "float32"}
@@ -37,18 +37,22 @@ class Linear(Operator):
     @classmethod
     def check_device(cls, device: torch.device, config: LinearConfig) -> None:
         if device.type != "cpu" and config.weight_type not in _TORCH_DTYPES:
-            raise OperatorError(f"linear: weight_type {config.weight_type} runs on the CPU only; on {device} use "
-                                "auto, bf16, f16 or f32 (or marlin_linear for 4-bit weights)")
+            raise OperatorError(
+                f"linear: weight_type {config.weight_type} runs on the CPU only; on {device} use "
+                "auto, bf16, f16 or f32 (or marlin_linear for 4-bit weights)"
+            )
 
     @classmethod
     def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: LinearConfig) -> nn.Module:
         cls.check_device(device, config)
         if device.type == "cpu":
-            cpu = CpuLinearConfig(weight_type=config.weight_type, threads=config.threads, numa_nodes=config.numa_nodes,
-                                  isa=config.isa)
+            cpu = CpuLinearConfig(
+                weight_type=config.weight_type, threads=config.threads, numa_nodes=config.numa_nodes, isa=config.isa
+            )
             return CpuLinear.from_module(module, name=name, device=device, config=cpu)
-        return TorchLinear.from_module(module, name=name, device=device,
-                                       config=TorchLinearConfig(dtype=_TORCH_DTYPES[config.weight_type]))
+        return TorchLinear.from_module(
+            module, name=name, device=device, config=TorchLinearConfig(dtype=_TORCH_DTYPES[config.weight_type])
+        )
 
     @classmethod
     def estimate_bytes(cls, module: nn.Module, config: LinearConfig) -> int:

@@ -23,11 +23,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from ktinject.errors import OperatorError, WeightError
-from ktinject.operator import Operator, OperatorConfig, register_operator
-from ktinject.weights import ModuleSource, WeightSource
 from ktinject.operators.devices import frozen_parameter, resolve_dtype
 from ktinject.operators.marlin.backends import Backend, BackendName, PackedWeight, select_backend
 from ktinject.operators.marlin.format import (
@@ -40,6 +35,12 @@ from ktinject.operators.marlin.format import (
     quantize_int4,
     unpack_gptq,
 )
+from torch import nn
+
+from ktinject.errors import OperatorError, WeightError
+from ktinject.operator import Operator, OperatorConfig, register_operator
+from ktinject.weights import ModuleSource, WeightSource
+
 
 @dataclasses.dataclass(frozen=True)
 class MarlinLinearConfig(OperatorConfig):
@@ -56,7 +57,9 @@ class MarlinLinearConfig(OperatorConfig):
             raise KwargError("bits", f"marlin_linear supports bits=4 only, got bits={self.bits!r}")
         check_int("group_size", self.group_size, -1, C_INT_MAX, " (it reaches the kernels as a C int)")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 16):
-            raise KwargError("group_size", f"group_size must be -1 (per-channel) or a positive multiple of 16, got {self.group_size}")
+            raise KwargError(
+                "group_size", f"group_size must be -1 (per-channel) or a positive multiple of 16, got {self.group_size}"
+            )
 
 
 @register_operator("marlin_linear")
@@ -101,8 +104,15 @@ class MarlinLinear(Operator):
             raise OperatorError(f"marlin_linear replaces nn.Linear, but {name!r} is {type(module).__name__}")
         own = module.weight.dtype if module.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         dtype = resolve_dtype(config.dtype, own)
-        op = cls(module.in_features, module.out_features, bias=module.bias is not None, config=config, dtype=dtype,
-                 device=device, name=name)
+        op = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            config=config,
+            dtype=dtype,
+            device=device,
+            name=name,
+        )
         if not module.weight.is_meta:
             # A live module always holds a dense weight, whatever `checkpoint` says about later loads.
             op._load_dense(ModuleSource(module, description=name or "module"), "")
@@ -146,7 +156,9 @@ class MarlinLinear(Operator):
         where = self._where(prefix, "weight")
         weight = source.tensor(prefix + "weight", dtype=torch.float32, device=self._work_device)
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise WeightError(f"{where}: expected shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+            raise WeightError(
+                f"{where}: expected shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
+            )
         try:
             padded = pad_for_marlin(weight, self.op_config.group_size)
             codes, scales = quantize_int4(padded, self.group_size, self.scales.dtype)
@@ -211,7 +223,9 @@ class MarlinLinear(Operator):
         if self.bias is not None:
             bias = source.tensor(prefix + "bias", dtype=self.bias.dtype, device=self.bias.device)
             if tuple(bias.shape) != (self.out_features,):
-                raise WeightError(f"{self._where(prefix, 'bias')}: expected [{self.out_features}], got {tuple(bias.shape)}")
+                raise WeightError(
+                    f"{self._where(prefix, 'bias')}: expected [{self.out_features}], got {tuple(bias.shape)}"
+                )
             self.bias = frozen_parameter(bias.contiguous())
 
     def _set_packed(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:

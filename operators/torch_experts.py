@@ -13,10 +13,6 @@ import copy
 import dataclasses
 
 import torch
-from torch import nn
-
-from ktinject.errors import OperatorError
-from ktinject.operator import Operator, OperatorConfig, register_operator
 from ktinject.operators.devices import DtypeName, frozen_parameter, resolve_dtype
 from ktinject.operators.experts_layout import (
     ALL_FEATURES,
@@ -29,6 +25,10 @@ from ktinject.operators.experts_layout import (
     validate_routing,
     weight_names,
 )
+from torch import nn
+
+from ktinject.errors import OperatorError
+from ktinject.operator import Operator, OperatorConfig, register_operator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,15 @@ class TorchExpertsConfig(OperatorConfig):
 class TorchExperts(Operator):
     Config = TorchExpertsConfig
 
-    def __init__(self, spec: ExpertsSpec, *, name: str, device: torch.device, dtype: torch.dtype,
-                 post_expert_norm: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        spec: ExpertsSpec,
+        *,
+        name: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        post_expert_norm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.module_name = name
@@ -62,7 +69,9 @@ class TorchExperts(Operator):
         self.post_expert_norm = post_expert_norm
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: TorchExpertsConfig) -> "TorchExperts":
+    def from_module(
+        cls, module: nn.Module, *, name: str, device: torch.device, config: TorchExpertsConfig
+    ) -> "TorchExperts":
         spec = experts_spec(module, name=name, supports=ALL_FEATURES)
         source_dtype = next(iter(module.parameters())).dtype
         dtype = resolve_dtype(config.dtype, source_dtype)
@@ -90,7 +99,9 @@ class TorchExperts(Operator):
 
     def load_weights(self, source, prefix: str) -> None:
         device, dtype, s = self.up.device, self.up.dtype, self.spec
-        plain = s.storage == "fused" and s.gated and not (s.transposed or s.has_bias or s.interleaved or s.identity_experts)
+        plain = (
+            s.storage == "fused" and s.gated and not (s.transposed or s.has_bias or s.interleaved or s.identity_experts)
+        )
         if plain:
             # Gate and up stay views of the fused tensor (each expert's [I, H] block is contiguous): split
             # copies would hold a layer's experts twice while loading, and RAM is what big models lack.
@@ -102,14 +113,17 @@ class TorchExperts(Operator):
             tensors = {n: source.tensor(prefix + n, dtype=dtype) for n in weight_names(s)}
             self._set_weights(canonical_from_tensors(tensors, s), device=device, dtype=dtype)
         if self.post_expert_norm is not None:
-            state = {k: source.tensor(f"{prefix}post_expert_norm.{k}", dtype=dtype, device=device)
-                     for k in self.post_expert_norm.state_dict()}
+            state = {
+                k: source.tensor(f"{prefix}post_expert_norm.{k}", dtype=dtype, device=device)
+                for k in self.post_expert_norm.state_dict()
+            }
             self.post_expert_norm.load_state_dict(state)
 
     # ---- running ----------------------------------------------------------------------------------
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One routed expert on rows ``x`` (post-expert norm included, routing weight not)."""
+
         def bias(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[expert]
 
@@ -118,14 +132,22 @@ class TorchExperts(Operator):
         y = nn.functional.linear(apply_activation(gate, up, self.spec), self.down[expert], bias(self.down_bias))
         return y if self.post_expert_norm is None else self.post_expert_norm(y)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
-                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.spec.call == "dense":
             if top_k_index is not None or top_k_weights is not None:
-                raise OperatorError(f"{self.module_name}: these experts are called as experts(hidden[E*T, H]) (dense), not with routing")
+                raise OperatorError(
+                    f"{self.module_name}: these experts are called as experts(hidden[E*T, H]) (dense), not with routing"
+                )
             return self._dense(hidden_states)
         if top_k_index is None or top_k_weights is None:
-            raise OperatorError(f"{self.module_name}: experts(hidden, top_k_index, top_k_weights) needs all three arguments")
+            raise OperatorError(
+                f"{self.module_name}: experts(hidden, top_k_index, top_k_weights) needs all three arguments"
+            )
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1]) if self.spec.hidden_3d else hidden_states
         validate_routing(flat, top_k_index, top_k_weights, self.spec, self.module_name)
@@ -154,8 +176,10 @@ class TorchExperts(Operator):
         """Llama-4's call: rows ``[e*T, (e+1)*T)`` go through expert ``e`` (already scaled by the router)."""
         e, h = self.spec.num_experts, self.spec.hidden_size
         if hidden_states.dim() != 2 or hidden_states.shape[1] != h or hidden_states.shape[0] % e:
-            raise OperatorError(f"{self.module_name}: hidden_states must be [num_experts*tokens, {h}] with "
-                                f"num_experts={e}, got {tuple(hidden_states.shape)}")
+            raise OperatorError(
+                f"{self.module_name}: hidden_states must be [num_experts*tokens, {h}] with "
+                f"num_experts={e}, got {tuple(hidden_states.shape)}"
+            )
         x = hidden_states.to(device=self.up.device, dtype=self.up.dtype).view(e, -1, h)
         out = torch.stack([self._expert(expert, x[expert]) for expert in range(e)])
         return out.view(-1, h).to(device=hidden_states.device, dtype=hidden_states.dtype)

@@ -10,11 +10,11 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from ktinject.operators.devices import DtypeName, frozen_parameter, resolve_dtype
 from torch import nn
 
 from ktinject.errors import OperatorError
 from ktinject.operator import Operator, OperatorConfig, register_operator
-from ktinject.operators.devices import DtypeName, frozen_parameter, resolve_dtype
 from ktinject.weights.source import WeightSource
 
 
@@ -27,7 +27,9 @@ class TorchLinearConfig(OperatorConfig):
 class TorchLinear(Operator):
     Config = TorchLinearConfig
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, device: torch.device, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -35,11 +37,19 @@ class TorchLinear(Operator):
         self.bias = frozen_parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: TorchLinearConfig) -> "TorchLinear":
+    def from_module(
+        cls, module: nn.Module, *, name: str, device: torch.device, config: TorchLinearConfig
+    ) -> "TorchLinear":
         if not isinstance(module, nn.Linear):
             raise OperatorError(f"torch_linear replaces nn.Linear, but {name!r} is {type(module).__name__}")
         dtype = resolve_dtype(config.dtype, module.weight.dtype)
-        op = cls(module.in_features, module.out_features, bias=module.bias is not None, device=torch.device("meta"), dtype=dtype)
+        op = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=torch.device("meta"),
+            dtype=dtype,
+        )
         if module.weight.is_meta:
             op.to_empty(device=device)
         else:
@@ -54,7 +64,9 @@ class TorchLinear(Operator):
     def load_weights(self, source: WeightSource, prefix: str) -> None:
         for wname in self.weight_names():
             param = getattr(self, wname)
-            setattr(self, wname, frozen_parameter(source.tensor(prefix + wname, dtype=param.dtype, device=param.device)))
+            setattr(
+                self, wname, frozen_parameter(source.tensor(prefix + wname, dtype=param.dtype, device=param.device))
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

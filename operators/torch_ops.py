@@ -50,7 +50,9 @@ def _cpu_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
     return _operator(handle).run(x)
 
 
-def _cpu_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, handle: int) -> torch.Tensor:
+def _cpu_experts(
+    hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, handle: int
+) -> torch.Tensor:
     return _operator(handle).run(hidden_states, top_k_index, top_k_weights)
 
 
@@ -64,8 +66,9 @@ def _cpu_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("ktinject::cpu_experts")
-def _cpu_experts_fake(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                      handle: int) -> torch.Tensor:
+def _cpu_experts_fake(
+    hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, handle: int
+) -> torch.Tensor:
     return hidden_states.new_empty(hidden_states.shape)
 
 

@@ -13,8 +13,19 @@ from pathlib import Path
 
 HEADER = {"version": (4, "uint32"), "n_tensors": (8, "uint64"), "n_kv": (16, "uint64")}
 TENSOR_FIELDS = {"name_length": 0, "name": 1, "n_dims": 2, "dims": 3, "type": 4, "offset": 5}
-_PACK = {"uint8": "<B", "int8": "<b", "uint16": "<H", "int16": "<h", "uint32": "<I", "int32": "<i", "uint64": "<Q",
-         "int64": "<q", "float32": "<f", "float64": "<d", "bool": "<B"}
+_PACK = {
+    "uint8": "<B",
+    "int8": "<b",
+    "uint16": "<H",
+    "int16": "<h",
+    "uint32": "<I",
+    "int32": "<i",
+    "uint64": "<Q",
+    "int64": "<q",
+    "float32": "<f",
+    "float64": "<d",
+    "bool": "<B",
+}
 
 
 @dataclasses.dataclass

@@ -24,8 +24,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 ARCHES = {
-    "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "llama": "llama",
-    "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "gpt_oss": "gpt-oss",
+    "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
+    "mixtral": "llama",
+    "llama": "llama",
+    "deepseek_v3": "deepseek2",
+    "glm4_moe": "glm4moe",
+    "gpt_oss": "gpt-oss",
 }
 NATIVE_TYPES = {Q.Q4_K, Q.Q5_K, Q.Q6_K}
 TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
@@ -154,8 +159,13 @@ def _copy(target: torch.Tensor, decoded: torch.Tensor) -> None:
     target.copy_(decoded.reshape(target.shape))
 
 
-def hf_to_gguf(state: Mapping[str, torch.Tensor], config, fill: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-               *, mla_split: bool = True) -> Iterator[Entry]:
+def hf_to_gguf(
+    state: Mapping[str, torch.Tensor],
+    config,
+    fill: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    mla_split: bool = True,
+) -> Iterator[Entry]:
     """The GGUF tensors of an HF state dict, lazily (``fill`` makes data for meta tensors)."""
     mt = config.model_type
     arch = ARCHES[mt]
@@ -183,28 +193,49 @@ def hf_to_gguf(state: Mapping[str, torch.Tensor], config, fill: Callable[[str, t
             for i, proj in enumerate(("gate_proj", "up_proj")):
                 target = gguf_name(f"{base}.{proj}") + suffix
                 if gpt_oss and suffix == ".weight":  # [E, H, 2I] interleaved -> [E, I, H]
-                    yield Entry(target, (shape[0], shape[2] // 2, shape[1]),
-                                lambda n=name, i=i: _np(data(n)[..., i::2].transpose(1, 2)), name,
-                                lambda hf, dec, i=i: hf[..., i::2].copy_(dec.transpose(1, 2)))
+                    yield Entry(
+                        target,
+                        (shape[0], shape[2] // 2, shape[1]),
+                        lambda n=name, i=i: _np(data(n)[..., i::2].transpose(1, 2)),
+                        name,
+                        lambda hf, dec, i=i: hf[..., i::2].copy_(dec.transpose(1, 2)),
+                    )
                 elif gpt_oss:  # bias [E, 2I] interleaved -> [E, I]
-                    yield Entry(target, (shape[0], shape[1] // 2), lambda n=name, i=i: _np(data(n)[..., i::2]), name,
-                                lambda hf, dec, i=i: hf[..., i::2].copy_(dec))
+                    yield Entry(
+                        target,
+                        (shape[0], shape[1] // 2),
+                        lambda n=name, i=i: _np(data(n)[..., i::2]),
+                        name,
+                        lambda hf, dec, i=i: hf[..., i::2].copy_(dec),
+                    )
                 else:  # [E, 2I, H] -> [E, I, H], gate rows first
                     h = shape[1] // 2
-                    yield Entry(target, (shape[0], h, *shape[2:]), lambda n=name, i=i, h=h: _np(data(n)[:, i * h : (i + 1) * h]), name,
-                                lambda hf, dec, i=i, h=h: hf[:, i * h : (i + 1) * h].copy_(dec))
+                    yield Entry(
+                        target,
+                        (shape[0], h, *shape[2:]),
+                        lambda n=name, i=i, h=h: _np(data(n)[:, i * h : (i + 1) * h]),
+                        name,
+                        lambda hf, dec, i=i, h=h: hf[:, i * h : (i + 1) * h].copy_(dec),
+                    )
             continue
         if base.endswith(".experts") and leaf in ("down_proj", "down_proj_bias"):
             suffix = ".bias" if leaf.endswith("_bias") else ".weight"
             target = gguf_name(f"{base}.down_proj") + suffix
             if gpt_oss and suffix == ".weight":  # [E, I, H] -> [E, H, I]
-                yield Entry(target, (shape[0], shape[2], shape[1]), lambda n=name: _np(data(n).transpose(1, 2)), name,
-                            lambda hf, dec: hf.copy_(dec.transpose(1, 2)))
+                yield Entry(
+                    target,
+                    (shape[0], shape[2], shape[1]),
+                    lambda n=name: _np(data(n).transpose(1, 2)),
+                    name,
+                    lambda hf, dec: hf.copy_(dec.transpose(1, 2)),
+                )
             else:
                 yield Entry(target, shape, lambda n=name: _np(data(n)), name, _copy)
             continue
         if leaf == "e_score_correction_bias":
-            yield Entry(gguf_name(f"{base}.e_score_correction") + ".bias", shape, lambda n=name: _np(data(n)), name, _copy)
+            yield Entry(
+                gguf_name(f"{base}.e_score_correction") + ".bias", shape, lambda n=name: _np(data(n)), name, _copy
+            )
             continue
         if leaf == "sinks":
             yield Entry(gguf_name(name) + ".weight", shape, lambda n=name: _np(data(n)), name, _copy)
@@ -216,18 +247,31 @@ def hf_to_gguf(state: Mapping[str, torch.Tensor], config, fill: Callable[[str, t
             def view(x: torch.Tensor, h=heads, w=nope + vdim, r=rank) -> torch.Tensor:
                 return x.view(h, w, r)
 
-            yield Entry(gguf_name(f"{module}.k_b_proj") + ".weight", (heads, rank, nope),
-                        lambda n=name, v=view, k=nope: _np(v(data(n))[:, :k].transpose(1, 2)), name,
-                        lambda hf, dec, v=view, k=nope: v(hf)[:, :k].copy_(dec.transpose(1, 2)))
-            yield Entry(gguf_name(f"{module}.v_b_proj") + ".weight", (heads, vdim, rank),
-                        lambda n=name, v=view, k=nope: _np(v(data(n))[:, k:]), name,
-                        lambda hf, dec, v=view, k=nope: v(hf)[:, k:].copy_(dec))
+            yield Entry(
+                gguf_name(f"{module}.k_b_proj") + ".weight",
+                (heads, rank, nope),
+                lambda n=name, v=view, k=nope: _np(v(data(n))[:, :k].transpose(1, 2)),
+                name,
+                lambda hf, dec, v=view, k=nope: v(hf)[:, :k].copy_(dec.transpose(1, 2)),
+            )
+            yield Entry(
+                gguf_name(f"{module}.v_b_proj") + ".weight",
+                (heads, vdim, rank),
+                lambda n=name, v=view, k=nope: _np(v(data(n))[:, k:]),
+                name,
+                lambda hf, dec, v=view, k=nope: v(hf)[:, k:].copy_(dec),
+            )
             continue
         target = gguf_name(base) + "." + leaf
         if arch == "llama" and (base.endswith("self_attn.q_proj") or base.endswith("self_attn.k_proj")):
             heads = config.num_attention_heads if base.endswith("q_proj") else config.num_key_value_heads
-            yield Entry(target, shape, lambda n=name, h=heads: _np(_permute(data(n), h)), name,
-                        lambda hf, dec, h=heads: hf.copy_(_unpermute(dec, h)))
+            yield Entry(
+                target,
+                shape,
+                lambda n=name, h=heads: _np(_permute(data(n), h)),
+                name,
+                lambda hf, dec, h=heads: hf.copy_(_unpermute(dec, h)),
+            )
             continue
         yield Entry(target, shape, lambda n=name: _np(data(n)), name, _copy)
 

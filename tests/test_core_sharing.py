@@ -23,8 +23,9 @@ HERE = Path(__file__).resolve().parent
 def run(code: str, **env: str) -> str:
     environment = {k: v for k, v in os.environ.items() if k != "KTINJECT_TORCH_THREADS"}
     environment.update(PYTHONPATH=os.pathsep.join([str(HERE / "operators"), str(HERE)]), **env)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          env=environment)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=environment
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -46,12 +47,15 @@ def test_building_a_cpu_operator_leaves_torch_one_thread_and_says_why():
 
 
 def test_the_environment_keeps_more_torch_threads():
-    out = run("""
+    out = run(
+        """
         import torch
         from cpu_threads_stress import make_linear
         make_linear(0)
         print(torch.get_num_threads())
-    """, KTINJECT_TORCH_THREADS="2")
+    """,
+        KTINJECT_TORCH_THREADS="2",
+    )
     assert out.split() == ["2"]
 
 

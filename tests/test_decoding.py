@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model, twin
 
 import ktinject
-from tiny_models import tiny_model, twin
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "llama"])

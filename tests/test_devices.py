@@ -51,8 +51,11 @@ def test_resolve_dtype_names_and_errors():
     assert resolve_dtype(None, torch.float16) is torch.float16
     assert resolve_dtype("torch.bfloat16", torch.float32) is torch.bfloat16
     assert resolve_dtype(torch.float64, torch.float32) is torch.float64
-    with pytest.raises(ktinject.KtInjectError, match=r"dtype must be one of float32, bfloat16, float16, 'auto' or a "
-                       r"torch dtype, got 'fp8'"):
+    with pytest.raises(
+        ktinject.KtInjectError,
+        match=r"dtype must be one of float32, bfloat16, float16, 'auto' or a "
+        r"torch dtype, got 'fp8'",
+    ):
         resolve_dtype("fp8", torch.float32)
 
 

@@ -13,13 +13,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_writer import KQUANT_SIZES, kquant_types, reference_model, torch_rules, write_gguf
+from tiny_models import FAMILIES, tiny_model
 from torch import nn
 
 import ktinject
-from gguf_writer import KQUANT_SIZES, kquant_types, reference_model, torch_rules, write_gguf
 from ktinject.operator import Operator, OperatorConfig
 from ktinject.weights.assembled import FileSource
-from tiny_models import FAMILIES, tiny_model
 
 CPU = {"gpu": "cpu"}
 # The torch reference operators (exact in float32); the shipped rules are tested in test_builtin_rules_*.
@@ -171,7 +171,10 @@ class RawExperts(Operator):
         self.parts = {w: source.parts(prefix + w) for w in self.weight_names()}
 
     def _dequantized(self, name: str) -> torch.Tensor:
-        arrays = [gguf.quants.dequantize(p.data, gguf.GGMLQuantizationType(p.type_id)).reshape(p.shape) for p in self.parts[name]]
+        arrays = [
+            gguf.quants.dequantize(p.data, gguf.GGMLQuantizationType(p.type_id)).reshape(p.shape)
+            for p in self.parts[name]
+        ]
         return torch.from_numpy(np.concatenate(arrays, axis=1).astype(np.float32))
 
     def forward(self, hidden, top_k_index, top_k_weights):
@@ -194,13 +197,17 @@ def test_raw_weights_operator_gets_blocks_as_stored(tmp_path, monkeypatch):
     files = write_gguf(model, tmp_path / "m.gguf", types=kquant_types)
     dequantized: list[str] = []
     real_tensor = FileSource.tensor
-    monkeypatch.setattr(FileSource, "tensor", lambda self, name, *a, **k: dequantized.append(name) or real_tensor(self, name, *a, **k))
+    monkeypatch.setattr(
+        FileSource, "tensor", lambda self, name, *a, **k: dequantized.append(name) or real_tensor(self, name, *a, **k)
+    )
     loaded = ktinject.from_pretrained(gguf=files[0], **{**LOAD, "rules": torch_rules(f"{__name__}.RawExperts")})
     assert dequantized and not any("experts" in name for name in dequantized)  # never dequantized by the loader
     experts = loaded.model.layers[1].mlp.experts
     gate, up = experts.parts["gate_up_proj"]
     assert (gate.stored_name, up.stored_name) == ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight")
-    assert gate.ggml_type == gguf.GGMLQuantizationType.Q4_K and gate.shape == (4, 256, 256) and gate.data.dtype == np.uint8
+    assert (
+        gate.ggml_type == gguf.GGMLQuantizationType.Q4_K and gate.shape == (4, 256, 256) and gate.data.dtype == np.uint8
+    )
     base = gate.data
     while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
         base = base.base
@@ -227,7 +234,9 @@ def test_builtin_rules_load_a_gguf(family, tmp_path):
     for module in loaded.modules():
         if type(module).__name__ == "CpuExperts":  # K-quant blocks arrived as stored, not requantized
             assert module._types == ("q4_k", "q4_k", "q6_k")
-        if type(module).__name__ == "CpuLinear":  # as stored: Q8_0 projections (F16 where rows do not fit 32-blocks), F16 LM head
+        if (
+            type(module).__name__ == "CpuLinear"
+        ):  # as stored: Q8_0 projections (F16 where rows do not fit 32-blocks), F16 LM head
             stored_f16 = module.module_name == "lm_head" or module.in_features % 32
             assert module._type == ("f16" if stored_f16 else "q8_0"), module.module_name
 
@@ -238,7 +247,10 @@ def test_gpu_placement_dequantizes_onto_the_device(tmp_path):
     files = write_gguf(model, tmp_path / "m.gguf", types=kquant_types)
     loaded = ktinject.from_pretrained(gguf=files[0], **{**LOAD, "rules": torch_rules(device="cuda:0")})
     assert loaded.model.layers[1].self_attn.kv_b_proj.weight.device.type == "cuda"
-    assert loaded.model.embed_tokens.weight.device.type == "cuda" and loaded.model.rotary_emb.inv_freq.device.type == "cuda"
+    assert (
+        loaded.model.embed_tokens.weight.device.type == "cuda"
+        and loaded.model.rotary_emb.inv_freq.device.type == "cuda"
+    )
     assert loaded.model.layers[1].mlp.experts.gate.device.type == "cpu"
     reference = reference_model(model, files)
     torch.testing.assert_close(logits(loaded).cpu(), logits(reference), rtol=0, atol=1e-3)
@@ -274,7 +286,9 @@ def test_bf16_checkpoint_streams_experts_into_cpu_experts(family, tmp_path, monk
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)
     whole = []
     original = FileSource.tensor
-    monkeypatch.setattr(FileSource, "tensor", lambda self, name, *a, **k: whole.append(name) or original(self, name, *a, **k))
+    monkeypatch.setattr(
+        FileSource, "tensor", lambda self, name, *a, **k: whole.append(name) or original(self, name, *a, **k)
+    )
     loaded = ktinject.from_pretrained(tmp_path, **{**LOAD, "rules": torch_rules("cpu_experts")})
     assert not [n for n in whole if ".mlp.experts." in n and not n.endswith("_bias")]
     experts = loaded.model.layers[0].mlp.experts

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from gguf_writer import torch_rules, write_gguf
+
 from ktinject.cli import main
 from ktinject.demo_model import demo_model, demo_tokenizer
 
@@ -25,8 +25,18 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("weights", ["gguf", "safetensors"])
 def test_generate_prints_text_load_time_rss_and_speeds(model_dir, weights, capsys):
-    args = ["generate", "--model", str(model_dir), "--rules", str(model_dir / "rules.yaml"), "--prompt", "ktinject runs",
-            "--max-new-tokens", "5", "--no-progress"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--rules",
+        str(model_dir / "rules.yaml"),
+        "--prompt",
+        "ktinject runs",
+        "--max-new-tokens",
+        "5",
+        "--no-progress",
+    ]
     if weights == "gguf":
         args += ["--gguf", "model-q8_0.gguf"]
     assert main(args) == 0
@@ -46,5 +56,19 @@ def test_generate_needs_weights(capsys):
 def test_generate_without_tokenizer_says_so(model_dir, tmp_path, capsys):
     alone = tmp_path / "alone.gguf"  # no tokenizer files next to it, no tokenizer metadata in it
     alone.write_bytes((model_dir / "model-q8_0.gguf").read_bytes())
-    assert main(["generate", "--gguf", str(alone), "--rules", str(model_dir / "rules.yaml"), "--prompt", "x", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--gguf",
+                str(alone),
+                "--rules",
+                str(model_dir / "rules.yaml"),
+                "--prompt",
+                "x",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "error: no tokenizer found" in capsys.readouterr().err

@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import ktinject
 from gguf_writer import kquant_types, reference_model, write_gguf
 from tiny_models import tiny_model
+
+import ktinject
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional peer) is not installed")
 
@@ -57,13 +57,26 @@ def run_with_routing(model, ids):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     torch.manual_seed(0)
-    model = tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_experts=8,
-                       num_experts_per_tok=TOP_K, num_hidden_layers=LAYERS, mlp_only_layers=[], head_dim=64,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = tiny_model(
+        "qwen3_moe",
+        hidden_size=256,
+        moe_intermediate_size=256,
+        intermediate_size=512,
+        num_experts=8,
+        num_experts_per_tok=TOP_K,
+        num_hidden_layers=LAYERS,
+        mlp_only_layers=[],
+        head_dim=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08 if name == "lm_head.weight" else 0.05 if ("experts" in name or "gate" in name) else 0.02)
+                p.normal_(
+                    0.0, 0.08 if name == "lm_head.weight" else 0.05 if ("experts" in name or "gate" in name) else 0.02
+                )
     files = write_gguf(model, tmp_path_factory.mktemp("gguf") / "m.gguf", types=kquant_types, vocab=True)
     ids = torch.randint(3, 256, (1, TOKENS), generator=torch.Generator().manual_seed(1))
     reference, ref_routing = run_with_routing(reference_model(model, files), ids)
@@ -79,7 +92,9 @@ def results(tmp_path_factory):
                 flipped.add(t)
                 ranked = ref_probs[t].sort(descending=True).values
                 gap = float(ranked[TOP_K - 1] - ranked[TOP_K])
-                assert gap < 0.05, f"token {t}: experts differ from the reference's although its router's gap is {gap:.3f}"
+                assert gap < 0.05, (
+                    f"token {t}: experts differ from the reference's although its router's gap is {gap:.3f}"
+                )
     # tokens after a flip attend to it in the next layer: only the ones before the first flip are unaffected
     unaffected = min(flipped, default=TOKENS)
     return reference, mine, theirs, sorted(flipped), unaffected
@@ -88,8 +103,10 @@ def results(tmp_path_factory):
 def test_both_engines_stay_close_to_the_float_reference(results):
     reference, mine, theirs, flipped, unaffected = results
     ours_err, llama_err = relative_error(mine, reference), relative_error(theirs, reference)
-    print(f"\nktinject: mean {ours_err.mean():.4f}, max {ours_err.max():.4f}, routing flips at {flipped}, before the "
-          f"first: max {ours_err[:unaffected].max():.4f}; llama.cpp: mean {llama_err.mean():.4f}, max {llama_err.max():.4f}")
+    print(
+        f"\nktinject: mean {ours_err.mean():.4f}, max {ours_err.max():.4f}, routing flips at {flipped}, before the "
+        f"first: max {ours_err[:unaffected].max():.4f}; llama.cpp: mean {llama_err.mean():.4f}, max {llama_err.max():.4f}"
+    )
     assert len(flipped) <= 2, f"routing differs from the reference for tokens {flipped}"
     assert unaffected >= 8 and ours_err[:unaffected].max() < 0.06 and np.median(ours_err) < 0.05
     assert np.median(llama_err) < 0.06  # the peer's bound is looser: it is not ours to tighten
@@ -101,7 +118,9 @@ def test_top1_tokens_agree(results):
     clear = (ranked[:, -1] - ranked[:, -2]) > 0.1 * reference.std(axis=-1)  # not a near-tie in the reference
     steady = (np.arange(TOKENS) < unaffected) & clear
     agree = mine.argmax(-1) == reference.argmax(-1)
-    print(f"\ntop-1 vs reference: ktinject {agree.sum()}/{TOKENS}, llama.cpp "
-          f"{(theirs.argmax(-1) == reference.argmax(-1)).sum()}/{TOKENS}; {steady.sum()} clear tokens")
+    print(
+        f"\ntop-1 vs reference: ktinject {agree.sum()}/{TOKENS}, llama.cpp "
+        f"{(theirs.argmax(-1) == reference.argmax(-1)).sum()}/{TOKENS}; {steady.sum()} clear tokens"
+    )
     assert agree[steady].all()
     assert (mine.argmax(-1) == theirs.argmax(-1))[steady].mean() > 0.9

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_model
 from torch import nn
 
 import ktinject
 from ktinject.operator import Operator, OperatorConfig
 from ktinject.weights import ModuleSource, RawTensor, TensorInfo, WeightSource
 from ktinject.weights.source import raw_from_torch
-from tiny_models import tiny_model
 
 
 def test_keep_is_a_property_of_the_class_not_of_its_spelling():
@@ -103,6 +103,8 @@ def test_module_source_float_types_and_bf16_bytes():
     (part,) = ModuleSource(module).parts("weight")
     import gguf
 
-    assert part.ggml_type == gguf.GGMLQuantizationType.BF16 and part.data.dtype == np.uint8 and part.data.shape == (2, 8)
+    assert (
+        part.ggml_type == gguf.GGMLQuantizationType.BF16 and part.data.dtype == np.uint8 and part.data.shape == (2, 8)
+    )
     (f32,) = ModuleSource(nn.Linear(4, 2)).parts("weight")
     assert f32.ggml_type is None and f32.type_id == gguf.GGMLQuantizationType.F32

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import ktinject
-from tiny_models import tiny_model
 
 RULES = """
 rules:
@@ -75,6 +75,9 @@ def test_an_operator_matched_to_a_module_it_cannot_replace_fails_at_plan_time():
       match: {name: 'layers\\.0\\.mlp$'}
       replace: {op: cpu_experts, device: cpu}
     """
-    with pytest.raises(ktinject.OperatorError, match=r"rule experts-rule-on-the-block \(.*\) matches model\.layers\.0\.mlp "
-                       r"\(Qwen3MoeSparseMoeBlock\), which cpu_experts cannot replace: .*not a fused experts module"):
+    with pytest.raises(
+        ktinject.OperatorError,
+        match=r"rule experts-rule-on-the-block \(.*\) matches model\.layers\.0\.mlp "
+        r"\(Qwen3MoeSparseMoeBlock\), which cpu_experts cannot replace: .*not a fused experts module",
+    ):
         ktinject.plan(model, rules)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import FAMILIES, tiny_model, twin
 
 import ktinject
-from tiny_models import FAMILIES, tiny_model, twin
 
 CPU_ONLY = {"gpu": "cpu"}
 
@@ -75,6 +75,9 @@ def test_optimize_twice_is_refused():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_rule_without_cuda_says_how_to_run_on_cpu():
     model = tiny_model("llama")
-    with pytest.raises(ktinject.KtInjectError, match=r"places <root> on cuda:0, but CUDA is not available here; give the "
-                       r"built-in rules vars=\{'gpu': 'cpu'\} \(CLI: --set gpu=cpu\) or leave gpu at its default 'auto'"):
+    with pytest.raises(
+        ktinject.KtInjectError,
+        match=r"places <root> on cuda:0, but CUDA is not available here; give the "
+        r"built-in rules vars=\{'gpu': 'cpu'\} \(CLI: --set gpu=cpu\) or leave gpu at its default 'auto'",
+    ):
         ktinject.optimize(model, "llama", vars={"gpu": "cuda:0"})

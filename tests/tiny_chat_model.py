@@ -13,6 +13,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
+
 def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     """One token per character, <eos> = 2; with a chat template unless ``chat_template`` is None."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -28,11 +29,18 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
         fast.chat_template = chat_template
     return fast
 
+
 def save_tiny_model_dir(path, *, chat_template: str | None = CHAT_TEMPLATE, max_positions: int = 512, **overrides):
     """Write config, random weights and tokenizer to ``path``; returns the in-memory model."""
     tokenizer = tiny_tokenizer(chat_template)
-    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer), max_position_embeddings=max_positions,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=0, **overrides)
+    model = tiny_model(
+        "qwen3_moe",
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=0,
+        **overrides,
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

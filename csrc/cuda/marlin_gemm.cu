@@ -32,8 +32,8 @@ namespace marlin {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileN = 64;         // columns per block: one tile of the layout
-constexpr int kTileK = 16;         // one mma k-step, one row of qweight
+constexpr int kTileN = 64;  // columns per block: one tile of the layout
+constexpr int kTileK = 16;  // one mma k-step, one row of qweight
 constexpr int kMaxSplits = 16;
 constexpr int kRedStride = kTileN + 8;  // shared reduction row stride: 2-way bank conflicts at most
 
@@ -173,8 +173,8 @@ __global__ void __launch_bounds__(kThreads) marlin_gemm_kernel(const Params p) {
       for (int i = 0; i < 4; ++i) acc[mb][b][i] = 0.0f;
 
   const size_t qweight_row = static_cast<size_t>(p.n) / 2;  // uint4 per row of qweight (2N int32)
-  const uint4* wtile = p.qweight + tile * 32 + lane;         // this lane's 16 bytes of each tile row
-  const T* stile = scales + tile * kTileN + g * 8;           // this lane's 8 grouped scales of a group row
+  const uint4* wtile = p.qweight + tile * 32 + lane;        // this lane's 16 bytes of each tile row
+  const T* stile = scales + tile * kTileN + g * 8;          // this lane's 8 grouped scales of a group row
 
   for (int base = row_begin + warp * kUnroll; base < row_end; base += kWarps * kUnroll) {
     // Issue every load of this step before the first mma: weights, scales, activations.
@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) marlin_gemm_kernel(const Params p) {
       const int row = base + u;
       if (row < row_end) {
         w[u] = load_weights(wtile + row * qweight_row);
-        if (GROUPED) s[u] = __ldg(reinterpret_cast<const uint4*>(stile + static_cast<size_t>(row / p.group_rows) * p.n));
+        if (GROUPED)
+          s[u] = __ldg(reinterpret_cast<const uint4*>(stile + static_cast<size_t>(row / p.group_rows) * p.n));
         const int col = row * kTileK;
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
@@ -203,9 +204,9 @@ __global__ void __launch_bounds__(kThreads) marlin_gemm_kernel(const Params p) {
       const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
       const uint32_t scale_words[4] = {s[u].x, s[u].y, s[u].z, s[u].w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {      // 16-column sub-tile
+      for (int j = 0; j < 4; ++j) {  // 16-column sub-tile
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {    // its 8-column half: nibbles 2h, 2h+4 (rows 2t, 2t+1), 2h+1, 2h+5 (+8)
+        for (int h = 0; h < 2; ++h) {  // its 8-column half: nibbles 2h, 2h+4 (rows 2t, 2t+1), 2h+1, 2h+5 (+8)
           uint32_t b0 = dequant_pair<T>(words[j] >> (8 * h));
           uint32_t b1 = dequant_pair<T>(words[j] >> (8 * h + 4));
           if (GROUPED) {
@@ -330,10 +331,18 @@ void launch_mb(const Params& p, const Launch& l, bool grouped, cudaStream_t stre
 template <typename T>
 void launch(const Params& p, const Launch& l, bool grouped, cudaStream_t stream) {
   switch (l.mb) {
-    case 1: launch_mb<T, 1>(p, l, grouped, stream); break;
-    case 2: launch_mb<T, 2>(p, l, grouped, stream); break;
-    case 3: launch_mb<T, 3>(p, l, grouped, stream); break;
-    default: launch_mb<T, 4>(p, l, grouped, stream); break;
+    case 1:
+      launch_mb<T, 1>(p, l, grouped, stream);
+      break;
+    case 2:
+      launch_mb<T, 2>(p, l, grouped, stream);
+      break;
+    case 3:
+      launch_mb<T, 3>(p, l, grouped, stream);
+      break;
+    default:
+      launch_mb<T, 4>(p, l, grouped, stream);
+      break;
   }
 }
 
@@ -374,7 +383,8 @@ int ktinject_marlin_gemm(const void* x, const void* qweight, const void* scales,
   const Launch l = plan_launch(m, n, k, sm_count);
   const size_t need = workspace_size(l);
   if (need > 0 && (workspace == nullptr || workspace_bytes < need || !aligned(workspace, 256)))
-    return workspace == nullptr || !aligned(workspace, 256) ? KTINJECT_MARLIN_BAD_POINTER : KTINJECT_MARLIN_SMALL_WORKSPACE;
+    return workspace == nullptr || !aligned(workspace, 256) ? KTINJECT_MARLIN_BAD_POINTER
+                                                            : KTINJECT_MARLIN_SMALL_WORKSPACE;
 
   Params p{};
   p.x = x;
@@ -405,13 +415,17 @@ int ktinject_marlin_gemm(const void* x, const void* qweight, const void* scales,
 
 const char* ktinject_marlin_status_string(int status) {
   switch (status) {
-    case KTINJECT_MARLIN_OK: return "ok";
+    case KTINJECT_MARLIN_OK:
+      return "ok";
     case KTINJECT_MARLIN_BAD_SHAPE:
-      return "shape does not fit the Marlin layout (K multiple of 16 and of the group size, N multiple of 64, 0 < n_out <= N)";
-    case KTINJECT_MARLIN_BAD_DTYPE: return "dtype must be fp16 (0) or bf16 (1)";
+      return "shape does not fit the Marlin layout (K multiple of 16 and of the group size, N multiple of 64, 0 < "
+             "n_out <= N)";
+    case KTINJECT_MARLIN_BAD_DTYPE:
+      return "dtype must be fp16 (0) or bf16 (1)";
     case KTINJECT_MARLIN_BAD_POINTER:
       return "a pointer is NULL or misaligned (qweight/scales 16 bytes, x 4, y/bias 2, workspace 256)";
-    case KTINJECT_MARLIN_SMALL_WORKSPACE: return "workspace is smaller than ktinject_marlin_workspace_bytes()";
+    case KTINJECT_MARLIN_SMALL_WORKSPACE:
+      return "workspace is smaller than ktinject_marlin_workspace_bytes()";
     default:
       if (status > KTINJECT_MARLIN_CUDA_ERROR)
         return cudaGetErrorString(static_cast<cudaError_t>(status - KTINJECT_MARLIN_CUDA_ERROR));

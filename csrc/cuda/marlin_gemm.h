@@ -35,11 +35,11 @@ enum ktinject_marlin_dtype { KTINJECT_MARLIN_F16 = 0, KTINJECT_MARLIN_BF16 = 1 }
 
 enum ktinject_marlin_status {
   KTINJECT_MARLIN_OK = 0,
-  KTINJECT_MARLIN_BAD_SHAPE = 1,     /* K, N, n_out, G or M do not fit the layout */
-  KTINJECT_MARLIN_BAD_DTYPE = 2,     /* dtype is not one of ktinject_marlin_dtype */
-  KTINJECT_MARLIN_BAD_POINTER = 3,   /* a required pointer is NULL or misaligned */
+  KTINJECT_MARLIN_BAD_SHAPE = 1,   /* K, N, n_out, G or M do not fit the layout */
+  KTINJECT_MARLIN_BAD_DTYPE = 2,   /* dtype is not one of ktinject_marlin_dtype */
+  KTINJECT_MARLIN_BAD_POINTER = 3, /* a required pointer is NULL or misaligned */
   KTINJECT_MARLIN_SMALL_WORKSPACE = 4,
-  KTINJECT_MARLIN_CUDA_ERROR = 1000  /* + the cudaError_t value */
+  KTINJECT_MARLIN_CUDA_ERROR = 1000 /* + the cudaError_t value */
 };
 
 /* The ABI version this library was built with (KTINJECT_MARLIN_ABI_VERSION); loaders refuse a mismatch. */
@@ -51,9 +51,9 @@ KTINJECT_MARLIN_API int ktinject_marlin_workspace_bytes(int m, int n, int k, int
 /* Launch y = x @ W.T + bias on `stream` (a cudaStream_t; NULL: the legacy default stream) of the current device.
  * Returns KTINJECT_MARLIN_OK or an error status; launch errors are reported, asynchronous faults surface at the
  * next synchronizing call as usual. */
-KTINJECT_MARLIN_API int ktinject_marlin_gemm(const void* x, const void* qweight, const void* scales, const void* bias, void* y,
-                         void* workspace, size_t workspace_bytes, int m, int n, int k, int n_out, int scale_groups,
-                         int dtype, int sm_count, void* stream);
+KTINJECT_MARLIN_API int ktinject_marlin_gemm(const void* x, const void* qweight, const void* scales, const void* bias,
+                                             void* y, void* workspace, size_t workspace_bytes, int m, int n, int k,
+                                             int n_out, int scale_groups, int dtype, int sm_count, void* stream);
 
 /* A static, human-readable message for a status returned above. */
 KTINJECT_MARLIN_API const char* ktinject_marlin_status_string(int status);

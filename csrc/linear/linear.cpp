@@ -66,7 +66,8 @@ LinearLayer::LinearLayer(const LinearSpec& spec, std::shared_ptr<ThreadPool> poo
   if (spec.cols <= 0) throw std::invalid_argument("cols (in_features) must be > 0, got " + std::to_string(spec.cols));
   if (spec.cols % col_granularity(spec.type) != 0)
     throw std::invalid_argument("in_features " + std::to_string(spec.cols) + " is not a multiple of " +
-                                std::to_string(col_granularity(spec.type)) + ", which " + weight_type_name(spec.type) + " needs");
+                                std::to_string(col_granularity(spec.type)) + ", which " + weight_type_name(spec.type) +
+                                " needs");
   if (!isa_available(isa)) throw std::invalid_argument(std::string("ISA ") + isa_name(isa) + " is not available here");
   act_bytes_ = act_row_bytes(spec.type, spec.cols);
   const int n_nodes = pool_->nodes();
@@ -78,7 +79,8 @@ LinearLayer::LinearLayer(const LinearSpec& spec, std::shared_ptr<ThreadPool> poo
     nd->r0 = std::min(next * kTileRows, spec.rows);
     nd->r1 = std::min((next + take) * kTileRows, spec.rows);
     next += take;
-    if (nd->rows() > 0) nd->weights.reserve(packed_bytes(spec.type, nd->rows(), spec.cols), pool_->layout().memory_node[n]);
+    if (nd->rows() > 0)
+      nd->weights.reserve(packed_bytes(spec.type, nd->rows(), spec.cols), pool_->layout().memory_node[n]);
     nd->barrier.reset(pool_->threads_in(n));
     nodes_.push_back(std::move(nd));
   }
@@ -100,8 +102,8 @@ bool LinearLayer::all_loaded() const {
 
 void LinearLayer::load(int64_t first, int64_t n, const uint8_t* rows_data) {
   if (first < 0 || n <= 0 || first + n > spec_.rows)
-    throw std::invalid_argument("rows [" + std::to_string(first) + ", " + std::to_string(first + n) + ") are outside [0, " +
-                                std::to_string(spec_.rows) + ")");
+    throw std::invalid_argument("rows [" + std::to_string(first) + ", " + std::to_string(first + n) +
+                                ") are outside [0, " + std::to_string(spec_.rows) + ")");
   if (first % kTileRows != 0 || (n % kTileRows != 0 && first + n != spec_.rows))
     throw std::invalid_argument("rows are loaded in whole tiles of 16 (the last range may end at the last row), got [" +
                                 std::to_string(first) + ", " + std::to_string(first + n) + ")");
@@ -120,7 +122,8 @@ void LinearLayer::load_bias(const float* bias) {
 
 void LinearLayer::submit(LinearCall& call) {
   if (!all_loaded()) throw std::invalid_argument("the weights are not all loaded yet");
-  if (spec_.has_bias && !bias_loaded_.load()) throw std::invalid_argument("this layer has a bias, but load_bias() was not called");
+  if (spec_.has_bias && !bias_loaded_.load())
+    throw std::invalid_argument("this layer has a bias, but load_bias() was not called");
   if (call.tokens > 0) call.start();
 }
 
@@ -138,11 +141,13 @@ void LinearLayer::run_call(LinearCall& call, int node, int local) {
       const size_t tile_weights = tile_bytes(spec_.type, cols);
       const int64_t fit = std::max<int64_t>(1, static_cast<int64_t>(kTaskWeightBytes / tile_weights));
       nd.tiles_per_task = std::min(fit, ceil_div(n_tiles, kTasksPerThread * threads));
-      if (T <= kLinearSubBatch) nd.tiles_per_task = ceil_div(n_tiles, kTasksPerThread * threads);  // one pass: long streams
+      if (T <= kLinearSubBatch)
+        nd.tiles_per_task = ceil_div(n_tiles, kTasksPerThread * threads);  // one pass: long streams
       nd.n_tasks = ceil_div(n_tiles, nd.tiles_per_task);
       nd.next.store(0);
       if (!shared_quantize)
-        for (int64_t t = 0; t < T; ++t) quantize_act_cols(isa_, spec_.type, call.x + t * cols, cols, 0, cols, nd.xq.data() + t * act_bytes_);
+        for (int64_t t = 0; t < T; ++t)
+          quantize_act_cols(isa_, spec_.type, call.x + t * cols, cols, 0, cols, nd.xq.data() + t * act_bytes_);
     }
   } catch (...) {
     call.record_error(std::current_exception());
@@ -179,7 +184,8 @@ void LinearLayer::run_task(const LinearCall& call, Node& nd, int64_t task) {
       act[i] = nd.xq.data() + (t0 + i) * act_bytes_;
       out_rows[i] = call.out + (t0 + i) * rows;
     }
-    gemm(isa_, spec_.type, nd.weights.data(), nd.rows(), cols, tile0, n_tiles, act, n, GemmOut{out_rows, col0, nullptr});
+    gemm(isa_, spec_.type, nd.weights.data(), nd.rows(), cols, tile0, n_tiles, act, n,
+         GemmOut{out_rows, col0, nullptr});
     if (spec_.has_bias)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t c = col0; c < col1; ++c) out_rows[i][c] += bias_[c];

@@ -9,7 +9,7 @@
 namespace ktinject {
 namespace {
 
-constexpr int64_t kSubBatch = 64;  // tokens per phase-A gemm call (bounds the per-thread scratch)
+constexpr int64_t kSubBatch = 64;       // tokens per phase-A gemm call (bounds the per-thread scratch)
 constexpr int64_t kTasksPerThread = 4;  // phase A tasks per thread (8 measured 4% slower at one token: shorter streams)
 // Phase B reads, per task, a slice of every active expert's down weights: slices under this size measured
 // 3% slower per layer at one token (110 KiB vs 442 KiB; hardware prefetchers ramp up per stream), so phase
@@ -33,7 +33,13 @@ void check_cols(const char* what, WeightType t, int64_t cols) {
 
 MoeCall::MoeCall(MoeLayer& layer_, const float* x_, int64_t tokens_, const int64_t* ids_, const float* weights_,
                  int64_t top_k_, float* out_)
-    : PoolCall(layer_.shared_pool()), layer(layer_), x(x_), tokens(tokens_), ids(ids_), weights(weights_), top_k(top_k_),
+    : PoolCall(layer_.shared_pool()),
+      layer(layer_),
+      x(x_),
+      tokens(tokens_),
+      ids(ids_),
+      weights(weights_),
+      top_k(top_k_),
       out(out_) {}
 
 void MoeCall::run(int node, int local) { layer.run_call(*this, node, local); }
@@ -49,7 +55,8 @@ class MoeLayer::LoadJob : public PoolCall {
     int64_t rows, cols, tile0, tile1;
     uint8_t* dst;
   };
-  explicit LoadJob(MoeLayer* layer) : PoolCall(layer->pool_), pieces(layer->nodes_.size()), next_(layer->nodes_.size()) {
+  explicit LoadJob(MoeLayer* layer)
+      : PoolCall(layer->pool_), pieces(layer->nodes_.size()), next_(layer->nodes_.size()) {
     for (auto& c : next_) c.store(0);
   }
   void run(int node, int /*local*/) override {
@@ -140,13 +147,16 @@ void MoeLayer::load(int64_t first, int64_t n, const uint8_t* gate, const uint8_t
     Node& nd = *nodes_[ni];
     const int64_t inter = nd.inter();
     if (inter == 0) continue;
-    const size_t down_col_off = static_cast<size_t>(nd.i0 / block_elems(spec_.down_type)) * block_bytes(spec_.down_type);
+    const size_t down_col_off =
+        static_cast<size_t>(nd.i0 / block_elems(spec_.down_type)) * block_bytes(spec_.down_type);
     for (int64_t e = first; e < first + n; ++e) {
       const int64_t k = e - first;
-      const auto add = [&](const uint8_t* src, size_t stride, WeightType t, int64_t rows, int64_t cols, const uint8_t* dst) {
+      const auto add = [&](const uint8_t* src, size_t stride, WeightType t, int64_t rows, int64_t cols,
+                           const uint8_t* dst) {
         const int64_t tiles = num_tiles(rows);
         for (int64_t t0 = 0; t0 < tiles; t0 += kTilesPerPiece)
-          job.pieces[ni].push_back({src, stride, t, rows, cols, t0, std::min(tiles, t0 + kTilesPerPiece), const_cast<uint8_t*>(dst)});
+          job.pieces[ni].push_back(
+              {src, stride, t, rows, cols, t0, std::min(tiles, t0 + kTilesPerPiece), const_cast<uint8_t*>(dst)});
       };
       if (spec_.act.gated) add(gate + (k * I + nd.i0) * gate_rb, gate_rb, spec_.gate_type, inter, H, gate_of(nd, e));
       add(up + (k * I + nd.i0) * up_rb, up_rb, spec_.up_type, inter, H, up_of(nd, e));
@@ -188,9 +198,10 @@ void MoeLayer::submit(MoeCall& call) {
   const int64_t E = spec_.num_experts, n = call.tokens * call.top_k;
   for (int64_t i = 0; i < n; ++i)
     if (call.ids[i] < 0 || call.ids[i] > E)
-      throw std::invalid_argument("top_k_index[" + std::to_string(i / call.top_k) + ", " + std::to_string(i % call.top_k) +
-                                  "] = " + std::to_string(call.ids[i]) + " is not an expert id (0.." + std::to_string(E - 1) +
-                                  ", or " + std::to_string(E) + " for an unused slot)");
+      throw std::invalid_argument("top_k_index[" + std::to_string(i / call.top_k) + ", " +
+                                  std::to_string(i % call.top_k) + "] = " + std::to_string(call.ids[i]) +
+                                  " is not an expert id (0.." + std::to_string(E - 1) + ", or " + std::to_string(E) +
+                                  " for an unused slot)");
   if (call.tokens > 0) call.start();
 }
 
@@ -218,9 +229,8 @@ void MoeLayer::plan_call(const MoeCall& call) {
   }
   // Phase A order: experts with the most tokens first, so the long tasks do not come last.
   order_ = active_;
-  std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
-    return offsets_[a + 1] - offsets_[a] > offsets_[b + 1] - offsets_[b];
-  });
+  std::stable_sort(order_.begin(), order_.end(),
+                   [&](int64_t a, int64_t b) { return offsets_[a + 1] - offsets_[a] > offsets_[b + 1] - offsets_[b]; });
   for (size_t ni = 0; ni < nodes_.size(); ++ni) plan_node(call, ni);
 }
 
@@ -259,17 +269,19 @@ void MoeLayer::plan_node(const MoeCall& call, size_t ni) {
   int64_t chunk = 0;
   if (inter > 0 && !order_.empty()) {
     const int64_t gran = slice_granularity(spec_.down_type);
-    const int64_t per_expert = std::max<int64_t>(1, ceil_div(kTasksPerThread * threads, static_cast<int64_t>(order_.size())));
+    const int64_t per_expert =
+        std::max<int64_t>(1, ceil_div(kTasksPerThread * threads, static_cast<int64_t>(order_.size())));
     chunk = std::min(round_up(ceil_div(inter, per_expert), gran), round_up(inter, kTileRows));
     for (int64_t e : order_)
       for (int64_t r0 = 0; r0 < inter; r0 += chunk) nd.tasks_a.push_back({e, r0, std::min(inter, r0 + chunk)});
   }
-  nd.scratch_per_thread = static_cast<size_t>(2 * kSubBatch * round_up(std::max<int64_t>(chunk, 1), kTileRows)) * sizeof(float);
+  nd.scratch_per_thread =
+      static_cast<size_t>(2 * kSubBatch * round_up(std::max<int64_t>(chunk, 1), kTileRows)) * sizeof(float);
   nd.scratch.reserve(nd.scratch_per_thread * threads, mem);
   // Phase B tasks: slices of the hidden rows, the same number for every thread (1 to kTasksPerThread).
   const size_t down_bytes = static_cast<size_t>(H) * (inter > 0 ? row_bytes(spec_.down_type, inter) : 0);
-  const int64_t per_thread =
-      std::clamp<int64_t>(static_cast<int64_t>(down_bytes / (static_cast<size_t>(threads) * kMinDownSliceBytes)), 1, kTasksPerThread);
+  const int64_t per_thread = std::clamp<int64_t>(
+      static_cast<int64_t>(down_bytes / (static_cast<size_t>(threads) * kMinDownSliceBytes)), 1, kTasksPerThread);
   nd.chunk_b = std::max<int64_t>(kTileRows, round_up(ceil_div(H, per_thread * threads), kTileRows));
   nd.n_tasks_b = ceil_div(H, nd.chunk_b);
   nd.next_a.store(0);
@@ -353,7 +365,8 @@ void MoeLayer::phase_a(const MoeCall& call, Node& nd, int local, const TaskA& ta
     const int64_t n = std::min(kSubBatch, offsets_[e + 1] - p0);
     // Not gated: the up projection goes where the gate's would, and the activation reads it alone.
     if (gated)
-      gemm(isa_, spec_.gate_type, gate_of(nd, e), inter, H, tile0, n_tiles, nd.act_gate.data() + p0, n, GemmOut{g_rows, 0, nullptr});
+      gemm(isa_, spec_.gate_type, gate_of(nd, e), inter, H, tile0, n_tiles, nd.act_gate.data() + p0, n,
+           GemmOut{g_rows, 0, nullptr});
     gemm(isa_, spec_.up_type, up_of(nd, e), inter, H, tile0, n_tiles, nd.act_up.data() + p0, n,
          GemmOut{gated ? u_rows : g_rows, 0, nullptr});
     for (int64_t i = 0; i < n; ++i) {

@@ -26,10 +26,10 @@
 #include <utility>
 #include <vector>
 
+#include "quant/kernels.h"
 #include "runtime/node_buffer.h"
 #include "runtime/pool_call.h"
 #include "runtime/thread_pool.h"
-#include "quant/kernels.h"
 
 namespace ktinject {
 
@@ -113,7 +113,7 @@ class MoeLayer {
     // scratch of the call being run
     NodeBuffer xq_gate, xq_up, hq, partial, scratch;
     std::vector<const uint8_t*> act_gate, act_up, act_h;  // per pair
-    std::vector<float*> out_rows;                          // per pair
+    std::vector<float*> out_rows;                         // per pair
     std::vector<TaskA> tasks_a;
     int64_t chunk_b = 0, n_tasks_b = 0;
     size_t scratch_per_thread = 0;
@@ -147,10 +147,10 @@ class MoeLayer {
   std::vector<int64_t> offsets_;     // pairs of expert e: [offsets_[e], offsets_[e+1])
   std::vector<int64_t> pair_token_;  // token of each pair, grouped by expert
   std::vector<float> pair_weight_;
-  std::vector<int64_t> active_;      // experts with pairs, ascending
+  std::vector<int64_t> active_;  // experts with pairs, ascending
   std::vector<int64_t> fill_, order_;
   bool plan_failed_ = false;
-  NodeBarrier start_barrier_;        // every worker of the pool: planning done
+  NodeBarrier start_barrier_;  // every worker of the pool: planning done
 };
 
 }  // namespace ktinject

@@ -1,8 +1,8 @@
-// The experts' activations (kernels.h Activation) as branch-free float loops. Included by each ISA translation unit, whose
-// target flags let the compiler vectorize them (16 / 8 / 4 lanes); libm's expf/erff would not vectorize.
-// Every function has internal linkage (static): each ISA unit keeps its own copy, so the linker can never
-// pick an AVX-512-compiled copy for a caller on a CPU without AVX-512.
-// Accuracy: exp to ~2 ulp-ish (relative 2e-7), erf to 1.5e-7 absolute; enough for float32 inference.
+// The experts' activations (kernels.h Activation) as branch-free float loops. Included by each ISA translation unit,
+// whose target flags let the compiler vectorize them (16 / 8 / 4 lanes); libm's expf/erff would not vectorize. Every
+// function has internal linkage (static): each ISA unit keeps its own copy, so the linker can never pick an
+// AVX-512-compiled copy for a caller on a CPU without AVX-512. Accuracy: exp to ~2 ulp-ish (relative 2e-7), erf
+// to 1.5e-7 absolute; enough for float32 inference.
 #pragma once
 
 #include <cstdint>

@@ -14,9 +14,12 @@ size_t act_row_bytes(WeightType t, int64_t cols) { return act_layout(t, cols).by
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::Scalar: return "scalar";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512: return "avx512";
+    case Isa::Scalar:
+      return "scalar";
+    case Isa::Avx2:
+      return "avx2";
+    case Isa::Avx512:
+      return "avx512";
   }
   return "unknown";
 }
@@ -30,8 +33,7 @@ bool isa_available(Isa isa) {
     case Isa::Avx2:
       return f.avx2 && f.fma && f.f16c;
     case Isa::Avx512:
-      return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq &&
-             f.avx512_vnni;
+      return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni;
 #endif
     default:
       (void)f;
@@ -81,8 +83,7 @@ const IsaKernels& kernels_for(Isa isa) {
 
 }  // namespace
 
-void quantize_act_cols(Isa isa, WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols,
-                       uint8_t* row) {
+void quantize_act_cols(Isa isa, WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row) {
   if (ncols <= 0) return;
   kernels_for(isa).quantize_act_cols(t, x, cols, col0, ncols, row);
 }

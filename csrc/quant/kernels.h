@@ -27,8 +27,16 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 //   SoftcappedSwiglu    h = cg * sigmoid(gate) * cu, cg = sg * tanh(gate / sg), cu = su * tanh(up / su)
 // Not gated (one up projection): h = act(up) for the elementwise kinds.
 enum class Activation : int {
-  Silu = 0, Gelu = 1, GeluTanh = 2, Relu = 3, GptOssSwiglu = 4, Relu2 = 5, QuickGelu = 6, ClampedSwiglu = 7,
-  SwigluClampAfter = 8, SoftcappedSwiglu = 9,
+  Silu = 0,
+  Gelu = 1,
+  GeluTanh = 2,
+  Relu = 3,
+  GptOssSwiglu = 4,
+  Relu2 = 5,
+  QuickGelu = 6,
+  ClampedSwiglu = 7,
+  SwigluClampAfter = 8,
+  SoftcappedSwiglu = 9,
 };
 // True for the kinds defined on one input (usable without a gate).
 bool activation_is_elementwise(Activation a);
@@ -36,9 +44,9 @@ bool activation_is_elementwise(Activation a);
 struct ActParams {
   Activation kind = Activation::Silu;
   bool gated = true;
-  float alpha = 1.702f;        // GptOssSwiglu
-  float limit = 7.0f;          // GptOssSwiglu, ClampedSwiglu, SwigluClampAfter
-  float softcap_gate = 0.0f;   // SoftcappedSwiglu
+  float alpha = 1.702f;       // GptOssSwiglu
+  float limit = 7.0f;         // GptOssSwiglu, ClampedSwiglu, SwigluClampAfter
+  float softcap_gate = 0.0f;  // SoftcappedSwiglu
   float softcap_up = 0.0f;
 };
 

@@ -97,7 +97,9 @@ inline int quantize16(const float* x, __m256 id, int8_t* q) {
 
 struct ActOps {
   static float max_abs(const float* x, int n) { return ktinject::max_abs(x, n / 8); }
-  static int quantize16(const float* x, float inv, int8_t* q) { return ktinject::quantize16(x, _mm256_set1_ps(inv), q); }
+  static int quantize16(const float* x, float inv, int8_t* q) {
+    return ktinject::quantize16(x, _mm256_set1_ps(inv), q);
+  }
 };
 
 void quantize_act_cols_avx2(WeightType t, const float* x, int64_t cols, int64_t col0, int64_t ncols, uint8_t* row) {
@@ -124,8 +126,8 @@ inline __m256i shuffle_lanes(__m256i v, __m128i sel) {
 // Per row dword: int16 (byte B0) | int16 (byte B1) << 16, bytes zero-extended.
 template <int B0, int B1>
 inline __m256i bytes_u16(__m256i v) {
-  return shuffle_lanes(v, _mm_setr_epi8(B0, -1, B1, -1, 4 + B0, -1, 4 + B1, -1, 8 + B0, -1, 8 + B1, -1, 12 + B0, -1,
-                                        12 + B1, -1));
+  return shuffle_lanes(
+      v, _mm_setr_epi8(B0, -1, B1, -1, 4 + B0, -1, 4 + B1, -1, 8 + B0, -1, 8 + B1, -1, 12 + B0, -1, 12 + B1, -1));
 }
 
 // Per row dword: its int16 lane L in both int16 lanes.
@@ -464,13 +466,27 @@ void tile_f16(const uint8_t* tile, int64_t cols, const Acts& a, TileOut<NT>& out
 template <int NT>
 void tile_dispatch(WeightType t, const uint8_t* tile, int64_t cols, const Acts& a, TileOut<NT>& out) {
   switch (t) {
-    case WeightType::Q4_K: tile_q45<NT, false>(tile, cols / 256, a, out); return;
-    case WeightType::Q5_K: tile_q45<NT, true>(tile, cols / 256, a, out); return;
-    case WeightType::Q6_K: tile_q6<NT>(tile, cols / 256, a, out); return;
-    case WeightType::Q8_0: tile_q8<NT>(tile, cols / 32, a, out); return;
-    case WeightType::F32: tile_float<NT, WeightType::F32>(tile, cols, a, out); return;
-    case WeightType::F16: tile_f16<NT>(tile, cols, a, out); return;
-    case WeightType::BF16: tile_float<NT, WeightType::BF16>(tile, cols, a, out); return;
+    case WeightType::Q4_K:
+      tile_q45<NT, false>(tile, cols / 256, a, out);
+      return;
+    case WeightType::Q5_K:
+      tile_q45<NT, true>(tile, cols / 256, a, out);
+      return;
+    case WeightType::Q6_K:
+      tile_q6<NT>(tile, cols / 256, a, out);
+      return;
+    case WeightType::Q8_0:
+      tile_q8<NT>(tile, cols / 32, a, out);
+      return;
+    case WeightType::F32:
+      tile_float<NT, WeightType::F32>(tile, cols, a, out);
+      return;
+    case WeightType::F16:
+      tile_f16<NT>(tile, cols, a, out);
+      return;
+    case WeightType::BF16:
+      tile_float<NT, WeightType::BF16>(tile, cols, a, out);
+      return;
   }
 }
 
@@ -508,13 +524,12 @@ void gemm_avx2(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols, 
     const uint8_t* tp = packed + tile * tb;
     const int64_t valid = std::min<int64_t>(kTileRows, rows - tile * kTileRows);
     const int64_t off = (tile - tile0) * kTileRows;
-    for_token_groups<kMaxTokens>(n_tokens, [&](auto NT, int64_t i0) { run_group<NT>(t, tp, cols, act, i0, valid, out, off); });
+    for_token_groups<kMaxTokens>(n_tokens,
+                                 [&](auto NT, int64_t i0) { run_group<NT>(t, tp, cols, act, i0, valid, out, off); });
   }
 }
 
-void activate_avx2(const ActParams& p, float* x, const float* up, int64_t n) {
-  act_impl::activate(p, x, up, n);
-}
+void activate_avx2(const ActParams& p, float* x, const float* up, int64_t n) { act_impl::activate(p, x, up, n); }
 
 }  // namespace
 

@@ -31,7 +31,8 @@ constexpr int kMaxTokens = 8;  // tokens per micro-kernel call (their accumulato
 constexpr size_t kPrefetchAhead = 2048;
 inline void prefetch_ahead(const uint8_t* p, size_t bytes) {
   const size_t ahead = (kPrefetchAhead + bytes - 1) / bytes * bytes;  // whole tile-blocks ahead
-  for (size_t line = 0; line < bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + line), _MM_HINT_T0);
+  for (size_t line = 0; line < bytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead + line), _MM_HINT_T0);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ inline __m512i byte_select(int b) {
 }
 inline __m512i pair_select(int b) {
   const auto dw = [b](int k) {
-    return static_cast<int>(0x80008000u | static_cast<unsigned>(4 * k + b) | (static_cast<unsigned>(4 * k + b + 1) << 16));
+    return static_cast<int>(0x80008000u | static_cast<unsigned>(4 * k + b) |
+                            (static_cast<unsigned>(4 * k + b + 1) << 16));
   };
   return _mm512_broadcast_i32x4(_mm_setr_epi32(dw(0), dw(1), dw(2), dw(3)));
 }
@@ -134,9 +136,10 @@ void tile_q45(const uint8_t* tile, int64_t nsb, const Acts& a, __m512 out[NT]) {
     // 6-bit scales and mins, 4 per lane-dword: sc0..3, sc4..7, m0..3, m4..7
     const __m512i sc_lo = _mm512_and_si512(b0, low6);
     const __m512i m_lo = _mm512_and_si512(b1, low6);
-    const __m512i sc_hi = _mm512_or_si512(_mm512_and_si512(b2, low4), _mm512_and_si512(_mm512_srli_epi32(b0, 2), bits45));
-    const __m512i m_hi =
-        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(b2, 4), low4), _mm512_and_si512(_mm512_srli_epi32(b1, 2), bits45));
+    const __m512i sc_hi =
+        _mm512_or_si512(_mm512_and_si512(b2, low4), _mm512_and_si512(_mm512_srli_epi32(b0, 2), bits45));
+    const __m512i m_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(b2, 4), low4),
+                                         _mm512_and_si512(_mm512_srli_epi32(b1, 2), bits45));
     // Min pairs as int16 (m[2p] | m[2p+1] << 16) for vpdpwssd against the activation's bsum32 pairs.
     const __m512i pairs[4] = {_mm512_shuffle_epi8(m_lo, pair_select(0)), _mm512_shuffle_epi8(m_lo, pair_select(2)),
                               _mm512_shuffle_epi8(m_hi, pair_select(0)), _mm512_shuffle_epi8(m_hi, pair_select(2))};
@@ -229,7 +232,8 @@ void tile_q6(const uint8_t* tile, int64_t nsb, const Acts& a, __m512 out[NT]) {
           __m512i acc1 = _mm512_set1_epi32(-32 * a.s16[i][16 * sb + j0 + 1]);
           for (int k = 0; k < 4; ++k) acc0 = dot4<NT>(acc0, w[k], x + 4 * k);
           for (int k = 4; k < 8; ++k) acc1 = dot4<NT>(acc1, w[k], x + 4 * k);
-          isum[i] = _mm512_add_epi32(isum[i], _mm512_add_epi32(_mm512_mullo_epi32(acc0, sc0), _mm512_mullo_epi32(acc1, sc1)));
+          isum[i] =
+              _mm512_add_epi32(isum[i], _mm512_add_epi32(_mm512_mullo_epi32(acc0, sc0), _mm512_mullo_epi32(acc1, sc1)));
         }
       }
     });
@@ -314,13 +318,27 @@ void tile_float(const uint8_t* tile, int64_t cols, const Acts& a, __m512 out[NT]
 template <int NT>
 void tile_dispatch(WeightType t, const uint8_t* tile, int64_t cols, const Acts& a, __m512 out[NT]) {
   switch (t) {
-    case WeightType::Q4_K: tile_q45<NT, false>(tile, cols / 256, a, out); return;
-    case WeightType::Q5_K: tile_q45<NT, true>(tile, cols / 256, a, out); return;
-    case WeightType::Q6_K: tile_q6<NT>(tile, cols / 256, a, out); return;
-    case WeightType::Q8_0: tile_q8<NT>(tile, cols / 32, a, out); return;
-    case WeightType::F32: tile_float<NT, WeightType::F32>(tile, cols, a, out); return;
-    case WeightType::F16: tile_float<NT, WeightType::F16>(tile, cols, a, out); return;
-    case WeightType::BF16: tile_float<NT, WeightType::BF16>(tile, cols, a, out); return;
+    case WeightType::Q4_K:
+      tile_q45<NT, false>(tile, cols / 256, a, out);
+      return;
+    case WeightType::Q5_K:
+      tile_q45<NT, true>(tile, cols / 256, a, out);
+      return;
+    case WeightType::Q6_K:
+      tile_q6<NT>(tile, cols / 256, a, out);
+      return;
+    case WeightType::Q8_0:
+      tile_q8<NT>(tile, cols / 32, a, out);
+      return;
+    case WeightType::F32:
+      tile_float<NT, WeightType::F32>(tile, cols, a, out);
+      return;
+    case WeightType::F16:
+      tile_float<NT, WeightType::F16>(tile, cols, a, out);
+      return;
+    case WeightType::BF16:
+      tile_float<NT, WeightType::BF16>(tile, cols, a, out);
+      return;
   }
 }
 
@@ -346,13 +364,12 @@ void gemm_avx512(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols
     const int64_t valid = std::min<int64_t>(kTileRows, rows - tile * kTileRows);
     const __mmask16 mask = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
     const int64_t off = (tile - tile0) * kTileRows;
-    for_token_groups<kMaxTokens>(n_tokens, [&](auto NT, int64_t i0) { run_group<NT>(t, tp, cols, act, i0, mask, out, off); });
+    for_token_groups<kMaxTokens>(n_tokens,
+                                 [&](auto NT, int64_t i0) { run_group<NT>(t, tp, cols, act, i0, mask, out, off); });
   }
 }
 
-void activate_avx512(const ActParams& p, float* x, const float* up, int64_t n) {
-  act_impl::activate(p, x, up, n);
-}
+void activate_avx512(const ActParams& p, float* x, const float* up, int64_t n) { act_impl::activate(p, x, up, n); }
 
 }  // namespace
 

@@ -123,13 +123,18 @@ float group_float(WeightType t, const uint8_t* p, const ActRef& a, int64_t g) {
 // One dot product per type; no default, so -Wswitch names a type added without one.
 float group_dot(WeightType t, const uint8_t* blk, const ActRef& a, int64_t g) {
   switch (t) {
-    case WeightType::Q4_K: return block_q45_k(false, blk, a, g);
-    case WeightType::Q5_K: return block_q45_k(true, blk, a, g);
-    case WeightType::Q6_K: return block_q6_k(blk, a, g);
-    case WeightType::Q8_0: return block_q8_0(blk, a, g);
+    case WeightType::Q4_K:
+      return block_q45_k(false, blk, a, g);
+    case WeightType::Q5_K:
+      return block_q45_k(true, blk, a, g);
+    case WeightType::Q6_K:
+      return block_q6_k(blk, a, g);
+    case WeightType::Q8_0:
+      return block_q8_0(blk, a, g);
     case WeightType::F32:
     case WeightType::F16:
-    case WeightType::BF16: break;
+    case WeightType::BF16:
+      break;
   }
   return group_float(t, blk, a, g);
 }
@@ -178,9 +183,7 @@ void gemm_scalar(WeightType t, const uint8_t* packed, int64_t rows, int64_t cols
   }
 }
 
-void activate_scalar(const ActParams& p, float* x, const float* up, int64_t n) {
-  act_impl::activate(p, x, up, n);
-}
+void activate_scalar(const ActParams& p, float* x, const float* up, int64_t n) { act_impl::activate(p, x, up, n); }
 
 }  // namespace
 

@@ -43,8 +43,8 @@ static constexpr PackedFormat packed_format(WeightType t) {
   const WeightTypeTraits& w = weight_traits(t);
   const int group_bytes = w.col_granularity / w.block_elems * w.block_bytes;
   const int tail_bytes = w.tail_off >= 0 ? 2 : 0;
-  return {w.col_granularity, group_bytes, w.tail_off == 0 ? tail_bytes : 0, (group_bytes - tail_bytes) / 4, w.tail_off,
-          w.flip_sign};
+  return {w.col_granularity, group_bytes, w.tail_off == 0 ? tail_bytes : 0, (group_bytes - tail_bytes) / 4,
+          w.tail_off,        w.flip_sign};
 }
 
 // Bytes of a tile-block's main part (16 rows' main ranges).

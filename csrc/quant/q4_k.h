@@ -9,9 +9,9 @@ namespace ktinject {
 
 struct BlockQ4_K {
   static constexpr int kElems = 256;
-  uint16_t d;           // fp16 super-block scale of the sub-block scales
-  uint16_t dmin;        // fp16 super-block scale of the sub-block mins
-  uint8_t scales[12];   // 8 scales + 8 mins, 6 bits each, packed as in unpack_k_scales
+  uint16_t d;          // fp16 super-block scale of the sub-block scales
+  uint16_t dmin;       // fp16 super-block scale of the sub-block mins
+  uint8_t scales[12];  // 8 scales + 8 mins, 6 bits each, packed as in unpack_k_scales
   uint8_t qs[128];
 };
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block is 144 bytes");

@@ -73,8 +73,8 @@ void fit_scale_min(const float* x, int n, int nmax, float* scale, float* min) {
 }
 
 // Q4_K / Q5_K share everything except the code width and where the fifth bit goes.
-void quantize_k_superblock(const float* x, int nmax, uint16_t* d_out, uint16_t* dmin_out,
-                           uint8_t* scales_out, uint8_t* codes /* 256 values in [0, nmax] */) {
+void quantize_k_superblock(const float* x, int nmax, uint16_t* d_out, uint16_t* dmin_out, uint8_t* scales_out,
+                           uint8_t* codes /* 256 values in [0, nmax] */) {
   float scale[8], min[8];
   float max_scale = 0.0f, max_min = 0.0f;
   for (int j = 0; j < 8; ++j) {

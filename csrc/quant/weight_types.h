@@ -35,9 +35,12 @@ enum class ActFormat : int {
 // Elements per activation quantization block of a format.
 static constexpr int act_format_block_elems(ActFormat f) {
   switch (f) {
-    case ActFormat::F32: return 1;
-    case ActFormat::Int8x32: return 32;
-    case ActFormat::Int8x256: return 256;
+    case ActFormat::F32:
+      return 1;
+    case ActFormat::Int8x32:
+      return 32;
+    case ActFormat::Int8x256:
+      return 256;
   }
   return 0;
 }
@@ -60,9 +63,9 @@ struct WeightTypeTraits {
 // Float types first, then the block formats; the order supported_weight_types() and error messages list.
 inline constexpr WeightTypeTraits kWeightTypes[] = {
     // type            name    block_elems        block_bytes        col_granularity    act  (then tail_off, flip_sign)
-    {WeightType::F32,  "f32",  1,                 sizeof(float),     1,                 ActFormat::F32},
-    {WeightType::F16,  "f16",  1,                 sizeof(uint16_t),  2,                 ActFormat::F32},
-    {WeightType::BF16, "bf16", 1,                 sizeof(uint16_t),  2,                 ActFormat::F32},
+    {WeightType::F32, "f32", 1, sizeof(float), 1, ActFormat::F32},
+    {WeightType::F16, "f16", 1, sizeof(uint16_t), 2, ActFormat::F32},
+    {WeightType::BF16, "bf16", 1, sizeof(uint16_t), 2, ActFormat::F32},
     {WeightType::Q8_0, "q8_0", BlockQ8_0::kElems, sizeof(BlockQ8_0), BlockQ8_0::kElems, ActFormat::Int8x32,
      offsetof(BlockQ8_0, d), true},
     {WeightType::Q4_K, "q4_k", BlockQ4_K::kElems, sizeof(BlockQ4_K), BlockQ4_K::kElems, ActFormat::Int8x256},

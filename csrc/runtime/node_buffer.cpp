@@ -22,7 +22,9 @@ NodeBuffer::~NodeBuffer() { release(); }
 
 NodeBuffer::NodeBuffer(NodeBuffer&& other) noexcept
     : base_(std::exchange(other.base_, nullptr)),
-      data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)), mapped_(std::exchange(other.mapped_, 0)) {}
+      data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      mapped_(std::exchange(other.mapped_, 0)) {}
 
 NodeBuffer& NodeBuffer::operator=(NodeBuffer&& other) noexcept {
   if (this != &other) {
@@ -46,7 +48,8 @@ void NodeBuffer::reserve(size_t bytes, int memory_node) {
   release();
   const size_t mapped = ((bytes == 0 ? 1 : bytes) + kHugePage - 1) / kHugePage * kHugePage;
   // Map one huge page more and start at a 2 MiB boundary, so every page can be a huge page.
-  void* base = mmap(nullptr, mapped + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* base =
+      mmap(nullptr, mapped + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (base == MAP_FAILED) throw std::bad_alloc();
   const uintptr_t start = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) / kHugePage * kHugePage;
   void* p = reinterpret_cast<void*>(start);

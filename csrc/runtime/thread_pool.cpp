@@ -63,13 +63,14 @@ PoolLayout choose_layout(int threads, int nodes) {
     for (int n = 0; n < n_groups; ++n) node_cpus += static_cast<int>(topo.cpus[n].size());
     const int t = threads == 0 ? node_cpus : threads;
     if (t < n_groups)
-      throw std::invalid_argument("threads=" + std::to_string(t) + " is fewer than numa_nodes=" + std::to_string(n_groups) +
-                                  " (every node needs a worker)");
+      throw std::invalid_argument("threads=" + std::to_string(t) + " is fewer than numa_nodes=" +
+                                  std::to_string(n_groups) + " (every node needs a worker)");
     for (int n = 0; n < n_groups; ++n) {
       const int want = t / n_groups + (n < t % n_groups ? 1 : 0);
       if (want > static_cast<int>(topo.cpus[n].size()))
-        throw std::invalid_argument("threads=" + std::to_string(t) + " over " + std::to_string(n_groups) + " node(s) needs " +
-                                    std::to_string(want) + " CPUs on node " + std::to_string(topo.node_ids[n]) + ", which has " +
+        throw std::invalid_argument("threads=" + std::to_string(t) + " over " + std::to_string(n_groups) +
+                                    " node(s) needs " + std::to_string(want) + " CPUs on node " +
+                                    std::to_string(topo.node_ids[n]) + ", which has " +
                                     std::to_string(topo.cpus[n].size()));
       layout.cpus.emplace_back(topo.cpus[n].begin(), topo.cpus[n].begin() + want);
       layout.memory_node.push_back(numa ? topo.node_ids[n] : -1);
@@ -82,8 +83,8 @@ PoolLayout choose_layout(int threads, int nodes) {
     throw std::invalid_argument("threads=" + std::to_string(t) + " exceeds the " + std::to_string(available) +
                                 " CPUs this process may run on");
   if (t < n_groups)
-    throw std::invalid_argument("threads=" + std::to_string(t) + " is fewer than numa_nodes=" + std::to_string(n_groups) +
-                                " (every node needs a worker)");
+    throw std::invalid_argument("threads=" + std::to_string(t) + " is fewer than numa_nodes=" +
+                                std::to_string(n_groups) + " (every node needs a worker)");
   int next = 0;
   for (int n = 0; n < n_groups; ++n) {
     const int want = t / n_groups + (n < t % n_groups ? 1 : 0);
@@ -102,7 +103,8 @@ ThreadPool::ThreadPool(PoolLayout layout) : layout_(std::move(layout)), spin_us_
     }
   pinned_.assign(workers_.size(), 0);
   threads_.reserve(workers_.size());
-  for (size_t i = 0; i < workers_.size(); ++i) threads_.emplace_back(&ThreadPool::worker_main, this, static_cast<int>(i));
+  for (size_t i = 0; i < workers_.size(); ++i)
+    threads_.emplace_back(&ThreadPool::worker_main, this, static_cast<int>(i));
   // Wait until every worker has pinned itself, so unpinned_cpus() is meaningful and the first job
   // does not pay thread start-up.
   while (started_.load(std::memory_order_acquire) < static_cast<int>(workers_.size())) std::this_thread::yield();
@@ -133,7 +135,9 @@ uint64_t ThreadPool::start(Job* job) {
   remaining_.store(static_cast<int>(workers_.size()), std::memory_order_seq_cst);
   const uint64_t ticket = generation_.fetch_add(1, std::memory_order_seq_cst) + 1;
   if (sleeping_.load(std::memory_order_seq_cst) > 0) {
-    { std::lock_guard<std::mutex> lock(mu_); }  // a sleeper checks its predicate under this lock
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+    }  // a sleeper checks its predicate under this lock
     work_cv_.notify_all();
   }
   return ticket;
@@ -206,7 +210,9 @@ void ThreadPool::worker_main(int index) {
       busy_ns_.fetch_add(static_cast<uint64_t>(took), std::memory_order_relaxed);
       jobs_done_.fetch_add(1, std::memory_order_relaxed);
       completed_.store(seen, std::memory_order_release);
-      { std::lock_guard<std::mutex> lock(mu_); }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+      }
       done_cv_.notify_all();
     }
   }

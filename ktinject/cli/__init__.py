@@ -14,7 +14,9 @@ def _parser() -> argparse.ArgumentParser:
     from ktinject import __version__
     from ktinject.cli import chat, demo, doctor, families, generate, plan_cmd, serve, validate
 
-    parser = argparse.ArgumentParser(prog="ktinject", description="Rule-driven CPU/GPU hybrid inference on stock transformers.")
+    parser = argparse.ArgumentParser(
+        prog="ktinject", description="Rule-driven CPU/GPU hybrid inference on stock transformers."
+    )
     parser.add_argument("--version", action="version", version=f"ktinject {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
@@ -32,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.run(args) or 0)
     except KtInjectError as exc:

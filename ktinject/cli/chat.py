@@ -80,7 +80,9 @@ def _conversation(engine, tokenizer, params, system: str | None) -> None:
             continue
         if not text:
             continue
-        messages = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": text}]
+        messages = (
+            ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": text}]
+        )
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         try:

@@ -35,8 +35,10 @@ def parse_vars(items: list[str]) -> dict[str, Any]:
         try:
             out[key] = read_value(value) if value.strip() else ""
         except YamlProblem as problem:
-            raise RuleError(f"--set {show(item)}: the value is not valid YAML: {exception_text(problem)} "
-                            "(quote it, e.g. --set 'KEY=\"...\"', to pass a string)") from None
+            raise RuleError(
+                f"--set {show(item)}: the value is not valid YAML: {exception_text(problem)} "
+                "(quote it, e.g. --set 'KEY=\"...\"', to pass a string)"
+            ) from None
     return out
 
 

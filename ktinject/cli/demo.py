@@ -53,7 +53,9 @@ def run(args) -> int:
     elapsed = time.perf_counter() - start
     text_opt = tokenizer.decode(out[0])
     print(f"plain model.generate():     {text_plain!r}")
-    print(f"optimized model.generate(): {text_opt!r}  ({out.shape[1] - inputs['input_ids'].shape[1]} tokens in {elapsed:.2f} s)")
+    print(
+        f"optimized model.generate(): {text_opt!r}  ({out.shape[1] - inputs['input_ids'].shape[1]} tokens in {elapsed:.2f} s)"
+    )
     same = text_plain == text_opt and diff < 1e-3
     print("\nOK: same tokens, logits match" if same else "\nMISMATCH between the plain and the optimized model")
     return 0 if same else 1

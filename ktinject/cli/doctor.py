@@ -41,10 +41,16 @@ def _versions(rows: list[tuple[str, str]]) -> None:
 
     from ktinject import __version__
 
-    rows += [("ktinject", __version__), ("python", platform.python_version()), ("torch", torch.__version__),
-             ("transformers", transformers.__version__)]
+    rows += [
+        ("ktinject", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("transformers", transformers.__version__),
+    ]
     cuda = torch.cuda.is_available()
-    rows.append(("cuda", f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}" if cuda else "not available"))
+    rows.append(
+        ("cuda", f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}" if cuda else "not available")
+    )
 
 
 def _row(rows: list[tuple[str, str]], label: str, probe) -> None:
@@ -65,8 +71,24 @@ def _native_rows(rows: list[tuple[str, str]]) -> None:
         return
     rows.append(("native extension", getattr(ext, "__file__", "?")))
     features = ext.cpu_features()
-    isa = [name for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16") if features.get(name)]
+    isa = [
+        name
+        for name in (
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512_vnni",
+            "avx512_bf16",
+            "avx_vnni",
+            "amx_tile",
+            "amx_int8",
+            "amx_bf16",
+        )
+        if features.get(name)
+    ]
     rows.append(("cpu", platform.processor() or platform.machine()))
     rows.append(("isa", " ".join(isa) or "baseline x86-64 only"))
     if hasattr(ext, "best_isa"):
@@ -78,7 +100,12 @@ def _native_rows(rows: list[tuple[str, str]]) -> None:
     balancing = _read("/proc/sys/kernel/numa_balancing")
     hint = " (set to 0 for pinned experts: sysctl kernel.numa_balancing=0)" if balancing not in ("0", "n/a") else ""
     rows.append(("numa_balancing", balancing + hint))
-    rows.append(("built with NUMA", "yes (libnuma)" if ext.built_with_numa else "no (libnuma-dev was missing at build time; one node)"))
+    rows.append(
+        (
+            "built with NUMA",
+            "yes (libnuma)" if ext.built_with_numa else "no (libnuma-dev was missing at build time; one node)",
+        )
+    )
     if hasattr(ext, "pool_layout"):
         _row(rows, "cpu operators default", lambda: _pool_default(ext))
     _row(rows, "torch threads", _torch_threads)
@@ -89,8 +116,10 @@ def _torch_threads() -> str:
     from ktinject import core_sharing
 
     env = core_sharing.ENV_VAR
-    return (f"{core_sharing.decision()}; building a CPU operator sets torch's intra-op threads to 1 so its OpenMP "
-            f"workers do not spin on the pool's cores (${env}=N keeps N)")
+    return (
+        f"{core_sharing.decision()}; building a CPU operator sets torch's intra-op threads to 1 so its OpenMP "
+        f"workers do not spin on the pool's cores (${env}=N keeps N)"
+    )
 
 
 def _pool_default(ext) -> str:
@@ -98,9 +127,13 @@ def _pool_default(ext) -> str:
         groups, memory_nodes = ext.pool_layout(0, 0)
     except ValueError as exc:
         return f"cannot place workers: {exc}"
-    desc = "; ".join(f"node {mem if mem >= 0 else '?'}: cpus {format_ranges(cpus)}" for cpus, mem in zip(groups, memory_nodes))
-    return (f"{sum(len(g) for g in groups)} pinned threads in {len(groups)} node group(s) ({desc}); "
-            "kwargs threads= / numa_nodes= change it")
+    desc = "; ".join(
+        f"node {mem if mem >= 0 else '?'}: cpus {format_ranges(cpus)}" for cpus, mem in zip(groups, memory_nodes)
+    )
+    return (
+        f"{sum(len(g) for g in groups)} pinned threads in {len(groups)} node group(s) ({desc}); "
+        "kwargs threads= / numa_nodes= change it"
+    )
 
 
 def run(args) -> int:

@@ -7,10 +7,15 @@ import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("families", help="list the MoE model types of the installed transformers and whether ktinject runs them")
+    p = sub.add_parser(
+        "families", help="list the MoE model types of the installed transformers and whether ktinject runs them"
+    )
     p.add_argument("model_types", nargs="*", metavar="MODEL_TYPE", help="only these model types (default: all)")
-    p.add_argument("--verify", action="store_true",
-                   help="also run each tiny random model optimized with rules=auto against plain transformers (seconds each)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run each tiny random model optimized with rules=auto against plain transformers (seconds each)",
+    )
     p.add_argument("--markdown", action="store_true", help="print a markdown table (the README's)")
     p.set_defaults(run=run)
 
@@ -41,9 +46,14 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     if not args.markdown and sys.stdout.isatty():
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-    uncovered = [] if args.model_types else sorted(
-        {c.model_dir for c in scan_experts_classes()} - {model_dir_of(mt) for mt in BY_MODEL_TYPE})
-    print(_markdown(rows, uncovered, transformers.__version__, args.verify) if args.markdown else _table(rows, uncovered))
+    uncovered = (
+        []
+        if args.model_types
+        else sorted({c.model_dir for c in scan_experts_classes()} - {model_dir_of(mt) for mt in BY_MODEL_TYPE})
+    )
+    print(
+        _markdown(rows, uncovered, transformers.__version__, args.verify) if args.markdown else _table(rows, uncovered)
+    )
     return 1 if any(r.status == "failed" for r in rows) else 0
 
 
@@ -53,7 +63,9 @@ def _shown(status) -> str:
 
 def _table(rows, uncovered: list[str]) -> str:
     header = ("model type", "built as", "rules", "experts at", "status", "reason")
-    cells = [header] + [(r.model_type, r.model_class, r.rules, ", ".join(r.paths) or "-", _shown(r), r.reason) for r in rows]
+    cells = [header] + [
+        (r.model_type, r.model_class, r.rules, ", ".join(r.paths) or "-", _shown(r), r.reason) for r in rows
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1] for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
@@ -67,7 +79,9 @@ def _summary(rows) -> str:
     ok = sum(r.ok for r in rows)
     checked = "verified against transformers" if any(r.status == "verified" for r in rows) else "planned on meta"
     others = [r.model_type for r in rows if not r.ok]
-    return f"{ok} of {len(rows)} model types run with rules=auto ({checked})" + (f"; not: {', '.join(others)}" if others else "")
+    return f"{ok} of {len(rows)} model types run with rules=auto ({checked})" + (
+        f"; not: {', '.join(others)}" if others else ""
+    )
 
 
 def _markdown(rows, uncovered: list[str], version: str, verified: bool) -> str:

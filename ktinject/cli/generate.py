@@ -30,9 +30,12 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step (static KV cache + torch.compile) in a warm-up call before generating: "
-                        "much less Python per token on the CPU, at a one-off compile cost")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decoding step (static KV cache + torch.compile) in a warm-up call before generating: "
+        "much less Python per token on the CPU, at a one-off compile cost",
+    )
     add_sampling_options(p)
     p.set_defaults(run=run)
 
@@ -104,8 +107,12 @@ def run(args) -> int:
         from ktinject.serving.sampling import model_sampling_defaults
 
         defaults = model_sampling_defaults(model.generation_config)
-        gen.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling.get("top_p", defaults.get("top_p", 1.0)),
-                   top_k=sampling.get("top_k", defaults.get("top_k", 0)))
+        gen.update(
+            do_sample=True,
+            temperature=sampling["temperature"],
+            top_p=sampling.get("top_p", defaults.get("top_p", 1.0)),
+            top_k=sampling.get("top_k", defaults.get("top_k", 0)),
+        )
         if sampling["seed"] is not None:
             torch.manual_seed(sampling["seed"])
 
@@ -115,8 +122,12 @@ def run(args) -> int:
         ktinject.compile_decoding(model)
         warm = time.perf_counter()
         with torch.no_grad():  # the same cache size as the real call (no recompilation), stopped after 2 tokens
-            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                           stopping_criteria=[_StopAfter(prompt_len + 2)], **gen)
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                stopping_criteria=[_StopAfter(prompt_len + 2)],
+                **gen,
+            )
         print(f"compiled the decoding step in {time.perf_counter() - warm:.1f} s")
     if args.stream:
         print(tokenizer.decode(prompt_ids, skip_special_tokens=True), end="", flush=True)

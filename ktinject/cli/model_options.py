@@ -14,8 +14,15 @@ from ktinject.cli.common import add_vars_option, parse_vars
 from ktinject.errors import KtInjectError
 
 # Files any transformers tokenizer is built from; a directory with none of them gives an empty tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt", "tokenizer.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+    "tokenizer.tiktoken",
+)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -23,15 +30,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", help="GGUF file (any file of a split set); weights come from it")
     p.add_argument("--rules", default="auto", help="rule file, built-in name, or 'auto' (by model_type; default)")
     p.add_argument("--dtype", default=None, help="model dtype: bfloat16, float16, float32 (default: the config's)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="worker threads of the CPU experts (same as --set cpu_threads=N; 0 = all CPUs)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker threads of the CPU experts (same as --set cpu_threads=N; 0 = all CPUs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     add_vars_option(p)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 (default) is greedy decoding")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy decoding"
+    )
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens covering P")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
@@ -61,10 +74,16 @@ def sampling_values(args) -> dict[str, Any]:
     if args.temperature < 0:
         raise KtInjectError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     if args.temperature == 0:
-        given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed)) if value is not None]
+        given = [
+            flag
+            for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed))
+            if value is not None
+        ]
         if given:
             verb = "apply" if len(given) > 1 else "applies"
-            raise KtInjectError(f"{', '.join(given)} {verb} only when sampling: add --temperature T (> 0); greedy is the default")
+            raise KtInjectError(
+                f"{', '.join(given)} {verb} only when sampling: add --temperature T (> 0); greedy is the default"
+            )
         return {"temperature": 0.0}
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise KtInjectError(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -100,7 +119,9 @@ def load_tokenizer(model_dir: str | None, gguf: str | None):
         if not path.is_file() and model_dir is not None:
             path = Path(model_dir) / gguf
         try:
-            return _non_empty(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True), str(path))
+            return _non_empty(
+                AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True), str(path)
+            )
         except KtInjectError as exc:
             errors.append(str(exc))
         except Exception as exc:  # transformers raises many kinds for GGUFs without a usable tokenizer
@@ -129,7 +150,9 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
     if not prompt:
         raise KtInjectError("--prompt is empty: give the text to continue")
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
@@ -142,9 +165,14 @@ def load_model(args, *, vars: dict[str, Any] | None = None):
     """``ktinject.from_pretrained`` with the command's options."""
     import ktinject
 
-    return ktinject.from_pretrained(args.model, gguf=args.gguf, rules=args.rules,
-                                    vars=model_vars(args) if vars is None else vars,
-                                    dtype=args.dtype, progress=not args.no_progress)
+    return ktinject.from_pretrained(
+        args.model,
+        gguf=args.gguf,
+        rules=args.rules,
+        vars=model_vars(args) if vars is None else vars,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
 
 
 def model_name(args) -> str:

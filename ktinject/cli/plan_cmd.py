@@ -17,7 +17,9 @@ from ktinject.cli.common import add_vars_option, load_config, parse_vars
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="show which rule claims which module of a model (no weights needed)")
-    p.add_argument("--config", required=True, help="model directory, config.json, or a GGUF file (any file of a split set)")
+    p.add_argument(
+        "--config", required=True, help="model directory, config.json, or a GGUF file (any file of a split set)"
+    )
     p.add_argument("--rules", default="auto", help="rule file, built-in name, or 'auto' (by model_type; default)")
     p.add_argument("--full", action="store_true", help="one row per module instead of grouping layers")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (one object: entries, memory, warnings)")
@@ -50,7 +52,9 @@ def run(args) -> int:
         return 0
     if args.full:
         for e in p:
-            print(f"{e.module_name or '<root>'}\t{e.module_class}\t{e.rule.label}\t{e.op}\t{e.device}\t{e.estimated_bytes}")
+            print(
+                f"{e.module_name or '<root>'}\t{e.module_class}\t{e.rule.label}\t{e.op}\t{e.device}\t{e.estimated_bytes}"
+            )
     else:
         print(format_plan(p))
     stored = f", memory at the types stored in {source.description}" if source is not None else ""
@@ -75,8 +79,18 @@ def plan_json(p, model_type: str, weights: str | None) -> dict:
         "model_type": model_type,
         "weights": weights,
         "rule_files": list(p.rules.files),
-        "entries": [{"module": e.module_name, "class": e.module_class, "rule": e.rule.label, "location": str(e.rule.location),
-                     "op": e.op, "device": str(e.device), "bytes": e.estimated_bytes} for e in p],
+        "entries": [
+            {
+                "module": e.module_name,
+                "class": e.module_class,
+                "rule": e.rule.label,
+                "location": str(e.rule.location),
+                "op": e.op,
+                "device": str(e.device),
+                "bytes": e.estimated_bytes,
+            }
+            for e in p
+        ],
         "memory_by_device": p.memory_by_device(),
         "unmatched_rules": [{"rule": r.label, "location": str(r.location)} for r in p.unmatched_rules],
         "uncovered_modules": list(p.uncovered_modules),

@@ -10,7 +10,14 @@ import logging
 import socket
 import sys
 
-from ktinject.cli.model_options import add_model_options, check_model_args, load_model, load_tokenizer, model_name, model_vars
+from ktinject.cli.model_options import (
+    add_model_options,
+    check_model_args,
+    load_model,
+    load_tokenizer,
+    model_name,
+    model_vars,
+)
 from ktinject.errors import KtInjectError
 
 INSTALL_HINT = "ktinject serve needs fastapi and uvicorn: pip install 'ktinject[serve]'"
@@ -23,8 +30,12 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory's name)")
-    p.add_argument("--max-batch-size", type=int, default=8,
-                   help="requests decoded together in one batch (default 8); more wait in a first-come queue")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="requests decoded together in one batch (default 8); more wait in a first-come queue",
+    )
     p.set_defaults(run=run)
 
 
@@ -50,14 +61,28 @@ def run(args) -> int:
     def stop_server(_exc: BaseException) -> None:
         server.should_exit = True  # the loader failed: leave uvicorn's loop; run() reports the error
 
-    engine = Engine(lambda: load_model(args, vars=vars), tokenizer, max_batch_size=args.max_batch_size,
-                    default_params={"temperature": OPENAI_DEFAULT_TEMPERATURE}, model_defaults=True,
-                    on_load_failed=stop_server)
+    engine = Engine(
+        lambda: load_model(args, vars=vars),
+        tokenizer,
+        max_batch_size=args.max_batch_size,
+        default_params={"temperature": OPENAI_DEFAULT_TEMPERATURE},
+        model_defaults=True,
+        on_load_failed=stop_server,
+    )
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), access_log=verbose,
-                                           log_level="debug" if verbose else "warning", timeout_graceful_shutdown=3))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, name),
+            access_log=verbose,
+            log_level="debug" if verbose else "warning",
+            timeout_graceful_shutdown=3,
+        )
+    )
     shown = f"[{host}]" if ":" in host else host
-    print(f"ktinject serve: model '{name}' at http://{shown}:{port}/v1 (loading; /health says when it is ready)", flush=True)
+    print(
+        f"ktinject serve: model '{name}' at http://{shown}:{port}/v1 (loading; /health says when it is ready)",
+        flush=True,
+    )
     engine.start()
     _announce_when_ready(engine, name)
     try:

@@ -27,11 +27,15 @@ def auto_model_class(config) -> type:
 
     KtInjectError in one line when neither builds it (an encoder, a token classifier ...).
     """
-    built = [(auto, auto._model_mapping[type(config)]) for auto in _auto_classes() if type(config) in auto._model_mapping]
+    built = [
+        (auto, auto._model_mapping[type(config)]) for auto in _auto_classes() if type(config) in auto._model_mapping
+    ]
     if not built:
         model_type = getattr(config, "model_type", "?")
-        raise KtInjectError(f"transformers builds no causal LM and no image-text-to-text model from a {model_type!r} config "
-                            f"({type(config).__name__}): ktinject runs text generators only")
+        raise KtInjectError(
+            f"transformers builds no causal LM and no image-text-to-text model from a {model_type!r} config "
+            f"({type(config).__name__}): ktinject runs text generators only"
+        )
     named = set(getattr(config, "architectures", None) or ())
     for auto, model_class in built:
         if model_class.__name__ in named and model_class.__name__ not in _TEXT_ONLY_BROKEN:

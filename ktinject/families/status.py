@@ -26,9 +26,9 @@ NEW_TOKENS = 8
 # model type -> why ktinject does not run it (one line, printed by `ktinject families`).
 KNOWN_LIMITS: dict[str, str] = {
     "jetmoe": "no experts module: JetMoeMoE routes inside the block and calls two JetMoeParallelExperts linears on "
-              "expert-sorted rows (needs a block-level operator)",
+    "expert-sorted rows (needs a block-level operator)",
     "openai_privacy_filter": "a token classifier (OpenAIPrivacyFilterForTokenClassification): transformers builds no "
-                             "causal LM from its config, and ktinject runs text generators",
+    "causal LM from its config, and ktinject runs text generators",
 }
 
 

@@ -46,8 +46,10 @@ def device_placer(device_map: DeviceMap) -> Callable[[str], torch.device]:
         return lambda name: torch.device("cpu")
     if isinstance(device_map, (str, torch.device)):
         if str(device_map) == "auto":
-            raise KtInjectError("device_map='auto' is not supported: placement is the rules' job (device_map only "
-                                "places modules that no rule claims); give a device or {module: device}")
+            raise KtInjectError(
+                "device_map='auto' is not supported: placement is the rules' job (device_map only "
+                "places modules that no rule claims); give a device or {module: device}"
+            )
         device = torch.device(device_map)
         return lambda name: device
     table = {prefix: torch.device(dev) for prefix, dev in device_map.items()}
@@ -113,6 +115,12 @@ def from_pretrained(
     setattr(model, PLAN_ATTRIBUTE, p)
     model.eval()
     source.close()
-    logger.info("loaded %d tensors (%.2f GiB read) from %s in %.1f s (total %.1f s)", stats.tensors,
-                stats.bytes_read / 2**30, source.description, stats.seconds, time.perf_counter() - start)
+    logger.info(
+        "loaded %d tensors (%.2f GiB read) from %s in %.1f s (total %.1f s)",
+        stats.tensors,
+        stats.bytes_read / 2**30,
+        source.description,
+        stats.seconds,
+        time.perf_counter() - start,
+    )
     return model

@@ -55,7 +55,9 @@ def sort_inputs(model_dir_or_config: Any, gguf: PathLike | None) -> Inputs:
         elif path.is_file():
             config_file = path
         else:
-            raise KtInjectError(f"{model_dir_or_config}: no such directory or file (ktinject loads local files only, never a hub id)")
+            raise KtInjectError(
+                f"{model_dir_or_config}: no such directory or file (ktinject loads local files only, never a hub id)"
+            )
     gguf_path = None
     if gguf is not None:
         gguf_path = Path(gguf)
@@ -144,8 +146,9 @@ def build_meta_model(config, dtype: torch.dtype | None = None, hf_kwargs: Mappin
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
         model_type = getattr(config, "model_type", "?")
         extra = f" with {', '.join(hf_kwargs)}" if hf_kwargs else ""
-        raise KtInjectError(f"transformers cannot build a causal LM from this {model_type!r} config{extra}: "
-                            f"{one_line(exc)}") from exc
+        raise KtInjectError(
+            f"transformers cannot build a causal LM from this {model_type!r} config{extra}: {one_line(exc)}"
+        ) from exc
     # init_empty_weights re-creates every parameter assigned inside it, which unties what post_init tied
     # (lm_head.weight = embed_tokens.weight); tie again now that registration is back to normal.
     model.tie_weights()

@@ -147,7 +147,9 @@ class LoadingView(WeightSource):
     def parts(self, name: str) -> list[RawTensor]:
         return self._source.parts(self._name(name))
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         return self._source.tensor(self._name(name), dtype=dtype, device=device)
 
     def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:

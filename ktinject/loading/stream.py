@@ -30,7 +30,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter)
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if leaf in module._parameters:
-        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        module._parameters[leaf] = (
+            value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        )
     elif leaf in module._buffers:
         module._buffers[leaf] = value.data if isinstance(value, nn.Parameter) else value
     else:
@@ -113,13 +115,17 @@ def check_nothing_on_meta(model: nn.Module, plan: Plan) -> None:
         module = model.get_submodule(module_name) if module_name else model
         entry = owner(plan, module_name)
         if entry is not None and not entry.is_keep:
-            why = (f"in {type(model.get_submodule(entry.module_name)).__name__} from rule {entry.rule.label} "
-                   f"({entry.rule.location}) -> {entry.op}: its load_weights() did not set it")
+            why = (
+                f"in {type(model.get_submodule(entry.module_name)).__name__} from rule {entry.rule.label} "
+                f"({entry.rule.location}) -> {entry.op}: its load_weights() did not set it"
+            )
         else:
             why = f"in {type(module).__name__}: no weight was loaded for it"
         left.append(f"  {name} (module {module_name or '<root>'}) {why}")
     if left:
-        raise WeightError(f"after loading, {len(left)} tensors are still on the meta device (no data):\n" + "\n".join(left))
+        raise WeightError(
+            f"after loading, {len(left)} tensors are still on the meta device (no data):\n" + "\n".join(left)
+        )
 
 
 def add_input_movers(model: nn.Module, plan: Plan, needs: list[Need]) -> None:

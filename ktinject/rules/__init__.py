@@ -49,8 +49,13 @@ def _is_file(name: str) -> bool:
         return False
 
 
-def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model_type: str | None = None,
-               model: nn.Module | None = None) -> RuleSet:
+def load_rules(
+    rules: RulesLike,
+    *,
+    vars: Mapping[str, Any] | None = None,
+    model_type: str | None = None,
+    model: nn.Module | None = None,
+) -> RuleSet:
     """Load rules from a file path, a built-in name (``"qwen3_moe"``), YAML text, or pass a RuleSet through.
 
     ``vars`` override the files' variables (e.g. ``{"gpu": "cpu"}`` to run the shipped rules without a GPU).
@@ -70,7 +75,9 @@ def load_rules(rules: RulesLike, *, vars: Mapping[str, Any] | None = None, model
         choice = choose_auto_rules(model_type, model)
         builtin = builtin_rule_path(choice.name)
         if builtin is None:
-            raise RuleError(f"rules='auto' chose the built-in rules {choice.name!r}, which this installation lacks (reinstall ktinject)")
+            raise RuleError(
+                f"rules='auto' chose the built-in rules {choice.name!r}, which this installation lacks (reinstall ktinject)"
+            )
         logger.info("%s", choice.reason)
         return dataclasses.replace(load_rule_file(builtin, vars=vars), origin=choice.reason)
     if _looks_like_yaml(rules):

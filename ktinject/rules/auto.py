@@ -48,6 +48,8 @@ def choose_auto_rules(model_type: str | None, model: nn.Module | None = None) ->
     what = f"model_type {model_type!r}" if model_type else "this model (no config.model_type)"
     experts = sum(1 for module in model.modules() if KINDS["experts"](module))
     if experts:
-        return AutoChoice(GENERIC_MOE, f"auto: no built-in file for {what}; generic MoE rules "
-                                       f"({experts} experts modules found by structure)")
+        return AutoChoice(
+            GENERIC_MOE,
+            f"auto: no built-in file for {what}; generic MoE rules ({experts} experts modules found by structure)",
+        )
     return AutoChoice(GENERIC_DENSE, f"auto: no built-in file for {what}; no experts module found: generic dense rules")

@@ -66,5 +66,7 @@ def rules_for_model_type(model_type: str) -> str:
         return MODEL_TYPE_RULES[model_type]
     except KeyError:
         known = ", ".join(sorted(MODEL_TYPE_RULES))
-        raise RuleError(f"rules='auto': no built-in rules for model_type {model_type!r} (built-in: {known}) and no model "
-                        "to recognise its experts in (ktinject.plan/optimize/from_pretrained pass it); pass a rule file") from None
+        raise RuleError(
+            f"rules='auto': no built-in rules for model_type {model_type!r} (built-in: {known}) and no model "
+            "to recognise its experts in (ktinject.plan/optimize/from_pretrained pass it); pass a rule file"
+        ) from None

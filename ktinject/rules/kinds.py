@@ -45,10 +45,17 @@ class ModuleKind:
 KINDS: dict[str, ModuleKind] = {
     kind.name: kind
     for kind in (
-        ModuleKind("experts", "a transformers v5 routed-experts module (stacked per-expert weights: fused gate_up_proj/"
-                   "up_proj + down_proj, or DBRX's mlp.w1/v1/w2), wherever it sits", _is_experts),
-        ModuleKind("linear", "an nn.Linear whose forward is nn.Linear's (subclasses computing something else are not)",
-                   _is_linear),
+        ModuleKind(
+            "experts",
+            "a transformers v5 routed-experts module (stacked per-expert weights: fused gate_up_proj/"
+            "up_proj + down_proj, or DBRX's mlp.w1/v1/w2), wherever it sits",
+            _is_experts,
+        ),
+        ModuleKind(
+            "linear",
+            "an nn.Linear whose forward is nn.Linear's (subclasses computing something else are not)",
+            _is_linear,
+        ),
     )
 }
 

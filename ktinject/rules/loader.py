@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ktinject.devices import AUTO_DEVICE, auto_device
-from ktinject.errors import OperatorError, RuleError
+from ktinject.errors import OperatorError
 from ktinject.messages import exception_text, show
 from ktinject.operator import resolve_operator, validate_config
 from ktinject.rules.builtin import builtin_rule_path
@@ -108,7 +108,11 @@ def _resolve_include(name: Any, including: Path | None, doc: Document, path: Key
     builtin = builtin_rule_path(name)
     if builtin is not None:
         return builtin
-    where = f" (looked in {including.parent} and the built-in rules)" if including else " (looked in the working directory and the built-in rules)"
+    where = (
+        f" (looked in {including.parent} and the built-in rules)"
+        if including
+        else " (looked in the working directory and the built-in rules)"
+    )
     raise doc.error(path, f"included file {show(name)} not found{where}")
 
 
@@ -129,7 +133,10 @@ def _collect(doc: Document, file_path: Path | None, state: _LoadState, stack: li
         data = {"rules": data}
         doc.lines = {("rules",) + k: v for k, v in doc.lines.items()}
     if not isinstance(data, dict):
-        raise doc.error((), f"a rule file must be a mapping with {', '.join(_TOP_KEYS)} or a list of rules, got {type(data).__name__}")
+        raise doc.error(
+            (),
+            f"a rule file must be a mapping with {', '.join(_TOP_KEYS)} or a list of rules, got {type(data).__name__}",
+        )
     for key in data:
         if key not in _TOP_KEYS:
             raise doc.error((key,), _unknown_key_message(key, _TOP_KEYS))
@@ -144,14 +151,19 @@ def _collect(doc: Document, file_path: Path | None, state: _LoadState, stack: li
     file_vars = _optional(data, "vars", {})
     if not isinstance(file_vars, dict):
         raise doc.error(("vars",), f"vars must be a mapping of names to values, got {type(file_vars).__name__}")
-    own_vars = {check_name(name, doc, ("vars", name)): Declaration(value, doc, ("vars", name)) for name, value in file_vars.items()}
+    own_vars = {
+        check_name(name, doc, ("vars", name)): Declaration(value, doc, ("vars", name))
+        for name, value in file_vars.items()
+    }
 
     rules = _optional(data, "rules", [])
     if not isinstance(rules, list):
         raise doc.error(("rules",), f"rules must be a list, got {type(rules).__name__}")
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict):
-            raise doc.error(("rules", i), f"a rule must be a mapping with keys {', '.join(_RULE_KEYS)}, got {type(rule).__name__}")
+            raise doc.error(
+                ("rules", i), f"a rule must be a mapping with keys {', '.join(_RULE_KEYS)}, got {type(rule).__name__}"
+            )
         if len(state.rules) >= MAX_RULES:
             raise doc.error(("rules", i), f"more than {MAX_RULES:,} rules in this rule set")
         state.rules.append(_RawRule(doc=doc, path=("rules", i), data=rule))
@@ -161,7 +173,7 @@ def _collect(doc: Document, file_path: Path | None, state: _LoadState, stack: li
         target = _resolve_include(name, file_path, doc, ("include", i))
         key = str(target)
         if key in stack:
-            chain = " -> ".join([*stack[stack.index(key):], key])
+            chain = " -> ".join([*stack[stack.index(key) :], key])
             raise doc.error(("include", i), f"include cycle: {chain}")
         if key in state.loaded:
             continue
@@ -182,10 +194,14 @@ def _read_file(path: Path, state: _LoadState) -> Document:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)  # a longer file is refused without reading it all
     except (OSError, ValueError) as exc:
-        raise rule_error(str(path), 1, "<file>", f"cannot read rule file: {getattr(exc, 'strerror', None) or exception_text(exc)}") from None
+        raise rule_error(
+            str(path), 1, "<file>", f"cannot read rule file: {getattr(exc, 'strerror', None) or exception_text(exc)}"
+        ) from None
     state.bytes_read += len(data)
     if state.bytes_read > MAX_TOTAL_BYTES:
-        raise rule_error(str(path), 1, "<file>", f"the files of this rule set hold more than {MAX_TOTAL_BYTES:,} bytes together")
+        raise rule_error(
+            str(path), 1, "<file>", f"the files of this rule set hold more than {MAX_TOTAL_BYTES:,} bytes together"
+        )
     return read_document(data, str(path))
 
 
@@ -196,7 +212,9 @@ def _parse_device(value: Any, doc: Document, path: KeyPath) -> torch.device:
     if isinstance(value, str) and value.strip() == AUTO_DEVICE:
         return auto_device()
     if not isinstance(value, str) or not _DEVICE_RE.match(value.strip()):
-        raise doc.error(path, f"bad device {show(value)} (expected 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')")
+        raise doc.error(
+            path, f"bad device {show(value)} (expected 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')"
+        )
     try:
         return torch.device(value.strip())
     except (RuntimeError, ValueError) as exc:
@@ -211,19 +229,26 @@ def _is_dotted_path(spec: str) -> bool:
 def _resolve_class(spec: str, doc: Document, path: KeyPath) -> tuple[str | None, type | None]:
     if "." in spec:
         if not _is_dotted_path(spec):
-            raise doc.error(path, f"{show(spec)} is neither a class name nor a dotted path such as 'mypkg.modeling.MyExperts'")
+            raise doc.error(
+                path, f"{show(spec)} is neither a class name nor a dotted path such as 'mypkg.modeling.MyExperts'"
+            )
         module_path, _, attr = spec.rpartition(".")
         try:
             obj = getattr(importlib.import_module(module_path), attr)
         except (ImportError, AttributeError) as exc:
             raise doc.error(path, f"cannot import class {show(spec)}: {exception_text(exc)}") from None
         except (Exception, SystemExit) as exc:  # the named module's own code failed (or exited) while importing
-            raise doc.error(path, f"importing {module_path!r} for class {show(spec)} failed: {type(exc).__name__}: {exception_text(exc)}") from None
+            raise doc.error(
+                path,
+                f"importing {module_path!r} for class {show(spec)} failed: {type(exc).__name__}: {exception_text(exc)}",
+            ) from None
         if not isinstance(obj, type):
             raise doc.error(path, f"{show(spec)} is not a class")
         return None, obj
     if not spec.isidentifier():
-        raise doc.error(path, f"{show(spec)} is neither a class name nor a dotted path such as 'mypkg.modeling.MyExperts'")
+        raise doc.error(
+            path, f"{show(spec)} is neither a class name nor a dotted path such as 'mypkg.modeling.MyExperts'"
+        )
     if not is_known_class_name(spec):
         hint = get_close_matches(spec, known_class_names(), n=1) if len(spec) <= 128 else []
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -239,7 +264,11 @@ def _resolve_kind(value: Any, doc: Document, path: KeyPath) -> ModuleKind:
     kind = module_kind(value) if isinstance(value, str) else None
     if kind is None:
         hint = get_close_matches(value, KINDS, n=1) if isinstance(value, str) and len(value) <= 64 else []
-        raise doc.error(path, f"unknown kind {show(value)} (known: {', '.join(KINDS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        raise doc.error(
+            path,
+            f"unknown kind {show(value)} (known: {', '.join(KINDS)})"
+            + (f"; did you mean {hint[0]!r}?" if hint else ""),
+        )
     return kind
 
 
@@ -251,7 +280,9 @@ def _resolve_op(op: str, doc: Document, path: KeyPath):
     except OperatorError as exc:
         raise doc.error(path, exception_text(exc, 1000)) from None
     except (Exception, SystemExit) as exc:  # the named module's own code failed (or exited) while importing
-        raise doc.error(path, f"importing operator {show(op)} failed: {type(exc).__name__}: {exception_text(exc)}") from None
+        raise doc.error(
+            path, f"importing operator {show(op)} failed: {type(exc).__name__}: {exception_text(exc)}"
+        ) from None
 
 
 def _compile_regex(regex: Any, doc: Document, path: KeyPath) -> re.Pattern[str]:
@@ -279,7 +310,9 @@ def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
 
     match_data = data.get("match")
     if not isinstance(match_data, dict) or not match_data:
-        raise doc.error(base + ("match",), "every rule needs a match mapping with 'name' (regex), 'class' and/or 'kind'")
+        raise doc.error(
+            base + ("match",), "every rule needs a match mapping with 'name' (regex), 'class' and/or 'kind'"
+        )
     for key in match_data:
         if key not in _MATCH_KEYS:
             raise doc.error(base + ("match", key), _unknown_key_message(key, _MATCH_KEYS))
@@ -289,7 +322,9 @@ def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
     if "class" in match_data:
         cls = match_data["class"]
         if not isinstance(cls, str) or not cls:
-            raise doc.error(base + ("match", "class"), f"match.class must be a class name or dotted path, got {show(cls)}")
+            raise doc.error(
+                base + ("match", "class"), f"match.class must be a class name or dotted path, got {show(cls)}"
+            )
         class_name, class_type = _resolve_class(cls, doc, base + ("match", "class"))
     kind = _resolve_kind(match_data["kind"], doc, base + ("match", "kind")) if "kind" in match_data else None
 
@@ -315,7 +350,9 @@ def _build_rule(raw: _RawRule, index: int, variables: Variables) -> Rule:
         config = validate_config(op_class, kwargs)
     except OperatorError as exc:
         key = getattr(exc, "key", None)
-        raise doc.error(base + ("replace", "kwargs") + ((key,) if key is not None else ()), exception_text(exc, 1000)) from None
+        raise doc.error(
+            base + ("replace", "kwargs") + ((key,) if key is not None else ()), exception_text(exc, 1000)
+        ) from None
 
     recursive = data.get("recursive", True)
     if not isinstance(recursive, bool):

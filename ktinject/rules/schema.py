@@ -123,5 +123,7 @@ class RuleSet:
             lines.append(f"  ({self.origin})")
         for r in self.rules:
             kw = f" {dict(r.replace.kwargs)}" if r.replace.kwargs else ""
-            lines.append(f"  {r.index:>3} {r.label}: {r.match.describe()} -> {r.replace.op}@{r.replace.device}{kw}  ({r.location})")
+            lines.append(
+                f"  {r.index:>3} {r.label}: {r.match.describe()} -> {r.replace.op}@{r.replace.device}{kw}  ({r.location})"
+            )
         return "\n".join(lines)

@@ -20,6 +20,7 @@ from difflib import get_close_matches
 from typing import Any
 
 from ktinject.errors import RuleError
+from ktinject.messages import exception_text, format_path, one_line, show
 from ktinject.rules.limits import (
     INTERPOLATION_COST,
     MAX_DEPTH,
@@ -28,7 +29,6 @@ from ktinject.rules.limits import (
     MAX_REFERENCE_DEPTH,
     MAX_VARIABLE_NODES,
 )
-from ktinject.messages import exception_text, format_path, one_line, show
 from ktinject.rules.yaml_reader import Document, KeyPath
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
@@ -54,8 +54,11 @@ class Declaration:
 def check_name(name: Any, doc: Document, path: KeyPath) -> str:
     """A variable name as written in ``${vars.NAME}``: letters, digits, ``_`` and ``-``."""
     if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-        raise doc.error(path, f"variable name {show(name)} must be a string of letters, digits, '_' or '-' "
-                              "starting with a letter or '_' (at most 128 characters), as written in ${vars.NAME}")
+        raise doc.error(
+            path,
+            f"variable name {show(name)} must be a string of letters, digits, '_' or '-' "
+            "starting with a letter or '_' (at most 128 characters), as written in ${vars.NAME}",
+        )
     return name
 
 
@@ -71,7 +74,13 @@ class Variables:
         for name, value in _override_items(overrides, top_file):
             if name not in self.values:
                 raise RuleError(one_line(f"{top_file}: {format_path(('vars', name))}: {self._unknown_message(name)}"))
-            nodes = _check_value(value, nodes, lambda m, n=name: RuleError(one_line(f"{top_file}: {format_path(('vars', n))}: {m} (given by vars= / --set)")))
+            nodes = _check_value(
+                value,
+                nodes,
+                lambda m, n=name: RuleError(
+                    one_line(f"{top_file}: {format_path(('vars', n))}: {m} (given by vars= / --set)")
+                ),
+            )
             self.values[name] = value
         self._conf: Any = None
         self._cache: dict[str, Any] = {}
@@ -95,17 +104,26 @@ class Variables:
 
     def _resolve(self, value: str, doc: Document, path: KeyPath) -> Any:
         if len(value) > MAX_INTERPOLATED_CHARS:
-            raise doc.error(path, f"a string with ${{...}} may have at most {MAX_INTERPOLATED_CHARS:,} characters, "
-                                  f"this one has {len(value):,}")
+            raise doc.error(
+                path,
+                f"a string with ${{...}} may have at most {MAX_INTERPOLATED_CHARS:,} characters, "
+                f"this one has {len(value):,}",
+            )
         try:
             cost, _ = self._string_cost(value, ())
         except _TooDeep as exc:
-            raise doc.error(path, f"cannot resolve {show(value)}: variables refer to variables more than "
-                                  f"{MAX_REFERENCE_DEPTH} levels deep ({' -> '.join(exc.chain)})") from None
+            raise doc.error(
+                path,
+                f"cannot resolve {show(value)}: variables refer to variables more than "
+                f"{MAX_REFERENCE_DEPTH} levels deep ({' -> '.join(exc.chain)})",
+            ) from None
         self._spent += cost
         if self._spent > MAX_INTERPOLATION_WORK:
-            raise doc.error(path, f"cannot resolve {show(value)}: interpolation would produce more than "
-                                  f"{MAX_INTERPOLATION_WORK:,} characters in this rule set (each ${{...}} counts {INTERPOLATION_COST})")
+            raise doc.error(
+                path,
+                f"cannot resolve {show(value)}: interpolation would produce more than "
+                f"{MAX_INTERPOLATION_WORK:,} characters in this rule set (each ${{...}} counts {INTERPOLATION_COST})",
+            )
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         try:
@@ -118,7 +136,9 @@ class Variables:
         except Exception as exc:  # OmegaConf's grammar and resolvers (user-registered ones too) raise many types
             names = sorted(self.values)
             listed = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-            raise doc.error(path, f"cannot resolve {show(value)}: {exception_text(exc)} (variables: {listed or 'none'})") from None
+            raise doc.error(
+                path, f"cannot resolve {show(value)}: {exception_text(exc)} (variables: {listed or 'none'})"
+            ) from None
         return result
 
     def _string_cost(self, text: str, chain: tuple[str, ...]) -> tuple[int, int]:
@@ -182,8 +202,9 @@ class Variables:
             return f"unknown variable {show(name)}: the rule files declare no variables (vars:)"
         listed = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
         hint = get_close_matches(name, names, n=1) if len(name) <= 128 else []
-        return (f"unknown variable {show(name)} given by vars= / --set (the rule files declare: {listed})"
-                + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        return f"unknown variable {show(name)} given by vars= / --set (the rule files declare: {listed})" + (
+            f"; did you mean {hint[0]!r}?" if hint else ""
+        )
 
 
 class _TooDeep(Exception):
@@ -196,11 +217,17 @@ def _override_items(overrides: Mapping[str, Any] | None, top_file: str) -> list[
     if overrides is None:
         return []
     if not isinstance(overrides, Mapping):
-        raise RuleError(one_line(f"{top_file}: vars: vars= must be a mapping of variable names to values, got {type(overrides).__name__}"))
+        raise RuleError(
+            one_line(
+                f"{top_file}: vars: vars= must be a mapping of variable names to values, got {type(overrides).__name__}"
+            )
+        )
     items = list(overrides.items())
     for name, _ in items:
         if not isinstance(name, str):
-            raise RuleError(one_line(f"{top_file}: vars: variable names given by vars= / --set must be strings, got {show(name)}"))
+            raise RuleError(
+                one_line(f"{top_file}: vars: variable names given by vars= / --set must be strings, got {show(name)}")
+            )
     return items
 
 
@@ -226,6 +253,8 @@ def _check_value(value: Any, nodes: int, error) -> int:
                     raise error(f"a key of a variable's mapping must be a string or number, got {show(k)}")
                 pending.append((v, depth + 1))
         else:
-            raise error(f"a variable's value must be a string, number, boolean, null, list or mapping, "
-                        f"got {type(item).__name__} {show(item)}")
+            raise error(
+                f"a variable's value must be a string, number, boolean, null, list or mapping, "
+                f"got {type(item).__name__} {show(item)}"
+            )
     return nodes

@@ -20,8 +20,8 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.resolver import Resolver
 
 from ktinject.errors import RuleError
-from ktinject.rules.limits import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, MAX_NUMBER_CHARS
 from ktinject.messages import exception_text, format_path, one_line, show
+from ktinject.rules.limits import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, MAX_NUMBER_CHARS
 
 KeyPath = tuple[Any, ...]  # a key path inside one document: ("rules", 0, "replace", "op")
 
@@ -117,13 +117,17 @@ def _decode(source: bytes | str) -> str:
         except UnicodeDecodeError as exc:
             before = source[: exc.start].decode("utf-8", "replace")
             line = _line_of(before, len(before))
-            raise YamlProblem(line, f"byte 0x{source[exc.start]:02x} is not UTF-8 (rule files are UTF-8 text)", "<file>") from None
+            raise YamlProblem(
+                line, f"byte 0x{source[exc.start]:02x} is not UTF-8 (rule files are UTF-8 text)", "<file>"
+            ) from None
     else:
         text = source[1:] if source.startswith("\ufeff") else source
     bad = _NON_PRINTABLE.search(text)
     if bad is not None:
         char = bad.group()
-        raise YamlProblem(_line_of(text, bad.start()), f"character U+{ord(char):04X} ({char!r}) is not allowed in YAML text")
+        raise YamlProblem(
+            _line_of(text, bad.start()), f"character U+{ord(char):04X} ({char!r}) is not allowed in YAML text"
+        )
     return text
 
 
@@ -150,8 +154,12 @@ class _Constructor(SafeConstructor):
         except yaml.YAMLError:
             raise
         except Exception as exc:  # int('9' * 5000), bool tag on 'maybe', bad base64...: the value is unreadable
-            raise ConstructorError(None, None, f"cannot read this {node.tag.rsplit(':', 1)[-1]} value: {exception_text(exc)}",
-                                   node.start_mark) from None
+            raise ConstructorError(
+                None,
+                None,
+                f"cannot read this {node.tag.rsplit(':', 1)[-1]} value: {exception_text(exc)}",
+                node.start_mark,
+            ) from None
 
 
 _MERGE = object()  # the key of a '<<' merge entry
@@ -213,7 +221,9 @@ class _Composer:
         else:
             self._check_tag(tag, event)
         if tag in _NUMBER_TAGS and len(event.value) > MAX_NUMBER_CHARS:
-            raise YamlProblem(_line(event), f"a number of {len(event.value):,} characters (at most {MAX_NUMBER_CHARS} here)")
+            raise YamlProblem(
+                _line(event), f"a number of {len(event.value):,} characters (at most {MAX_NUMBER_CHARS} here)"
+            )
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
         self._remember_anchor(event.anchor, node, 1, event)
         self._count(1, event)
@@ -226,7 +236,9 @@ class _Composer:
         name = event.anchor
         if name not in self._anchors:
             if name in self._open_anchors:
-                raise YamlProblem(_line(event), f"alias *{name} is inside the node &{name} it names (recursive data is not allowed)")
+                raise YamlProblem(
+                    _line(event), f"alias *{name} is inside the node &{name} it names (recursive data is not allowed)"
+                )
             raise YamlProblem(_line(event), f"alias *{name} has no anchor &{name} before it")
         node, size = self._anchors[name]
         self._count(size, event)
@@ -240,7 +252,9 @@ class _Composer:
     def _open(self, event: yaml.CollectionStartEvent) -> None:
         is_map = isinstance(event, yaml.MappingStartEvent)
         if self._expects_key():
-            raise YamlProblem(_line(event), f"a mapping key must be a plain value, found a {'mapping' if is_map else 'sequence'}")
+            raise YamlProblem(
+                _line(event), f"a mapping key must be a plain value, found a {'mapping' if is_map else 'sequence'}"
+            )
         if len(self._stack) >= MAX_DEPTH:
             raise YamlProblem(_line(event), f"nested more than {MAX_DEPTH} levels deep")
         kind = yaml.MappingNode if is_map else yaml.SequenceNode
@@ -331,12 +345,17 @@ class _Composer:
         if tag in _KNOWN_TAGS:
             return
         if tag.startswith(_YAML_TAG + "python/"):
-            raise YamlProblem(_line(event), f"Python tags are not allowed, found {show(tag)} (rule files are read safely: plain YAML only)")
+            raise YamlProblem(
+                _line(event),
+                f"Python tags are not allowed, found {show(tag)} (rule files are read safely: plain YAML only)",
+            )
         raise YamlProblem(_line(event), f"unknown tag {show(tag)} (rule files are plain YAML; remove the tag)")
 
     def _check_new_anchor(self, name: str, event: yaml.Event) -> None:
         if name in self._anchor_lines:
-            raise YamlProblem(_line(event), f"anchor &{name} is defined twice (first on line {self._anchor_lines[name]})")
+            raise YamlProblem(
+                _line(event), f"anchor &{name} is defined twice (first on line {self._anchor_lines[name]})"
+            )
         self._anchor_lines[name] = _line(event)
 
     def _remember_anchor(self, name: str | None, node: yaml.Node, size: int, event: yaml.Event) -> None:

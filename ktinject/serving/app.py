@@ -36,8 +36,15 @@ _DISCONNECT_POLL_S = 0.25
 class ApiError(Exception):
     """An error answer: status and OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(message, type=type, param=param, code=code)
@@ -96,8 +103,12 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
         body = _parse(ChatCompletionRequest, await _json(request))
         _require_model(body.model, model_id)
         if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "the model's tokenizer has no chat template: use /v1/completions with a plain prompt",
-                           param="messages", code="no_chat_template")
+            raise ApiError(
+                400,
+                "the model's tokenizer has no chat template: use /v1/completions with a plain prompt",
+                param="messages",
+                code="no_chat_template",
+            )
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -129,8 +140,12 @@ def _require_ready(engine: Engine) -> None:
 
 def _require_model(name: str, model_id: str) -> None:
     if name != model_id:
-        raise ApiError(404, f"model {name!r} does not exist (this server serves {model_id!r})", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist (this server serves {model_id!r})",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def _json(request: Request) -> dict:
@@ -172,8 +187,11 @@ async def _generate(http: Request, engine: Engine, body, prompt_ids: list[int], 
     shape = _Shape(response_id, model_id, chat)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(request, queue, shape, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(request, queue, shape, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     text, last = [], None
     try:
         while last is None:
@@ -207,13 +225,20 @@ class _Shape:
 
     @staticmethod
     def usage(output: Output) -> dict:
-        return {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens,
-                "total_tokens": output.prompt_tokens + output.completion_tokens}
+        return {
+            "prompt_tokens": output.prompt_tokens,
+            "completion_tokens": output.completion_tokens,
+            "total_tokens": output.prompt_tokens + output.completion_tokens,
+        }
 
     def full(self, text: str, last: Output) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": last.finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": last.finish_reason,
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
         return self._envelope(self.object, [choice], usage=self.usage(last))
@@ -235,14 +260,18 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(request: EngineRequest, queue: asyncio.Queue, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    request: EngineRequest, queue: asyncio.Queue, shape: _Shape, include_usage: bool
+) -> AsyncIterator[str]:
     try:
         if shape.chat:
             yield _sse(shape.chunk(None, role=True))
         while True:
             output: Output = await queue.get()
             if output.error is not None:
-                yield _sse(error_body(f"generation failed: {output.error}", type="server_error", code="generation_failed"))
+                yield _sse(
+                    error_body(f"generation failed: {output.error}", type="server_error", code="generation_failed")
+                )
                 break
             if output.text:
                 yield _sse(shape.chunk(output.text))

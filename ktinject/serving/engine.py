@@ -153,7 +153,11 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"running": len(self._running), "waiting": len(self._waiting), "generated_tokens": self.generated_tokens}
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "generated_tokens": self.generated_tokens,
+            }
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -175,7 +179,8 @@ class Engine:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length} tokens "
                 f"(the prompt must leave room for at least one new token)",
-                param="messages", code="context_length_exceeded",
+                param="messages",
+                code="context_length_exceeded",
             )
 
     @property
@@ -224,7 +229,10 @@ class Engine:
         config = model.config.get_text_config()
         self.context_length = getattr(config, "max_position_embeddings", None)
         eos: set[int] = set()
-        for value in (getattr(model.generation_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+        for value in (
+            getattr(model.generation_config, "eos_token_id", None),
+            getattr(self.tokenizer, "eos_token_id", None),
+        ):
             if isinstance(value, int):
                 eos.add(value)
             elif isinstance(value, (list, tuple)):
@@ -350,7 +358,9 @@ class Engine:
         return not request.finished
 
     def _send(self, request: Request, output: Output) -> None:
-        output = dataclasses.replace(output, prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens)
+        output = dataclasses.replace(
+            output, prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens
+        )
         try:
             request.sink(output)
         except Exception:  # noqa: BLE001 - a client that went away: stop its generation

@@ -64,9 +64,15 @@ class _Sampling(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=0 if self.top_k == -1 else self.top_k, seed=self.seed, stop=self.stop_strings(),
-                    ignore_eos=self.ignore_eos)
+        return dict(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=0 if self.top_k == -1 else self.top_k,
+            seed=self.seed,
+            stop=self.stop_strings(),
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class TextPart(BaseModel):
@@ -129,6 +135,8 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     """The JSON body of an OpenAI API error."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

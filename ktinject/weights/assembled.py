@@ -115,12 +115,16 @@ class FileSource(WeightSource):
         operator that looked at the stored parts and then asks for floats reads the same bytes once)."""
         return None if all(p in self._handed_out for p in recipe.parts) else self.on_bytes
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         recipe = self.resolve(name)
         parts = self._parts(recipe)
         for part in parts:
             if not part.dequantizable:
-                raise WeightError(f"{self.description}: {name}: stored tensor {part.name} has type {part.type_name}, which cannot be dequantized")
+                raise WeightError(
+                    f"{self.description}: {name}: stored tensor {part.name} has type {part.type_name}, which cannot be dequantized"
+                )
         shape = self._layout_shape(recipe)
         out = torch.empty(shape or (1,), dtype=dtype or float_dtype_of(parts), device=device)
         assemble(recipe.layout, parts, out, on_bytes=self._progress(recipe))
@@ -137,7 +141,9 @@ class FileSource(WeightSource):
         parts = self._parts(recipe)
         for part in parts:
             if not part.dequantizable:
-                raise WeightError(f"{self.description}: {name}: stored tensor {part.name} has type {part.type_name}, which cannot be dequantized")
+                raise WeightError(
+                    f"{self.description}: {name}: stored tensor {part.name} has type {part.type_name}, which cannot be dequantized"
+                )
         shape = self._hf_shapes.get(name) or self._layout_shape(recipe)
         if not 0 <= start <= stop <= shape[0]:
             raise WeightError(f"{self.description}: {name}: rows [{start}, {stop}) are outside its {shape[0]} rows")
@@ -145,8 +151,14 @@ class FileSource(WeightSource):
         try:
             assemble_rows(recipe.layout, parts, out, start, stop, on_bytes=self._progress(recipe))
         except LayoutError:
-            logger.warning("%s: %s (%s) is assembled whole to take rows [%d, %d)", self.description, name,
-                           recipe.layout.describe(), start, stop)
+            logger.warning(
+                "%s: %s (%s) is assembled whole to take rows [%d, %d)",
+                self.description,
+                name,
+                recipe.layout.describe(),
+                start,
+                stop,
+            )
             return self.tensor(name, dtype)[start:stop]
         return out.reshape(stop - start, *shape[1:])
 

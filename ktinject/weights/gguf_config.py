@@ -55,8 +55,10 @@ def _rope(get: Keys, theta_default: float) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": get.number("rope.freq_base", theta_default)}
     kind = get.text("rope.scaling.type", "none") or "none"
     if kind not in _ROPE_TYPES:
-        raise WeightError(f"{get.meta.where}: GGUF metadata key {get.meta.key('{arch}.rope.scaling.type')} is {kind!r}; "
-                          f"ktinject reads {', '.join(map(repr, _ROPE_TYPES))}")
+        raise WeightError(
+            f"{get.meta.where}: GGUF metadata key {get.meta.key('{arch}.rope.scaling.type')} is {kind!r}; "
+            f"ktinject reads {', '.join(map(repr, _ROPE_TYPES))}"
+        )
     if kind == "none":
         return rope
     rope["rope_type"] = _ROPE_TYPES[kind]
@@ -101,16 +103,25 @@ def _moe(get: Keys, experts_key: str) -> dict[str, Any]:
 
 def _qwen3_moe(get: Keys, tensors: set[str]) -> dict[str, Any]:
     d = _common(get, theta_default=1e6) | _moe(get, "num_experts")
-    d |= {"moe_intermediate_size": get.integer("expert_feed_forward_length"), "head_dim": get.integer("attention.key_length"),
-          "norm_topk_prob": get.flag("expert_weights_norm", True), "mlp_only_layers": [], "decoder_sparse_step": 1}
+    d |= {
+        "moe_intermediate_size": get.integer("expert_feed_forward_length"),
+        "head_dim": get.integer("attention.key_length"),
+        "norm_topk_prob": get.flag("expert_weights_norm", True),
+        "mlp_only_layers": [],
+        "decoder_sparse_step": 1,
+    }
     return d
 
 
 def _qwen2_moe(get: Keys, tensors: set[str]) -> dict[str, Any]:
     d = _common(get, theta_default=1e6) | _moe(get, "num_experts")
-    d |= {"moe_intermediate_size": get.integer("expert_feed_forward_length"),
-          "shared_expert_intermediate_size": get.integer("expert_shared_feed_forward_length"),
-          "norm_topk_prob": get.flag("expert_weights_norm", False), "mlp_only_layers": [], "decoder_sparse_step": 1}
+    d |= {
+        "moe_intermediate_size": get.integer("expert_feed_forward_length"),
+        "shared_expert_intermediate_size": get.integer("expert_shared_feed_forward_length"),
+        "norm_topk_prob": get.flag("expert_weights_norm", False),
+        "mlp_only_layers": [],
+        "decoder_sparse_step": 1,
+    }
     return d
 
 
@@ -145,12 +156,16 @@ def _deepseek(get: Keys, tensors: set[str]) -> dict[str, Any]:
     # head_count_kv to 1; older files give the per-head sizes in key_length/value_length.
     mla = get.has("attention.key_length_mla")
     key = get.integer("attention.key_length_mla" if mla else "attention.key_length")
-    value = get.integer("attention.value_length_mla" if get.has("attention.value_length_mla") else "attention.value_length")
+    value = get.integer(
+        "attention.value_length_mla" if get.has("attention.value_length_mla") else "attention.value_length"
+    )
     q_lora = get.integer("attention.q_lora_rank", 0, minimum=0)
     if key <= rope_dim:
-        raise WeightError(f"{get.meta.where}: GGUF metadata key {get.meta.key('{arch}.attention.key_length' + ('_mla' if mla else ''))} "
-                          f"is {key}, but the key head must be longer than its rope part ({get.meta.key('{arch}.rope.dimension_count')} "
-                          f"is {rope_dim})")
+        raise WeightError(
+            f"{get.meta.where}: GGUF metadata key {get.meta.key('{arch}.attention.key_length' + ('_mla' if mla else ''))} "
+            f"is {key}, but the key head must be longer than its rope part ({get.meta.key('{arch}.rope.dimension_count')} "
+            f"is {rope_dim})"
+        )
     d |= _grouped_routing(get, norm_default=False)
     d |= {
         "num_key_value_heads": d["num_attention_heads"],
@@ -168,7 +183,9 @@ def _glm4_moe(get: Keys, tensors: set[str]) -> dict[str, Any]:
     blocks = d["num_hidden_layers"]
     nextn = get.integer("nextn_predict_layers", 0, minimum=0, maximum=blocks - 1)
     head_dim = get.integer("attention.key_length")
-    d["rope_parameters"]["partial_rotary_factor"] = get.integer("rope.dimension_count", head_dim, maximum=head_dim) / head_dim
+    d["rope_parameters"]["partial_rotary_factor"] = (
+        get.integer("rope.dimension_count", head_dim, maximum=head_dim) / head_dim
+    )
     d |= _grouped_routing(get, norm_default=True)
     d |= {
         "num_hidden_layers": blocks - nextn,
@@ -222,8 +239,10 @@ def _vocab_size(source, meta: GGUFMetadata, tensors: set[str]) -> int:
     if vocab is None:
         vocab = meta.length("tokenizer.ggml.tokens") or None
     if vocab is None:
-        raise WeightError(f"{meta.where}: cannot tell the vocabulary size (no {meta.arch}.vocab_size, "
-                          "token_embd.weight or tokenizer tokens)")
+        raise WeightError(
+            f"{meta.where}: cannot tell the vocabulary size (no {meta.arch}.vocab_size, "
+            "token_embd.weight or tokenizer tokens)"
+        )
     return int(vocab)
 
 
@@ -235,19 +254,29 @@ def config_from_gguf(source) -> Any:
     meta: GGUFMetadata = source.meta
     where = source.description
     if arch not in FAMILIES:
-        raise WeightError(f"{where}: cannot build a config for GGUF architecture {arch!r} from its metadata "
-                          f"(supported: {', '.join(sorted(FAMILIES))}); pass the model directory with its config.json")
+        raise WeightError(
+            f"{where}: cannot build a config for GGUF architecture {arch!r} from its metadata "
+            f"(supported: {', '.join(sorted(FAMILIES))}); pass the model directory with its config.json"
+        )
     model_type, read = FAMILIES[arch]
     get = Keys(meta, model_type)
     tensors = set(source.stored_names())
     fields = read(get, tensors)
     if model_type == "llama" and "num_local_experts" in fields:
         model_type = "mixtral"
-    if model_type == "deepseek_v3" and get.integer("expert_gating_func", 2) == 1 and not any(".exp_probs_b." in t for t in tensors):
+    if (
+        model_type == "deepseek_v3"
+        and get.integer("expert_gating_func", 2) == 1
+        and not any(".exp_probs_b." in t for t in tensors)
+    ):
         model_type = "deepseek_v2"  # softmax routing without a score-correction bias
     fields["vocab_size"] = _vocab_size(source, meta, tensors)
     fields["tie_word_embeddings"] = "output.weight" not in tensors
-    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+    for hf_key, gguf_key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         value = meta.integer(f"tokenizer.ggml.{gguf_key}", None, minimum=0, maximum=fields["vocab_size"] - 1)
         if value is not None:
             fields[hf_key] = value
@@ -255,6 +284,8 @@ def config_from_gguf(source) -> Any:
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except Exception as exc:  # transformers' own validation, whatever it raises: name the file
-        raise WeightError(f"{where}: the GGUF metadata gives an invalid {model_type} config ({type(exc).__name__}: {exc})") from None
+        raise WeightError(
+            f"{where}: the GGUF metadata gives an invalid {model_type} config ({type(exc).__name__}: {exc})"
+        ) from None
     check_shapes_on_meta(config, source)
     return config

@@ -27,15 +27,19 @@ def check_splits(readers: list[Any], files: list[Path], total: int) -> None:
     for no, (reader, file) in enumerate(zip(readers, files)):
         meta = GGUFMetadata(reader.fields, str(file))
         if "split.no" in meta and meta.integer("split.no", minimum=0) != no:
-            raise WeightError(f"{file}: GGUF metadata key split.no is {meta.value('split.no')}, but the file is "
-                              f"split {no + 1} of {len(files)} (split.no counts from 0)")
+            raise WeightError(
+                f"{file}: GGUF metadata key split.no is {meta.value('split.no')}, but the file is "
+                f"split {no + 1} of {len(files)} (split.no counts from 0)"
+            )
         count = meta.integer("split.count", None)
         if count is not None and count != len(files):
             raise WeightError(f"{file}: the metadata says {count} splits (split.count), found {len(files)} files")
         tensors = meta.integer("split.tensors.count", None, minimum=0)
         if tensors is not None and tensors != total:
-            raise WeightError(f"{file}: GGUF metadata key split.tensors.count is {tensors}, but the {len(files)} files "
-                              f"hold {total} tensors; a tensor count or index is wrong")
+            raise WeightError(
+                f"{file}: GGUF metadata key split.tensors.count is {tensors}, but the {len(files)} files "
+                f"hold {total} tensors; a tensor count or index is wrong"
+            )
 
 
 def check_blocks(meta: GGUFMetadata, names: list[str]) -> None:
@@ -53,14 +57,18 @@ def check_blocks(meta: GGUFMetadata, names: list[str]) -> None:
             blocks.setdefault(int(m[1]), name)
     beyond = sorted(b for b in blocks if b >= count)
     if beyond:
-        raise WeightError(f"{meta.where}: GGUF metadata key {meta.key('{arch}.block_count')} is {count}, but the file "
-                          f"has tensors of block {beyond[-1]} ({blocks[beyond[-1]]}); blocks are numbered 0 to {count - 1}")
+        raise WeightError(
+            f"{meta.where}: GGUF metadata key {meta.key('{arch}.block_count')} is {count}, but the file "
+            f"has tensors of block {beyond[-1]} ({blocks[beyond[-1]]}); blocks are numbered 0 to {count - 1}"
+        )
     if len(blocks) < count:  # some block below count has no tensor; the first ones are below len(blocks) + 4
         empty = [b for b in range(min(count, len(blocks) + 4)) if b not in blocks]
         more = count - len(blocks) - len(empty)
         shown = ", ".join(f"blk.{b}" for b in empty) + (f" and {more} more" if more else "")
-        raise WeightError(f"{meta.where}: GGUF metadata key {meta.key('{arch}.block_count')} is {count}, but the file "
-                          f"has no tensors of {shown}")
+        raise WeightError(
+            f"{meta.where}: GGUF metadata key {meta.key('{arch}.block_count')} is {count}, but the file "
+            f"has no tensors of {shown}"
+        )
 
 
 def _gguf_version() -> str:
@@ -88,5 +96,7 @@ def check_names(meta: GGUFMetadata, names: list[str]) -> None:
     for name in names:
         base = name.removesuffix(".weight") if name.endswith(".weight") else name.removesuffix(".bias")
         if _BLOCK.sub("blk.{bid}.", base) not in known:
-            raise WeightError(f"{meta.where}: tensor {name!r} is not a tensor of the {meta.arch} architecture in "
-                              f"gguf-py {_gguf_version()} (a damaged name, or a file newer than gguf-py)")
+            raise WeightError(
+                f"{meta.where}: tensor {name!r} is not a tensor of the {meta.arch} architecture in "
+                f"gguf-py {_gguf_version()} (a damaged name, or a file newer than gguf-py)"
+            )

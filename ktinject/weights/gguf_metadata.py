@@ -67,8 +67,10 @@ class GGUFMetadata:
         raise WeightError(f"{self.where}: GGUF metadata key {self.key(key)} is missing{why}")
 
     def _wrong(self, key: str, value: Any, expected: str) -> WeightError:
-        return WeightError(f"{self.where}: GGUF metadata key {self.key(key)} is {_shown(value)} ({self.type_name(key)}), "
-                           f"expected {expected}")
+        return WeightError(
+            f"{self.where}: GGUF metadata key {self.key(key)} is {_shown(value)} ({self.type_name(key)}), "
+            f"expected {expected}"
+        )
 
     def value(self, key: str, default: Any = _MISSING, *, needed_for: str = "") -> Any:
         """The value as Python (str, int, float, bool or list), unchecked but decoded safely."""
@@ -80,11 +82,15 @@ class GGUFMetadata:
         try:
             value = field.contents()
         except UnicodeDecodeError as exc:
-            raise WeightError(f"{self.where}: GGUF metadata key {self.key(key)} is not valid UTF-8 "
-                              f"({exc.reason} at byte {exc.start}); the file is corrupt") from None
+            raise WeightError(
+                f"{self.where}: GGUF metadata key {self.key(key)} is not valid UTF-8 "
+                f"({exc.reason} at byte {exc.start}); the file is corrupt"
+            ) from None
         except (IndexError, ValueError, TypeError) as exc:
-            raise WeightError(f"{self.where}: GGUF metadata key {self.key(key)} cannot be read ({type(exc).__name__}: "
-                              f"{exc}); the file is corrupt") from None
+            raise WeightError(
+                f"{self.where}: GGUF metadata key {self.key(key)} cannot be read ({type(exc).__name__}: "
+                f"{exc}); the file is corrupt"
+            ) from None
         kind = field.types[0] if field.types else None
         if kind == GGUFValueType.BOOL:
             return bool(value)
@@ -118,8 +124,9 @@ class GGUFMetadata:
             raise self._wrong(key, value, "a string")
         return value
 
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int | None = None,
-                needed_for: str = "") -> Any:
+    def integer(
+        self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int | None = None, needed_for: str = ""
+    ) -> Any:
         """An integer value in ``[minimum, maximum]`` (sizes and counts default to at least 1)."""
         if key not in self:
             return self._missing(key, default, needed_for)
@@ -129,8 +136,9 @@ class GGUFMetadata:
         self._check_range(key, value, minimum, maximum)
         return int(value)
 
-    def integers(self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int | None = None,
-                 needed_for: str = "") -> Any:
+    def integers(
+        self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int | None = None, needed_for: str = ""
+    ) -> Any:
         """An integer, or an array of integers (one per layer), each in ``[minimum, maximum]``."""
         from gguf import GGUFValueType
 

@@ -51,15 +51,21 @@ class _Checker:
         f = self.fields
         heads, kv = f["num_attention_heads"], f["num_key_value_heads"]
         if heads % kv:
-            self.fail(f"{self.key('attention.head_count')} is {heads}, which {self.key('attention.head_count_kv')} = {kv} "
-                      "does not divide (each key/value head serves a whole group of query heads)")
+            self.fail(
+                f"{self.key('attention.head_count')} is {heads}, which {self.key('attention.head_count_kv')} = {kv} "
+                "does not divide (each key/value head serves a whole group of query heads)"
+            )
         value_length = self.meta.integer("{arch}.attention.value_length", None)
         if f.get("head_dim") and value_length is not None and value_length != f["head_dim"]:
-            self.fail(f"{self.key('attention.value_length')} is {value_length}, but {self.key('attention.key_length')} "
-                      f"is {f['head_dim']}; {self.model_type} models have one head size for keys and values")
+            self.fail(
+                f"{self.key('attention.value_length')} is {value_length}, but {self.key('attention.key_length')} "
+                f"is {f['head_dim']}; {self.model_type} models have one head size for keys and values"
+            )
         if not f.get("head_dim") and self.model_type not in ("deepseek_v3", "deepseek_v2") and f["hidden_size"] % heads:
-            self.fail(f"{self.key('embedding_length')} is {f['hidden_size']}, which {self.key('attention.head_count')} = "
-                      f"{heads} does not divide, and no {self.key('attention.key_length')} gives the head size")
+            self.fail(
+                f"{self.key('embedding_length')} is {f['hidden_size']}, which {self.key('attention.head_count')} = "
+                f"{heads} does not divide, and no {self.key('attention.key_length')} gives the head size"
+            )
 
     def experts(self) -> None:
         f = self.fields
@@ -68,33 +74,45 @@ class _Checker:
             return
         count, used = f[key], f["num_experts_per_tok"]
         if used > count:
-            self.fail(f"{self.key('expert_used_count')} is {used}, more than the {count} experts of "
-                      f"{self.key('expert_count')}")
+            self.fail(
+                f"{self.key('expert_used_count')} is {used}, more than the {count} experts of "
+                f"{self.key('expert_count')}"
+            )
         for name in self.source.stored_names():
             if _PER_EXPERT.match(name):
                 shape = self.source.stored(name).shape
                 if not shape or shape[0] != count:
-                    self.fail(f"{self.key('expert_count')} is {count}, but tensor {name} has shape {tuple(shape)} "
-                              f"({shape[0] if shape else 'no'} experts along its first axis)")
+                    self.fail(
+                        f"{self.key('expert_count')} is {count}, but tensor {name} has shape {tuple(shape)} "
+                        f"({shape[0] if shape else 'no'} experts along its first axis)"
+                    )
         groups, used_groups = f.get("n_group"), f.get("topk_group")
         if groups is None:
             return
         smallest = 2 if self.model_type in ("deepseek_v3", "glm4_moe") else 1  # they rank groups by their top 2
         if count % groups or count // groups < smallest:
-            self.fail(f"{self.key('expert_group_count')} is {groups}, which does not split the {count} experts into "
-                      f"equal groups of at least {smallest}")
+            self.fail(
+                f"{self.key('expert_group_count')} is {groups}, which does not split the {count} experts into "
+                f"equal groups of at least {smallest}"
+            )
         if used_groups > groups:
-            self.fail(f"{self.key('expert_group_used_count')} is {used_groups}, more than the {groups} groups of "
-                      f"{self.key('expert_group_count')}")
+            self.fail(
+                f"{self.key('expert_group_used_count')} is {used_groups}, more than the {groups} groups of "
+                f"{self.key('expert_group_count')}"
+            )
         if used > used_groups * (count // groups):
-            self.fail(f"{self.key('expert_used_count')} is {used}, more than the {used_groups * (count // groups)} experts "
-                      f"in the {used_groups} groups routing may pick ({self.key('expert_group_used_count')})")
+            self.fail(
+                f"{self.key('expert_used_count')} is {used}, more than the {used_groups * (count // groups)} experts "
+                f"in the {used_groups} groups routing may pick ({self.key('expert_group_used_count')})"
+            )
 
     def dense_layers(self) -> None:
         f = self.fields
         dense = f.get("first_k_dense_replace")
         if dense is not None and dense > f["num_hidden_layers"]:
-            self.fail(f"{self.key('leading_dense_block_count')} is {dense}, more than the {f['num_hidden_layers']} layers")
+            self.fail(
+                f"{self.key('leading_dense_block_count')} is {dense}, more than the {f['num_hidden_layers']} layers"
+            )
 
     def embeddings(self) -> None:
         f = self.fields
@@ -105,8 +123,10 @@ class _Checker:
             if shape is None:
                 continue
             if len(shape) != 2 or shape[1] != hidden:
-                self.fail(f"tensor {name} has shape {shape}, but {self.key('embedding_length')} is {hidden} "
-                          f"(expected ({vocab}, {hidden}))")
+                self.fail(
+                    f"tensor {name} has shape {shape}, but {self.key('embedding_length')} is {hidden} "
+                    f"(expected ({vocab}, {hidden}))"
+                )
             if shape[0] != vocab:
                 self.fail(f"tensor {name} has shape {shape}: {shape[0]} tokens, but {vocab_from} is {vocab}")
 
@@ -115,14 +135,20 @@ class _Checker:
             return
         arch = self.meta.arch
         if arch not in TYING_ARCHITECTURES:
-            self.fail(f"tensor output.weight is missing; {arch} models have their own output projection (only "
-                      f"{', '.join(sorted(TYING_ARCHITECTURES))} files may leave it out to tie it to token_embd.weight)")
+            self.fail(
+                f"tensor output.weight is missing; {arch} models have their own output projection (only "
+                f"{', '.join(sorted(TYING_ARCHITECTURES))} files may leave it out to tie it to token_embd.weight)"
+            )
         if self.shape("token_embd.weight") is None:
             self.fail("tensors output.weight and token_embd.weight are both missing")
         moe = any(k in self.fields for k in _EXPERT_KEYS)
         # Released MoE models never tie: a missing output.weight there is more likely damage than intent.
-        logger.log(logging.WARNING if moe else logging.INFO,
-                   "%s: no output.weight; lm_head is tied to token_embd.weight (as llama.cpp does for %s)", self.where, arch)
+        logger.log(
+            logging.WARNING if moe else logging.INFO,
+            "%s: no output.weight; lm_head is tied to token_embd.weight (as llama.cpp does for %s)",
+            self.where,
+            arch,
+        )
 
 
 def check_config_fields(fields: dict[str, Any], model_type: str, source) -> None:
@@ -152,8 +178,10 @@ def check_shapes_on_meta(config, source) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # transformers' constructors on values it does not expect: name the file
-        raise WeightError(f"{where}: transformers cannot build a {config.model_type} model from the GGUF metadata "
-                          f"({type(exc).__name__}: {exc})") from None
+        raise WeightError(
+            f"{where}: transformers cannot build a {config.model_type} model from the GGUF metadata "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     source.bind(model)
     problems = []
     used: set[str] = set()
@@ -164,10 +192,17 @@ def check_shapes_on_meta(config, source) -> None:
             if problem is not None:
                 problems.append(f"  {name}: {problem}")
     if problems:
-        raise WeightError(f"{where}: the GGUF metadata describes a model whose tensors do not match the file's "
-                          f"({len(problems)} of {len(model.state_dict())}):\n" + "\n".join(problems))
+        raise WeightError(
+            f"{where}: the GGUF metadata describes a model whose tensors do not match the file's "
+            f"({len(problems)} of {len(model.state_dict())}):\n" + "\n".join(problems)
+        )
     unused = [n for n in source.stored_names() if n not in used]
     if unused:
         shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
-        logger.warning("%s: %d tensors of the file are not used by the %s model its metadata describes: %s",
-                       where, len(unused), config.model_type, shown)
+        logger.warning(
+            "%s: %d tensors of the file are not used by the %s model its metadata describes: %s",
+            where,
+            len(unused),
+            config.model_type,
+            shown,
+        )

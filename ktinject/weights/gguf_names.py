@@ -25,8 +25,8 @@ from ktinject.weights.layouts import (
     MlaKvB,
     Recipe,
     Transpose,
-    Unresolved,
     UnpermuteRope,
+    Unresolved,
 )
 
 
@@ -37,7 +37,9 @@ def model_arch(arch_name: str, where: str):
     for arch, name in gguf.MODEL_ARCH_NAMES.items():
         if name == arch_name:
             return arch
-    raise WeightError(f"{where}: architecture {arch_name!r} is not known to gguf-py {getattr(gguf, '__version__', '')}".rstrip())
+    raise WeightError(
+        f"{where}: architecture {arch_name!r} is not known to gguf-py {getattr(gguf, '__version__', '')}".rstrip()
+    )
 
 
 def _split_suffix(name: str) -> tuple[str, tuple[str, ...]]:
@@ -53,7 +55,9 @@ def _split_suffix(name: str) -> tuple[str, tuple[str, ...]]:
 class GGUFNaming:
     """Recipes for one model against one GGUF file set."""
 
-    def __init__(self, arch_name: str, model: nn.Module, stored: set[str], where: str, *, block_count: int | None) -> None:
+    def __init__(
+        self, arch_name: str, model: nn.Module, stored: set[str], where: str, *, block_count: int | None
+    ) -> None:
         import gguf
 
         self._gguf = gguf
@@ -108,9 +112,14 @@ class GGUFNaming:
         stored = self._find(gguf_base, suffixes)
         if stored is None:
             reason = self._missing(name, [gguf_base + suffixes[0]])
-            if tensor_type == T.OUTPUT and self._find(self.map.get_name("model.embed_tokens") or "token_embd", (".weight",)):
-                reason = Unresolved(name, reason.reason + " (the file has only token_embd.weight: tied embeddings? "
-                                                          f"the config says tie_word_embeddings={self.tied})")
+            if tensor_type == T.OUTPUT and self._find(
+                self.map.get_name("model.embed_tokens") or "token_embd", (".weight",)
+            ):
+                reason = Unresolved(
+                    name,
+                    reason.reason + " (the file has only token_embd.weight: tied embeddings? "
+                    f"the config says tie_word_embeddings={self.tied})",
+                )
             return reason
         layout: Layout = Direct()
         if self.arch == self._gguf.MODEL_ARCH.LLAMA and tensor_type in (T.ATTN_Q, T.ATTN_K):
@@ -154,5 +163,7 @@ class GGUFNaming:
             return self._missing(name, [gguf_base + suffixes[0]])
         k, v = self._find(k_base, suffixes), self._find(v_base, suffixes)
         if k is None or v is None:
-            return Unresolved(name, f"missing {gguf_base}{suffixes[0]} (or {k_base}{suffixes[0]} and {v_base}{suffixes[0]})")
+            return Unresolved(
+                name, f"missing {gguf_base}{suffixes[0]} (or {k_base}{suffixes[0]} and {v_base}{suffixes[0]})"
+            )
         return Recipe(name, (k, v), MlaKvB())

@@ -69,8 +69,10 @@ def _reader_class():
 
     missing = [name for name in _HOOKS if not callable(getattr(GGUFReader, name, None))]
     if missing:
-        raise KtInjectError(f"the installed gguf-py's GGUFReader has no {', '.join(missing)}, which ktinject's GGUF "
-                            "checks extend; install a gguf version ktinject supports")
+        raise KtInjectError(
+            f"the installed gguf-py's GGUFReader has no {', '.join(missing)}, which ktinject's GGUF "
+            "checks extend; install a gguf version ktinject supports"
+        )
 
     class CheckedReader(GGUFReader):
         """GGUFReader with bounded reads and llama.cpp's tensor index rules (see the module docstring)."""
@@ -79,8 +81,10 @@ def _reader_class():
             count, offset = int(count), int(offset)
             end = offset + np.dtype(dtype).itemsize * count
             if count < 0 or end > len(self.data):
-                raise _IndexError(f"the header reads {count} x {np.dtype(dtype).name} at byte {offset}, "
-                                  f"past the end of the file ({len(self.data)} bytes); the file is truncated or corrupt")
+                raise _IndexError(
+                    f"the header reads {count} x {np.dtype(dtype).name} at byte {offset}, "
+                    f"past the end of the file ({len(self.data)} bytes); the file is truncated or corrupt"
+                )
             return super()._get(offset, dtype, count, override_order)
 
         def _get_field_parts(self, orig_offs: int, raw_type: int):
@@ -92,8 +96,10 @@ def _reader_class():
                     raise _IndexError(f"an array at byte {orig_offs} has items of unknown value type {item_type}")
                 left = len(self.data) - orig_offs - 12
                 if length * least > left:
-                    raise _IndexError(f"an array at byte {orig_offs} claims {length} items, but only {left} bytes follow; "
-                                      "the file is truncated or corrupt")
+                    raise _IndexError(
+                        f"an array at byte {orig_offs} claims {length} items, but only {left} bytes follow; "
+                        "the file is truncated or corrupt"
+                    )
             return super()._get_field_parts(orig_offs, raw_type)
 
         def _build_fields(self, offs: int, count: int) -> int:
@@ -115,8 +121,10 @@ def _reader_class():
 
 def _fits(count: int, least: int, left: int, what: str) -> None:
     if count * least > left:
-        raise _IndexError(f"the header counts {count} {what}, but only {left} bytes follow "
-                          f"(each takes at least {least}); the file is truncated or corrupt")
+        raise _IndexError(
+            f"the header counts {count} {what}, but only {left} bytes follow "
+            f"(each takes at least {least}); the file is truncated or corrupt"
+        )
 
 
 def _padded(n: int, alignment: int) -> int:
@@ -175,9 +183,11 @@ def check_tensor_index(fields, index_end: int, data_start: int, alignment: int, 
     """
     file_size = len(data)
     if data[index_end : min(data_start, file_size)].any():
-        raise _IndexError(f"the {min(data_start, file_size) - index_end} bytes between the end of the tensor index "
-                          f"(byte {index_end}) and the tensor data are not zeros; the tensor count ({len(fields)}) "
-                          "or the index is wrong")
+        raise _IndexError(
+            f"the {min(data_start, file_size) - index_end} bytes between the end of the tensor index "
+            f"(byte {index_end}) and the tensor data are not zeros; the tensor count ({len(fields)}) "
+            "or the index is wrong"
+        )
     expected = 0  # where the next tensor's data must start, relative to the data section
     spans: list[_Span] = []
     for field in fields:
@@ -188,24 +198,36 @@ def check_tensor_index(fields, index_end: int, data_start: int, alignment: int, 
             raise _IndexError(f"{where}: data offset {start} is not a multiple of the alignment {alignment}")
         if start != expected:
             hit = next((s for s in spans if s.start <= start < s.start + s.nbytes), None)
-            relation = f"overlaps tensor {hit.name}" if hit else ("leaves a gap" if start > expected else "overlaps padding")
-            after = f"after {spans[-1]} the next tensor starts at {expected}" if spans else "the first tensor starts at 0"
-            raise _IndexError(f"{where} ({type_name}, shape {shape}): data offset {start} {relation}; {after} "
-                              f"(sizes padded to {alignment} bytes): a tensor's type, shape or offset is wrong")
+            relation = (
+                f"overlaps tensor {hit.name}" if hit else ("leaves a gap" if start > expected else "overlaps padding")
+            )
+            after = (
+                f"after {spans[-1]} the next tensor starts at {expected}" if spans else "the first tensor starts at 0"
+            )
+            raise _IndexError(
+                f"{where} ({type_name}, shape {shape}): data offset {start} {relation}; {after} "
+                f"(sizes padded to {alignment} bytes): a tensor's type, shape or offset is wrong"
+            )
         end = data_start + start + nbytes
         if end > file_size:
-            raise _IndexError(f"{where} ({type_name}, shape {shape}) ends at byte {end} but the file has "
-                              f"{file_size} bytes; the file is truncated or the index is corrupt")
+            raise _IndexError(
+                f"{where} ({type_name}, shape {shape}) ends at byte {end} but the file has "
+                f"{file_size} bytes; the file is truncated or the index is corrupt"
+            )
         spans.append(_Span(field.name, type_name, start, nbytes))
         expected = start + _padded(nbytes, alignment)
         padding = data[end : min(data_start + expected, file_size)]
         if padding.any():
-            raise _IndexError(f"{where} ({type_name}, shape {shape}, {nbytes} bytes): the {len(padding)} padding bytes "
-                              "after its data are not zeros; its type or shape does not describe the data written for it")
+            raise _IndexError(
+                f"{where} ({type_name}, shape {shape}, {nbytes} bytes): the {len(padding)} padding bytes "
+                "after its data are not zeros; its type or shape does not describe the data written for it"
+            )
     if spans and file_size > data_start + expected:
         extra = file_size - data_start - expected
-        raise _IndexError(f"{extra} bytes follow the data of the last tensor ({spans[-1].name}); the tensor count "
-                          f"({len(spans)}) or the tensor index is wrong")
+        raise _IndexError(
+            f"{extra} bytes follow the data of the last tensor ({spans[-1].name}); the tensor count "
+            f"({len(spans)}) or the tensor index is wrong"
+        )
 
 
 def open_gguf(path: Path) -> Any:
@@ -225,11 +247,15 @@ def open_gguf(path: Path) -> Any:
     except _IndexError as exc:
         raise WeightError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise WeightError(f"{path}: a metadata key or tensor name is not valid UTF-8 ({exc.reason} at byte "
-                          f"{exc.start} of {exc.object[:40]!r}); the file is corrupt") from None
+        raise WeightError(
+            f"{path}: a metadata key or tensor name is not valid UTF-8 ({exc.reason} at byte "
+            f"{exc.start} of {exc.object[:40]!r}); the file is corrupt"
+        ) from None
     except Exception as exc:  # whatever else a damaged header makes gguf-py trip over: never a crash
-        raise WeightError(f"{path}: cannot read the GGUF header and tensor index ({type(exc).__name__}: {exc}); "
-                          "the file is truncated or corrupt") from None
+        raise WeightError(
+            f"{path}: cannot read the GGUF header and tensor index ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt"
+        ) from None
     if reader.byte_order != "I":
         raise WeightError(f"{path}: a big-endian GGUF file; ktinject reads little-endian GGUF files only")
     return reader

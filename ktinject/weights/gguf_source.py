@@ -37,7 +37,9 @@ def split_paths(path: Path) -> list[Path]:
     files = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise WeightError(f"{path}: split GGUF of {count} files, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+        raise WeightError(
+            f"{path}: split GGUF of {count} files, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+        )
     return files
 
 
@@ -56,8 +58,9 @@ class GGUFSource(FileSource):
         super().__init__(files, stored)
         check_splits(readers, files, len(stored))
         # Later files repeat only the split.* keys; the first file's value wins.
-        self.meta = GGUFMetadata({key: field for reader in reversed(readers) for key, field in reader.fields.items()},
-                                 self.description)
+        self.meta = GGUFMetadata(
+            {key: field for reader in reversed(readers) for key, field in reader.fields.items()}, self.description
+        )
         arch = self.meta.text("general.architecture", None)
         if arch is None:
             raise WeightError(f"{files[0]}: no general.architecture in the GGUF metadata")
@@ -79,8 +82,13 @@ class GGUFSource(FileSource):
         return self.meta.value(key)
 
     def _prepare(self, model: nn.Module) -> None:
-        self._naming = GGUFNaming(self.architecture, model, set(self._stored), self.description,
-                                  block_count=self.meta.integer("{arch}.block_count", None))
+        self._naming = GGUFNaming(
+            self.architecture,
+            model,
+            set(self._stored),
+            self.description,
+            block_count=self.meta.integer("{arch}.block_count", None),
+        )
 
     def _recipe(self, name: str):
         if self._naming is None:

@@ -45,7 +45,9 @@ class Layout:
     def shape(self, shapes: Sequence[Shape]) -> Shape:
         raise NotImplementedError
 
-    def write(self, out: torch.Tensor, shapes: Sequence[Shape], index: int, start: int, stop: int, rows: torch.Tensor) -> None:
+    def write(
+        self, out: torch.Tensor, shapes: Sequence[Shape], index: int, start: int, stop: int, rows: torch.Tensor
+    ) -> None:
         """Put rows ``[start, stop)`` (first axis) of part ``index`` into ``out`` (of ``self.shape(shapes)``)."""
         raise NotImplementedError
 
@@ -134,7 +136,9 @@ class StackConcat(Layout):
             target[start:stop].narrow(self.dim, offset, size).copy_(rows)
 
     def describe(self):
-        return f"stack {self.groups} group(s) of per-expert tensors" + (f", concat(axis {self.dim + 1})" if self.groups > 1 else "")
+        return f"stack {self.groups} group(s) of per-expert tensors" + (
+            f", concat(axis {self.dim + 1})" if self.groups > 1 else ""
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +247,9 @@ class Unresolved:
 
 def same_up_to_ones(a: Shape, b: Shape) -> bool:
     """Equal shapes, or equal once size-1 axes are dropped (GGUF stores ``[1, H]`` tensors as ``[H]``)."""
-    return tuple(a) == tuple(b) or (math.prod(a) == math.prod(b) and [d for d in a if d != 1] == [d for d in b if d != 1])
+    return tuple(a) == tuple(b) or (
+        math.prod(a) == math.prod(b) and [d for d in a if d != 1] == [d for d in b if d != 1]
+    )
 
 
 def assemble(
@@ -263,8 +269,15 @@ def assemble(
         _copy_rows(part, 0, part.num_rows, write, on_bytes, whole=not layout.chunkable)
 
 
-def _copy_rows(part, start: int, stop: int, write: Callable[[int, int, torch.Tensor], None],
-               on_bytes: Callable[[int], None] | None, *, whole: bool = False) -> None:
+def _copy_rows(
+    part,
+    start: int,
+    stop: int,
+    write: Callable[[int, int, torch.Tensor], None],
+    on_bytes: Callable[[int], None] | None,
+    *,
+    whole: bool = False,
+) -> None:
     """Rows [start, stop) of ``part`` a chunk at a time (all at once if ``whole``) into
     ``write(chunk_start, chunk_stop, rows)``, dropping each chunk's file pages after it is written."""
     floats_per_row = max(1, math.prod(part.shape[1:]))

@@ -41,8 +41,10 @@ def _shard_path(root: Path, index: Path, name: str) -> Path:
     """
     parts = Path(name).parts
     if not name or "\0" in name or Path(name).is_absolute() or ".." in parts:
-        raise WeightError(f"{index}: shard {name!r} is not a file name inside {root} (absolute paths and '..' are "
-                          "refused: an index must not make ktinject open files outside the checkpoint)")
+        raise WeightError(
+            f"{index}: shard {name!r} is not a file name inside {root} (absolute paths and '..' are "
+            "refused: an index must not make ktinject open files outside the checkpoint)"
+        )
     return root / name
 
 
@@ -53,12 +55,15 @@ def read_index(index: Path) -> dict[str, str]:
     except (OSError, ValueError, RecursionError) as exc:
         raise WeightError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict) or "weight_map" not in data:
-        raise WeightError(f"{index}: not a safetensors index (expected a JSON object with a \"weight_map\" key, "
-                          f"found {type(data).__name__}{' without weight_map' if isinstance(data, dict) else ''})")
+        raise WeightError(
+            f'{index}: not a safetensors index (expected a JSON object with a "weight_map" key, '
+            f"found {type(data).__name__}{' without weight_map' if isinstance(data, dict) else ''})"
+        )
     weight_map = data["weight_map"]
     if not isinstance(weight_map, dict):
-        raise WeightError(f"{index}: weight_map must be an object of tensor name -> shard file, found a "
-                          f"{type(weight_map).__name__}")
+        raise WeightError(
+            f"{index}: weight_map must be an object of tensor name -> shard file, found a {type(weight_map).__name__}"
+        )
     for key, value in weight_map.items():
         if not isinstance(value, str):
             raise WeightError(f"{index}: weight_map[{key!r}] must be a shard file name, found {value!r}")
@@ -107,8 +112,9 @@ def _open(file: Path) -> dict[str, StoredTensor]:
         handle = safe_open(str(file), framework="pt")
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types (and OSError)
-        raise WeightError(f"{file}: cannot read the safetensors file ({type(exc).__name__}: {exc}); "
-                          "the file is truncated or corrupt") from None
+        raise WeightError(
+            f"{file}: cannot read the safetensors file ({type(exc).__name__}: {exc}); the file is truncated or corrupt"
+        ) from None
     sample = next((t for t in tensors.values() if t.numel()), None)
     backed = sample is not None and is_file_backed(sample.data_ptr(), file)
     return {key: TorchStoredTensor(key, t, file, file_backed=backed) for key, t in tensors.items()}
@@ -187,8 +193,9 @@ class SafetensorsSource(FileSource):
             return f"{prefix}.{name}"
         return name
 
-    def _merged_recipe(self, target: str, converter, entries: list[tuple[int, int, str]],
-                       expected: tuple[int, ...] | None = None) -> Recipe | Unresolved:
+    def _merged_recipe(
+        self, target: str, converter, entries: list[tuple[int, int, str]], expected: tuple[int, ...] | None = None
+    ) -> Recipe | Unresolved:
         from transformers.core_model_loading import Concatenate, MergeModulelist
         from transformers.core_model_loading import Transpose as TransposeOp
 
@@ -197,7 +204,13 @@ class SafetensorsSource(FileSource):
         layout: Layout | None = None
         if len(ops) == 1 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0:
             layout = StackConcat(groups=len(patterns))
-        elif len(ops) == 2 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1:
+        elif (
+            len(ops) == 2
+            and isinstance(ops[0], MergeModulelist)
+            and ops[0].dim == 0
+            and isinstance(ops[1], Concatenate)
+            and ops[1].dim >= 1
+        ):
             layout = StackConcat(groups=len(patterns), dim=ops[1].dim - 1)
         elif len(ops) == 1 and isinstance(ops[0], Concatenate):
             layout = Concat(ops[0].dim)
@@ -212,7 +225,10 @@ class SafetensorsSource(FileSource):
                 layout = Transpose()
         if layout is None:
             names = ", ".join(type(op).__name__ for op in ops)
-            return Unresolved(target, f"the checkpoint needs transformers' conversion [{names}], which ktinject's loader does not support")
+            return Unresolved(
+                target,
+                f"the checkpoint needs transformers' conversion [{names}], which ktinject's loader does not support",
+            )
         entries.sort()
         if isinstance(layout, StackConcat):
             by_group: dict[int, list[int]] = defaultdict(list)

@@ -116,7 +116,9 @@ class WeightSource(abc.ABC):
         """The stored tensors that make up ``name``, in HF order (zero-copy views; blocks stay blocks)."""
 
     @abc.abstractmethod
-    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """``name`` assembled and dequantized, in the HF layout (``dtype`` None: the stored float type)."""
 
     def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -170,7 +172,9 @@ class ModuleSource(WeightSource):
     def parts(self, name: str) -> list[RawTensor]:
         return [raw_from_torch(name, self._get(name))]
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         return self._get(name).to(device=device, dtype=dtype)
 
     def tensor_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:

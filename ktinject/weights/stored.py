@@ -100,8 +100,13 @@ class GGUFStoredTensor(StoredTensor):
         t = self.ggml_type
         if t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             return True
-        if t in (gguf.GGMLQuantizationType.I8, gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
-                 gguf.GGMLQuantizationType.I64, gguf.GGMLQuantizationType.F64):
+        if t in (
+            gguf.GGMLQuantizationType.I8,
+            gguf.GGMLQuantizationType.I16,
+            gguf.GGMLQuantizationType.I32,
+            gguf.GGMLQuantizationType.I64,
+            gguf.GGMLQuantizationType.F64,
+        ):
             return False
         return isinstance(getattr(quants, t.name, None), type)  # gguf-py has one class per type it can read
 
@@ -123,7 +128,9 @@ class GGUFStoredTensor(StoredTensor):
         if self.ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):  # the typed view itself
             return _from_numpy(block)
         if not self.dequantizable:
-            raise WeightError(f"{self.path}: tensor {self.name!r} has type {self.type_name}, which gguf-py cannot dequantize")
+            raise WeightError(
+                f"{self.path}: tensor {self.name!r} has type {self.type_name}, which gguf-py cannot dequantize"
+            )
         return _from_numpy(quants.dequantize(block, self.ggml_type))
 
     def release(self, start: int, stop: int) -> None:

@@ -23,9 +23,9 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from ktinject.operators.marlin.format import dequantize_marlin, marlin_gemm_reference
 
 from ktinject.errors import OperatorError
-from ktinject.operators.marlin.format import dequantize_marlin, marlin_gemm_reference
 
 logger = logging.getLogger("ktinject")
 
@@ -126,7 +126,11 @@ class TritonBackend(Backend):
             return f"triton is not installed ({exc})"
         device = packed.qweight.device
         if device.type == "cpu":
-            return None if kernel.INTERPRETED else "Triton runs on the CPU only under TRITON_INTERPRET=1 (set before import)"
+            return (
+                None
+                if kernel.INTERPRETED
+                else "Triton runs on the CPU only under TRITON_INTERPRET=1 (set before import)"
+            )
         if kernel.INTERPRETED:
             return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
         return _cuda_capability_reason(device)
@@ -236,7 +240,9 @@ def first_available(names: tuple[str, ...], packed: PackedWeight) -> Backend:
             except (RuntimeError, ValueError) as exc:  # e.g. torch's int4 conversion refusing this weight
                 reason = f"preparing it failed: {exc}"
         if i + 1 == len(names):
-            raise OperatorError(f"marlin_linear: no backend can run this weight; the last one ({name}) failed: {reason}")
+            raise OperatorError(
+                f"marlin_linear: no backend can run this weight; the last one ({name}) failed: {reason}"
+            )
         fallback = BACKENDS[names[i + 1]].description
         log_once(f"marlin_linear: {cls.description} unavailable ({reason}); falling back to {fallback}")
     raise OperatorError("marlin_linear: no backend to choose from")

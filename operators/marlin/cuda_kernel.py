@@ -59,7 +59,9 @@ class MarlinCudaLibrary:
         lib.ktinject_marlin_status_string.argtypes = [ctypes.c_int]
         version = lib.ktinject_marlin_abi_version()
         if version != ABI_VERSION:
-            raise RuntimeError(f"{path} has ABI version {version}, this ktinject expects {ABI_VERSION}; rebuild csrc/cuda")
+            raise RuntimeError(
+                f"{path} has ABI version {version}, this ktinject expects {ABI_VERSION}; rebuild csrc/cuda"
+            )
         self._lib = lib
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -115,9 +117,21 @@ class MarlinCudaLibrary:
             need = self.workspace_bytes(m, n, k, sm_count)
             ws = self._workspace(device, stream, need) if need else None
             status = self._lib.ktinject_marlin_gemm(
-                x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), bias.data_ptr() if bias is not None else None,
-                y.data_ptr(), ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0,
-                m, n, k, n_out, scales.shape[0], _DTYPES[x.dtype], sm_count, stream.cuda_stream,
+                x.data_ptr(),
+                qweight.data_ptr(),
+                scales.data_ptr(),
+                bias.data_ptr() if bias is not None else None,
+                y.data_ptr(),
+                ws.data_ptr() if ws is not None else None,
+                ws.numel() if ws is not None else 0,
+                m,
+                n,
+                k,
+                n_out,
+                scales.shape[0],
+                _DTYPES[x.dtype],
+                sm_count,
+                stream.cuda_stream,
             )
         if status:
             raise RuntimeError(

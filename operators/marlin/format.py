@@ -247,7 +247,9 @@ def unpack_marlin(
 def unpack_gptq(qweight_gptq: torch.Tensor) -> torch.Tensor:
     """A GPTQ 4-bit ``qweight [K/8, N]`` int32 as codes uint8 ``[K, N]`` (k = 8*row + p sits at bits 4p..4p+3)."""
     if qweight_gptq.dtype != torch.int32 or qweight_gptq.dim() != 2:
-        raise ValueError(f"GPTQ qweight must be 2-D int32 [K/8, N], got {qweight_gptq.dtype} {tuple(qweight_gptq.shape)}")
+        raise ValueError(
+            f"GPTQ qweight must be 2-D int32 [K/8, N], got {qweight_gptq.dtype} {tuple(qweight_gptq.shape)}"
+        )
     rows, n = qweight_gptq.shape
     return _unpack_nibbles(qweight_gptq).permute(0, 2, 1).reshape(rows * 8, n)
 

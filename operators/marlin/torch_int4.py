@@ -10,7 +10,6 @@ K itself is one of them), and bf16 activations on CUDA (fp16 inputs are converte
 from __future__ import annotations
 
 import torch
-
 from ktinject.operators.marlin.format import unpack_marlin
 
 SUPPORTED_GROUPS = (32, 64, 128, 256)

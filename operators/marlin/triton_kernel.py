@@ -91,7 +91,11 @@ def _marlin_matmul_kernel(
 
 
 def marlin_matmul(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, n_out: int | None = None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    n_out: int | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ W.T + bias -> [M, n_out]`` in ``x.dtype``; K and N as packed (multiples of 128 and 64).
 
@@ -118,8 +122,22 @@ def marlin_matmul(
         return y
     grid = (triton.cdiv(m, block_m), n // block_n)
     _marlin_matmul_kernel[grid](
-        x, qweight, scales, bias if bias is not None else scales, y, m, n, k, n_out, x.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        x,
+        qweight,
+        scales,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        n_out,
+        x.stride(0),
+        y.stride(0),
+        GROUP_SIZE=group_size,
+        HAS_BIAS=bias is not None,
+        DOT_F32=INTERPRETED,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return y

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from full_size_configs import DEEPSEEK_V3, QWEN3_30B_A3B
+
 from ktinject.cli import main
 
 
@@ -24,10 +24,16 @@ def test_validate_reports_file_line(capsys, tmp_path):
     bad.write_text("rules:\n  - match: {name: x}\n    replace: {op: keep, device: gpu}\n")
     code, _, err = run(capsys, "validate", str(bad))
     assert code == 2
-    assert err.strip() == f"error: {bad}:3: rules[0].replace.device: bad device 'gpu' (expected 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')"
+    assert (
+        err.strip()
+        == f"error: {bad}:3: rules[0].replace.device: bad device 'gpu' (expected 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu:N', 'mps' or 'meta')"
+    )
 
 
-@pytest.mark.parametrize("config, experts_row", [(DEEPSEEK_V3, "model.layers.{3-60}.mlp.experts"), (QWEN3_30B_A3B, "model.layers.{0-47}.mlp.experts")])
+@pytest.mark.parametrize(
+    "config, experts_row",
+    [(DEEPSEEK_V3, "model.layers.{3-60}.mlp.experts"), (QWEN3_30B_A3B, "model.layers.{0-47}.mlp.experts")],
+)
 def test_plan_full_size_config_on_meta(capsys, tmp_path, config, experts_row):
     (tmp_path / "config.json").write_text(json.dumps(config))
     code, out, _ = run(capsys, "plan", "--config", str(tmp_path), "--set", "gpu=cuda:0")
@@ -58,7 +64,15 @@ def test_bad_set_option(capsys):
 def test_doctor(capsys):
     code, out, _ = run(capsys, "doctor")
     assert code == 0
-    for label in ("isa", "kernel path", "numa nodes", "numa_balancing", "built with NUMA", "cpu operators default", "torch threads"):
+    for label in (
+        "isa",
+        "kernel path",
+        "numa nodes",
+        "numa_balancing",
+        "built with NUMA",
+        "cpu operators default",
+        "torch threads",
+    ):
         assert label in out
 
 
@@ -79,7 +93,9 @@ def test_demo_model_memorizes_its_sentence_in_few_steps():
     threads = torch.get_num_threads()
     seen = []
     tokenizer = demo_tokenizer()
-    model = demo_model(tokenizer, progress=lambda step, steps, loss: seen.append((step, steps, torch.get_num_threads())))
+    model = demo_model(
+        tokenizer, progress=lambda step, steps, loss: seen.append((step, steps, torch.get_num_threads()))
+    )
     assert seen[-1][:2] == (80, 80) and {t for *_, t in seen} == {1} and torch.get_num_threads() == threads
     ids = tokenizer("ktinject runs", return_tensors="pt")
     text = tokenizer.decode(model.generate(**ids, max_new_tokens=30, do_sample=False)[0])

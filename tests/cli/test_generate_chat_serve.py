@@ -8,11 +8,11 @@ import socket
 import sys
 
 import pytest
+from tiny_chat_model import save_tiny_model_dir, tiny_tokenizer
 
 import ktinject
 from ktinject.cli import main
 from ktinject.errors import KtInjectError
-from tiny_chat_model import save_tiny_model_dir, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,19 @@ def chat_dir(tmp_path_factory):
 
 
 def generate(capsys, chat_dir, *flags) -> str:
-    args = ["generate", "--model", str(chat_dir), "--set", "gpu=cpu", "--prompt", "Once", "--max-new-tokens", "12",
-            "--no-progress", *flags]
+    args = [
+        "generate",
+        "--model",
+        str(chat_dir),
+        "--set",
+        "gpu=cpu",
+        "--prompt",
+        "Once",
+        "--max-new-tokens",
+        "12",
+        "--no-progress",
+        *flags,
+    ]
     assert main(args) == 0
     return capsys.readouterr().out
 
@@ -106,7 +117,10 @@ def test_chat_streams_keeps_history_resets_and_survives_ctrl_c(capsys, chat_dir,
 def test_serve_without_fastapi_says_how_to_install(capsys, monkeypatch, chat_dir):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
     assert main(["serve", "--model", str(chat_dir)]) == 2
-    assert capsys.readouterr().err.strip() == "error: ktinject serve needs fastapi and uvicorn: pip install 'ktinject[serve]'"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: ktinject serve needs fastapi and uvicorn: pip install 'ktinject[serve]'"
+    )
 
 
 def test_serve_on_a_busy_port(capsys, chat_dir):

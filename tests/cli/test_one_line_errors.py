@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from tiny_chat_model import save_tiny_model_dir, tiny_tokenizer
 
 import ktinject
 from ktinject.cli import main
-from tiny_chat_model import save_tiny_model_dir, tiny_tokenizer
 
 
 def run(capsys, *argv):
@@ -62,9 +62,11 @@ def one_line(err: str) -> str:
 def test_generate_without_tokenizer_files(capsys, no_tokenizer_dir, no_loading):
     code, out, err = run(capsys, "generate", "--model", str(no_tokenizer_dir), "--prompt", "hi", "--set", "gpu=cpu")
     assert code == 2 and out == ""
-    assert one_line(err) == (f"error: no tokenizer found ({no_tokenizer_dir} has no tokenizer files (expected one of "
-                             "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json, spiece.model, vocab.txt, "
-                             "tokenizer.tiktoken))")
+    assert one_line(err) == (
+        f"error: no tokenizer found ({no_tokenizer_dir} has no tokenizer files (expected one of "
+        "tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json, spiece.model, vocab.txt, "
+        "tokenizer.tiktoken))"
+    )
 
 
 def test_generate_with_an_empty_tokenizer(capsys, tmp_path, chat_dir, no_loading):
@@ -88,7 +90,10 @@ def test_generate_zero_new_tokens(capsys, chat_dir, no_loading):
 def test_generate_chat_without_a_template(capsys, plain_dir, no_loading):
     code, _, err = run(capsys, "generate", "--model", str(plain_dir), "--prompt", "hi", "--chat")
     assert code == 2
-    assert one_line(err) == f"error: the tokenizer of {plain_dir} has no chat template (run without --chat, or use a chat model)"
+    assert (
+        one_line(err)
+        == f"error: the tokenizer of {plain_dir} has no chat template (run without --chat, or use a chat model)"
+    )
 
 
 def test_chat_command_without_a_template(capsys, plain_dir, no_loading):
@@ -96,14 +101,23 @@ def test_chat_command_without_a_template(capsys, plain_dir, no_loading):
     assert code == 2 and "has no chat template" in one_line(err)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-k", "5"], "error: --top-k applies only when sampling: add --temperature T (> 0); greedy is the default"),
-    (["--seed", "1", "--top-p", "0.5"], "error: --top-p, --seed apply only when sampling: add --temperature T (> 0); greedy is the default"),
-    (["--temperature", "0.7", "--top-p", "1.5"], "error: --top-p must be in (0, 1], got 1.5"),
-    (["--temperature", "-1"], "error: --temperature must be 0 (greedy) or positive, got -1.0"),
-    (["--threads", "-2"], "error: --threads must be 0 (all CPUs) or positive, got -2"),
-    (["--threads", "2", "--set", "cpu_threads=4"], "error: --threads 2 conflicts with --set cpu_threads=4"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--top-k", "5"],
+            "error: --top-k applies only when sampling: add --temperature T (> 0); greedy is the default",
+        ),
+        (
+            ["--seed", "1", "--top-p", "0.5"],
+            "error: --top-p, --seed apply only when sampling: add --temperature T (> 0); greedy is the default",
+        ),
+        (["--temperature", "0.7", "--top-p", "1.5"], "error: --top-p must be in (0, 1], got 1.5"),
+        (["--temperature", "-1"], "error: --temperature must be 0 (greedy) or positive, got -1.0"),
+        (["--threads", "-2"], "error: --threads must be 0 (all CPUs) or positive, got -2"),
+        (["--threads", "2", "--set", "cpu_threads=4"], "error: --threads 2 conflicts with --set cpu_threads=4"),
+    ],
+)
 def test_generate_flag_values(capsys, chat_dir, no_loading, flags, message):
     code, _, err = run(capsys, "generate", "--model", str(chat_dir), "--prompt", "hi", *flags)
     assert code == 2 and one_line(err) == message
@@ -127,7 +141,10 @@ def test_plan_on_an_unknown_model_type(capsys, tmp_path):
     code, _, err = run(capsys, "plan", "--config", str(tmp_path))
     assert code == 2
     line = one_line(err)
-    assert line.startswith(f"error: {tmp_path / 'config.json'}: transformers cannot read this config: ") and "no_such_family" in line
+    assert (
+        line.startswith(f"error: {tmp_path / 'config.json'}: transformers cannot read this config: ")
+        and "no_such_family" in line
+    )
 
 
 def test_doctor_with_a_bad_isa_reports_it(capsys, monkeypatch):
@@ -143,7 +160,10 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
     code, _, err = run(capsys, "--debug", "plan", "--config", str(tmp_path / "nope"))
     assert code == 2
     assert "Traceback (most recent call last)" in err
-    assert err.strip().splitlines()[-1] == f"error: config not found: {tmp_path / 'nope'} (give a model directory or a config.json)"
+    assert (
+        err.strip().splitlines()[-1]
+        == f"error: config not found: {tmp_path / 'nope'} (give a model directory or a config.json)"
+    )
 
 
 def test_unexpected_errors_are_one_line_too(capsys, monkeypatch):
@@ -162,7 +182,9 @@ def test_version_and_python_dash_m(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"ktinject {ktinject.__version__}"
-    result = subprocess.run([sys.executable, "-m", "ktinject", "--version"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ktinject", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip() == f"ktinject {ktinject.__version__}"
 
 

@@ -5,11 +5,11 @@ import shutil
 
 import gguf
 import pytest
-
 from gguf_writer import KQUANT_SIZES, kquant_types, write_gguf
+from tiny_models import tiny_model
+
 from ktinject.cli import main
 from ktinject.native import native_available
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="K-quant GGUFs are written with the C++ quantizer")
 
@@ -66,8 +66,10 @@ def test_plan_of_a_gguf_prints_the_table(capsys, kquant_gguf, tmp_path):
 def test_plan_json_of_a_config_lists_unmatched_rules(capsys, kquant_gguf, tmp_path):
     _, config_dir = kquant_gguf
     rules = tmp_path / "r.yaml"
-    rules.write_text("include: [qwen3_moe]\nrules:\n  - name: nothing\n    match: {name: '^nope$'}\n"
-                     "    replace: {op: keep, device: cpu}\n")
+    rules.write_text(
+        "include: [qwen3_moe]\nrules:\n  - name: nothing\n    match: {name: '^nope$'}\n"
+        "    replace: {op: keep, device: cpu}\n"
+    )
     data = plan_json(capsys, "--config", str(config_dir / "config.json"), "--rules", str(rules), "--set", "gpu=cuda:0")
     assert data["unmatched_rules"] == [{"rule": "nothing", "location": f"{rules}:3"}]
     assert set(data["memory_by_device"]) == {"cpu", "cuda:0"}

@@ -9,16 +9,25 @@ from ktinject.cli.common import parse_vars
 
 def test_values_are_read_as_yaml():
     assert parse_vars(["gpu=cpu", "cpu_threads=8", "flag=true", "dev=cuda:0", "empty=", " spaced = x"]) == {
-        "gpu": "cpu", "cpu_threads": 8, "flag": True, "dev": "cuda:0", "empty": "", "spaced": "x"}
+        "gpu": "cpu",
+        "cpu_threads": 8,
+        "flag": True,
+        "dev": "cuda:0",
+        "empty": "",
+        "spaced": "x",
+    }
 
 
-@pytest.mark.parametrize("item, fragment", [
-    ("gpu=[", r"^--set 'gpu=\[': the value is not valid YAML: did not find expected node content"),
-    ("x=!!python/object:os.system {}", r"Python tags are not allowed"),
-    ("x=a: b: c", r"mapping values are not allowed"),
-    ("x=\x07", r"character U\+0007"),
-    ("novalue", r"^--set expects KEY=VALUE, got 'novalue'"),
-])
+@pytest.mark.parametrize(
+    "item, fragment",
+    [
+        ("gpu=[", r"^--set 'gpu=\[': the value is not valid YAML: did not find expected node content"),
+        ("x=!!python/object:os.system {}", r"Python tags are not allowed"),
+        ("x=a: b: c", r"mapping values are not allowed"),
+        ("x=\x07", r"character U\+0007"),
+        ("novalue", r"^--set expects KEY=VALUE, got 'novalue'"),
+    ],
+)
 def test_bad_values_are_one_line_rule_errors(item, fragment):
     with pytest.raises(RuleError, match=fragment) as info:
         parse_vars([item])

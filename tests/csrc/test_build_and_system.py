@@ -32,9 +32,17 @@ def _checked_features(isa: str) -> set[str]:
 def test_every_target_flag_of_an_isa_unit_is_checked_at_run_time(unit, isa):
     """A -m flag the run-time check does not cover lets the compiler emit instructions a CPU that passes the check
     lacks (SIGILL); e.g. -mavx512bf16 without avx512_bf16 in isa_available(Isa::Avx512)."""
-    flag_to_feature = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
-                       "avx512vl": "avx512vl", "avx512dq": "avx512dq", "avx512vnni": "avx512_vnni",
-                       "avx512bf16": "avx512_bf16"}
+    flag_to_feature = {
+        "avx2": "avx2",
+        "fma": "fma",
+        "f16c": "f16c",
+        "avx512f": "avx512f",
+        "avx512bw": "avx512bw",
+        "avx512vl": "avx512vl",
+        "avx512dq": "avx512dq",
+        "avx512vnni": "avx512_vnni",
+        "avx512bf16": "avx512_bf16",
+    }
     flags = _unit_flags(unit)
     unknown = flags - set(flag_to_feature) - {"no-lto"}
     assert not unknown, f"map these flags to a CpuFeatures field: {unknown}"
@@ -69,7 +77,7 @@ def _switch_bodies(text: str):
             if depth == 0:
                 break
             i += 1
-        yield text[start:i + 1]
+        yield text[start : i + 1]
 
 
 def test_weight_type_switches_are_complete_without_a_default():

@@ -60,7 +60,12 @@ PROBE = textwrap.dedent(
 @pytest.mark.parametrize("cpu, best", [("Nehalem", "scalar"), ("Haswell", "avx2")])
 def test_extension_runs_on_older_cpus(cpu: str, best: str) -> None:
     extension = importlib.util.find_spec("ktinject._native").origin
-    result = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", PROBE, extension],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "KTINJECT_SPIN_US": "0"})
+    result = subprocess.run(
+        [QEMU, "-cpu", cpu, sys.executable, "-c", PROBE, extension],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KTINJECT_SPIN_US": "0"},
+    )
     assert result.returncode == 0, f"{cpu}: exit {result.returncode}\n{result.stdout}\n{result.stderr[-2000:]}"
     assert f"best {best} " in result.stdout and result.stdout.strip().endswith("ok"), result.stdout

@@ -34,14 +34,16 @@ def random_blocks(name: str, rows: int, cols: int, rng: np.random.Generator) -> 
     if name == "f16":
         return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
     if name == "bf16":
-        return (rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return (
+            (rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        )
     rb = m.row_bytes(TYPES[name], cols)
     bs = rb * 256 // cols if name != "q8_0" else 34
     raw = rng.integers(0, 256, size=(rows, rb), dtype=np.uint8)
     blocks = raw.reshape(rows, -1, bs)
     for off in SCALE_FIELDS[name]:
-        scale = (rng.uniform(1e-3, 3e-2, size=blocks.shape[:2]) * rng.choice([-1, 1], size=blocks.shape[:2]))
-        blocks[:, :, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(*blocks.shape[:2], 2)
+        scale = rng.uniform(1e-3, 3e-2, size=blocks.shape[:2]) * rng.choice([-1, 1], size=blocks.shape[:2])
+        blocks[:, :, off : off + 2] = scale.astype(np.float16).view(np.uint8).reshape(*blocks.shape[:2], 2)
     return raw
 
 
@@ -71,8 +73,13 @@ def test_f16_conversion_exhaustive() -> None:
     np.testing.assert_array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))
     assert np.isnan(ours[~finite]).all()
     # float -> f16 rounding (ties, subnormals, overflow) matches numpy's cast.
-    probe = np.concatenate([ref[finite], (ref[finite][:-1] + ref[finite][1:]) / 2,
-                            np.float32([65519.0, 65520.0, 1e6, -1e6, 2.0**-25, 2.0**-26, 3 * 2.0**-26])]).astype(np.float32)
+    probe = np.concatenate(
+        [
+            ref[finite],
+            (ref[finite][:-1] + ref[finite][1:]) / 2,
+            np.float32([65519.0, 65520.0, 1e6, -1e6, 2.0**-25, 2.0**-26, 3 * 2.0**-26]),
+        ]
+    ).astype(np.float32)
     probe = probe[np.isfinite(probe)]
     probe = probe[: probe.size // 2 * 2]
     ours16 = m.quantize(TYPES["f16"], probe.reshape(1, -1)).view(np.uint16)[0]
@@ -127,8 +134,11 @@ def simulate_act_quant(x: np.ndarray, name: str) -> np.ndarray:
 def test_gemm_matches_float64_reference(name: str, isa: str, rng: np.random.Generator) -> None:
     rows = 37  # not a multiple of any row tile
     for cols in (256, 768, 2048):
-        blocks = random_blocks(name, rows, cols, rng) if cols == 768 else m.quantize(
-            TYPES[name], rng.standard_normal((rows, cols)).astype(np.float32))
+        blocks = (
+            random_blocks(name, rows, cols, rng)
+            if cols == 768
+            else m.quantize(TYPES[name], rng.standard_normal((rows, cols)).astype(np.float32))
+        )
         w = gguf_dequant(blocks, name, cols).astype(np.float64)
         for n_tokens in (1, 7, 64):
             x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
@@ -149,7 +159,7 @@ def test_isas_agree_and_tile_window(name: str, rng: np.random.Generator) -> None
     cover full and partial token groups of every ISA (8 on AVX-512, 4 on AVX2); float types also run a
     column count that is not a multiple of the vector loop."""
     rows = 45
-    for cols in ((1024, 34) if name in ("f32", "f16", "bf16") else (1024,)):
+    for cols in (1024, 34) if name in ("f32", "f16", "bf16") else (1024,):
         blocks = m.quantize(TYPES[name], rng.standard_normal((rows, cols)).astype(np.float32))
         for n_tokens in (1, 2, 6, 19):
             x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
@@ -199,8 +209,12 @@ def test_activation_bytes_identical_across_isas(name: str, rng: np.random.Genera
         np.testing.assert_array_equal(m.quantize_activation(TYPES[name], isa, x), ref)
 
 
-ACTIVATION_PARAMS = {"gptoss_swiglu": dict(alpha=1.702, limit=7.0), "clamped_swiglu": dict(limit=10.0),
-                     "swiglu_clamp_after": dict(limit=6.0), "softcapped_swiglu": dict(softcap_gate=5.0, softcap_up=8.0)}
+ACTIVATION_PARAMS = {
+    "gptoss_swiglu": dict(alpha=1.702, limit=7.0),
+    "clamped_swiglu": dict(limit=10.0),
+    "swiglu_clamp_after": dict(limit=6.0),
+    "softcapped_swiglu": dict(softcap_gate=5.0, softcap_up=8.0),
+}
 
 
 def reference_activation(kind: str, gate, up, gated: bool = True):
@@ -208,15 +222,37 @@ def reference_activation(kind: str, gate, up, gated: bool = True):
     from ktinject.operators.experts_layout import ExpertsSpec, apply_activation
 
     params = ACTIVATION_PARAMS.get(kind, {})
-    spec = ExpertsSpec(num_experts=1, hidden_size=1, intermediate_size=up.numel(), activation=kind, has_bias=False,
-                       gated=gated, swiglu_alpha=params.get("alpha", 1.702), swiglu_limit=params.get("limit", 7.0),
-                       softcap_gate=params.get("softcap_gate", 0.0), softcap_up=params.get("softcap_up", 0.0))
+    spec = ExpertsSpec(
+        num_experts=1,
+        hidden_size=1,
+        intermediate_size=up.numel(),
+        activation=kind,
+        has_bias=False,
+        gated=gated,
+        swiglu_alpha=params.get("alpha", 1.702),
+        swiglu_limit=params.get("limit", 7.0),
+        softcap_gate=params.get("softcap_gate", 0.0),
+        softcap_up=params.get("softcap_up", 0.0),
+    )
     return apply_activation(gate, up, spec)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu", "gptoss_swiglu",
-                                  "clamped_swiglu", "swiglu_clamp_after", "softcapped_swiglu"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "silu",
+        "gelu",
+        "gelu_tanh",
+        "relu",
+        "relu2",
+        "quick_gelu",
+        "gptoss_swiglu",
+        "clamped_swiglu",
+        "swiglu_clamp_after",
+        "softcapped_swiglu",
+    ],
+)
 def test_activation_functions_match_torch(kind: str, isa: str) -> None:
     import torch
 

@@ -14,24 +14,40 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from torch import nn
-
 from gguf_writer import _permute
 from ktinject.operators.experts_layout import ALL_FEATURES, canonical_weights, experts_spec, looks_like_experts
+from torch import nn
 
 # model type -> the architecture llama.cpp's converter writes for it (those gguf-py has a name map for).
 GGUF_ARCHES: dict[str, str] = {
-    "afmoe": "afmoe", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2",
-    "dots1": "dots1", "exaone_moe": "exaone-moe", "glm4_moe": "glm4moe", "glm_moe_dsa": "glm-dsa", "gpt_oss": "gpt-oss",
-    "hunyuan_v1_moe": "hunyuan-moe", "jamba": "jamba", "lfm2_moe": "lfm2moe", "mimo_v2_flash": "mimo2",
-    "minimax_m2": "minimax-m2", "mistral4": "mistral4", "mixtral": "llama", "olmoe": "olmoe", "phimoe": "phimoe",
-    "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+    "afmoe": "afmoe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+    "glm4_moe_lite": "deepseek2",
+    "dots1": "dots1",
+    "exaone_moe": "exaone-moe",
+    "glm4_moe": "glm4moe",
+    "glm_moe_dsa": "glm-dsa",
+    "gpt_oss": "gpt-oss",
+    "hunyuan_v1_moe": "hunyuan-moe",
+    "jamba": "jamba",
+    "lfm2_moe": "lfm2moe",
+    "mimo_v2_flash": "mimo2",
+    "minimax_m2": "minimax-m2",
+    "mistral4": "mistral4",
+    "mixtral": "llama",
+    "olmoe": "olmoe",
+    "phimoe": "phimoe",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
 }
 # Families whose llama.cpp files tie the output to token_embd (gguf-py has no name for a separate LM head).
 TIED = frozenset({"lfm2_moe"})
 
-_VLM = ("a vision-language model: llama.cpp keeps the vision tower in a separate mmproj GGUF, which "
-        "from_pretrained(gguf=) does not read")
+_VLM = (
+    "a vision-language model: llama.cpp keeps the vision tower in a separate mmproj GGUF, which "
+    "from_pretrained(gguf=) does not read"
+)
 _NO_ARCH = "gguf-py has no architecture for it"
 
 # model type -> why there is no round trip (what gguf-py's name maps or ktinject's GGUF reader lack).
@@ -39,7 +55,7 @@ NO_ROUND_TRIP: dict[str, str] = {
     "bailing_hybrid": "gguf-py's bailingmoe2 map has no names for the hybrid's attention (q_proj, linear attention)",
     "cohere2_moe": "gguf-py's cohere2 map has no names for routed experts",
     "dbrx": "gguf-py maps DBRX's flat mlp.w1/v1/w2 [E*I, H] to per-expert ffn_*_exps [E, I, H]; ktinject's GGUF "
-            "reader has no layout to reshape them back",
+    "reader has no layout to reshape them back",
     "deepseek_v32": "gguf-py has no DeepSeek-V3.2 architecture",
     "ernie4_5_moe": "gguf-py's ernie4_5-moe map has no name for the router's moe_statics.e_score_correction_bias",
     "flex_olmo": "gguf-py has no FlexOlmo architecture (olmoe's map lacks post_feedforward_layernorm)",
@@ -50,18 +66,55 @@ NO_ROUND_TRIP: dict[str, str] = {
     "hy_v3": "gguf-py's hunyuan-moe map has no name for HY-V3's mlp.e_score_correction_bias",
     "kimi_linear": "gguf-py's kimi-linear map has no names for the linear attention's conv1d and forget gate",
     "llama4": "llama.cpp splits Llama-4's transposed, concatenated gate_up_proj; ktinject's GGUF reader rebuilds "
-              "transposed experts only when gate/up are interleaved (GPT-OSS)",
+    "transposed experts only when gate/up are interleaved (GPT-OSS)",
     "minimax": "gguf-py has no MiniMax-01 architecture (lightning attention)",
     "nemotron_h": "gguf-py's nemotron_h_moe map names the original checkpoint's backbone.layers.N.mixer.*, not "
-                  "transformers 5's model.layers.N.mixer.experts",
+    "transformers 5's model.layers.N.mixer.experts",
     "qwen3_next": "gguf-py's qwen3next map has no name for the linear attention's dt_bias",
-    **{mt: _VLM for mt in (
-        "aria", "deepseek_ocr2", "diffusion_gemma", "dots3_note", "ernie4_5_vl_moe", "gemma4", "glm4v_moe", "glm5_next",
-        "hy_v4_vl", "inkling_mm_model", "inkling2", "inkling2_loop", "minimax_m3_vl", "mistral_large4", "muse_spark",
-        "qwen3_5_moe", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "step3p7", "unlimited_ocr")},
-    **{mt: _NO_ARCH for mt in (
-        "axk1", "axk2", "beam", "deepseek_v4", "flint", "hy_v4", "kolibri1", "laguna", "lara_mini", "longcat_flash",
-        "mellum", "solar_open", "zaya")},
+    **{
+        mt: _VLM
+        for mt in (
+            "aria",
+            "deepseek_ocr2",
+            "diffusion_gemma",
+            "dots3_note",
+            "ernie4_5_vl_moe",
+            "gemma4",
+            "glm4v_moe",
+            "glm5_next",
+            "hy_v4_vl",
+            "inkling_mm_model",
+            "inkling2",
+            "inkling2_loop",
+            "minimax_m3_vl",
+            "mistral_large4",
+            "muse_spark",
+            "qwen3_5_moe",
+            "qwen3_omni_moe_thinker",
+            "qwen3_vl_moe",
+            "qwen4_exp",
+            "step3p7",
+            "unlimited_ocr",
+        )
+    },
+    **{
+        mt: _NO_ARCH
+        for mt in (
+            "axk1",
+            "axk2",
+            "beam",
+            "deepseek_v4",
+            "flint",
+            "hy_v4",
+            "kolibri1",
+            "laguna",
+            "lara_mini",
+            "longcat_flash",
+            "mellum",
+            "solar_open",
+            "zaya",
+        )
+    },
     "jetmoe": "ktinject does not run it (no experts module)",
     "openai_privacy_filter": "ktinject does not run it (a token classifier)",
 }

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from ktinject.operators.cpu_experts import SUPPORTED_FEATURES
+from ktinject.operators.experts_layout import ALL_FEATURES, experts_spec, looks_like_experts
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ktinject.errors import OperatorError
 from ktinject.families.scan import ExpertsClass, model_dir_of, scan_experts_classes
 from ktinject.families.tiny import BY_MODEL_TYPE, TINY_CONFIGS, tiny_model
-from ktinject.operators.cpu_experts import SUPPORTED_FEATURES
-from ktinject.operators.experts_layout import ALL_FEATURES, experts_spec, looks_like_experts
 
 _FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 
@@ -85,8 +85,9 @@ def _experts_record(path: str, module: torch.nn.Module, parent: torch.nn.Module)
         layout, missing = f"not described: {exc}", ["layout"]
     leaf = path.rpartition(".")[2]
     others = [n for n, _ in parent.named_children() if n != leaf]
-    return ExpertsRecord(path, type(module).__name__, flags, tensors, layout, missing,
-                         f"{type(parent).__name__}({', '.join(others)})")
+    return ExpertsRecord(
+        path, type(module).__name__, flags, tensors, layout, missing, f"{type(parent).__name__}({', '.join(others)})"
+    )
 
 
 def survey_family(model_type: str) -> FamilyRecord:
@@ -97,7 +98,8 @@ def survey_family(model_type: str) -> FamilyRecord:
     modules = dict(model.named_modules())
     experts = [
         _experts_record(name, m, modules[name.rpartition(".")[0]])
-        for name, m in modules.items() if looks_like_experts(m)
+        for name, m in modules.items()
+        if looks_like_experts(m)
     ]
     ids = torch.arange(3, 9)[None]
     cache = "-"
@@ -120,8 +122,9 @@ def survey_family(model_type: str) -> FamilyRecord:
             generate = "ok"
         except Exception as exc:  # noqa: BLE001
             generate = f"{type(exc).__name__}: {exc}"
-    return FamilyRecord(model_type, auto.__name__, type(model).__name__, experts, forward, generate, cache,
-                        _routing_facts(model_type))
+    return FamilyRecord(
+        model_type, auto.__name__, type(model).__name__, experts, forward, generate, cache, _routing_facts(model_type)
+    )
 
 
 # ---- the catalogue ---------------------------------------------------------------------------------
@@ -129,30 +132,30 @@ def survey_family(model_type: str) -> FamilyRecord:
 # What the table cannot show. Keyed by model type.
 NOTES: dict[str, str] = {
     "dbrx": "experts hold flat `mlp.w1`/`mlp.v1`/`mlp.w2` [E*I, H] in a child module (w2 = down transposed); called "
-            "with hidden [B, S, H] and return that shape; transformers 5.24 needs attn_config.rope_theta and a "
-            "clip_qkv to run at all",
+    "with hidden [B, S, H] and return that shape; transformers 5.24 needs attn_config.rope_theta and a "
+    "clip_qkv to run at all",
     "jetmoe": "no experts module: JetMoeMoE routes itself and calls two JetMoeParallelExperts linears "
-              "(input_linear [E, 2I, H], output_linear [E, H, I]) on expert-sorted rows; attention is a mixture "
-              "of experts too (JetMoeMoA); needs a block-level operator",
+    "(input_linear [E, 2I, H], output_linear [E, H, I]) on expert-sorted rows; attention is a mixture "
+    "of experts too (JetMoeMoA); needs a block-level operator",
     "llama4": "experts called dense: `experts(hidden[E*T, H])`, each expert on its own T rows, the router score "
-              "multiplies the expert's *input* (Llama4TextMoe repeats every token E times); the VLM wrapper's "
-              "text-only forward fails in transformers 5.24, so the causal LM is built",
+    "multiplies the expert's *input* (Llama4TextMoe repeats every token E times); the VLM wrapper's "
+    "text-only forward fails in transformers 5.24, so the causal LM is built",
     "longcat_flash": "identity (zero-compute) experts: ids >= n_routed_experts return their input times the weight; "
-                     "gate_up_proj has n_routed+zero_expert_num rows (the extra ones unused), down_proj n_routed",
+    "gate_up_proj has n_routed+zero_expert_num rows (the extra ones unused), down_proj n_routed",
     "muse_spark": "post-expert norm (input-scaled RMSNorm) on each expert's output before the routing weight; the "
-                  "experts run at moe_hidden_size between pre/post projections of the MoE block",
+    "experts run at moe_hidden_size between pre/post projections of the MoE block",
     "nemotron_h": "experts not gated (`up_proj`, relu2); the MoE block may project into a latent (moe_latent_size) "
-                  "before the experts; experts sit in `mixer` of the 'moe' layers",
+    "before the experts; experts sit in `mixer` of the 'moe' layers",
     "ernie4_5_vl_moe": "two experts modules per layer: `mlp.text_moe.experts` and `mlp.vision_moe.experts` "
-                       "(own intermediate sizes; tokens split by modality)",
+    "(own intermediate sizes; tokens split by modality)",
     "dots3_note": "the vision tower has routed experts too (`model.vision_tower.blocks.N.mlp.experts`)",
     "diffusion_gemma": "block-diffusion LM: experts in the encoder's language model and in the decoder "
-                       "(`layers.N.experts`, no `mlp`); generate() denoises canvases",
+    "(`layers.N.experts`, no `mlp`); generate() denoises canvases",
     "gemma4": "experts at `layers.N.experts` (no `mlp`), beside a dense MLP in the same layer",
     "qwen3_omni_moe_thinker": "Qwen3-Omni (`qwen3_omni_moe`) has no forward of its own: generate() runs this thinker, "
-                              "then the talker (Qwen3OmniMoeTalkerTextExperts, same layout) for audio",
+    "then the talker (Qwen3OmniMoeTalkerTextExperts, same layout) for audio",
     "inkling_mm_model": "InklingSharedExperts (`mlp.shared_experts`) is named *Experts but is the always-on shared "
-                        "experts, called as (hidden, gammas): not a routed experts module",
+    "experts, called as (hidden, gammas): not a routed experts module",
     "openai_privacy_filter": "token classifier (no generate); accumulates experts in float32",
     "gpt_oss": "forward keyword names are router_indices/routing_weights (call positionally)",
     "beam": "gate math in float32 (same result in float32 models)",

@@ -20,7 +20,8 @@ from ktinject.rules.builtin import MODEL_TYPE_RULES
 def _params() -> list:
     return [
         pytest.param(f.model_type, marks=pytest.mark.xfail(reason=KNOWN_LIMITS[f.model_type], strict=True))
-        if f.model_type in KNOWN_LIMITS else f.model_type
+        if f.model_type in KNOWN_LIMITS
+        else f.model_type
         for f in FAMILIES
     ]
 

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ktinject.operators.experts_layout import looks_like_experts
+from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 
 from ktinject.families.calls import experts_call
 from ktinject.families.scan import model_dir_of, scan_experts_classes
 from ktinject.families.tiny import BY_MODEL_TYPE, TINY_CONFIGS, tiny_model
-from ktinject.operators.experts_layout import looks_like_experts
-from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 
 CPU = torch.device("cpu")
 
 # Families whose experts are not one module with the experts(hidden, index, weights) contract.
 NO_EXPERTS_MODULE = {
     "jetmoe": "JetMoE routes inside JetMoeMoE and calls two JetMoeParallelExperts linears on expert-sorted rows: "
-              "there is no experts module to replace (needs a block-level operator)",
+    "there is no experts module to replace (needs a block-level operator)",
 }
 
 
@@ -82,6 +82,9 @@ def test_every_experts_class_in_transformers_has_a_tiny_family():
 
 def test_scan_reads_decorator_flags():
     by_name = {c.class_name: c for c in scan_experts_classes()}
-    assert by_name["GptOssExperts"].decorator == "use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True)"
+    assert (
+        by_name["GptOssExperts"].decorator
+        == "use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True)"
+    )
     assert by_name["Qwen3MoeExperts"].decorator == "use_experts_implementation"
     assert by_name["LongcatFlashExperts"].decorator is None

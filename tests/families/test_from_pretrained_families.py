@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ktinject.operators.cpu_experts import CpuExperts
+from ktinject.operators.experts_layout import looks_like_experts
 from transformers import AutoModelForImageTextToText
 
 import ktinject
 from ktinject.families.tiny import TINY_CONFIGS, tiny_model
-from ktinject.operators.cpu_experts import CpuExperts
-from ktinject.operators.experts_layout import looks_like_experts
 
 IDS = torch.arange(3, 11)[None]
 LOAD = dict(rules="auto", vars={"gpu": "cpu"}, dtype=torch.float32, progress=False)
@@ -26,7 +26,7 @@ HYBRID = ["qwen3_next", "jamba", "nemotron_h", "granitemoehybrid", "kimi_linear"
 LAYOUTS = ["longcat_flash", "dbrx", "llama4"]
 NOT_LOADED = {
     "ernie4_5_vl_moe": "its checkpoints need transformers' Chunk and ErnieFuseAndSplitTextVisionExperts conversions, "
-                       "which ktinject's safetensors loader does not support",
+    "which ktinject's safetensors loader does not support",
 }
 
 
@@ -39,8 +39,15 @@ def assert_same_model(loaded: torch.nn.Module, original: torch.nn.Module) -> Non
         assert torch.equal(loaded.generate(IDS, **kwargs), original.generate(IDS, **kwargs))
 
 
-@pytest.mark.parametrize("model_type", [*VLM, *HYBRID, *LAYOUTS, *(
-    pytest.param(mt, marks=pytest.mark.xfail(reason=reason, strict=True)) for mt, reason in NOT_LOADED.items())])
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        *VLM,
+        *HYBRID,
+        *LAYOUTS,
+        *(pytest.param(mt, marks=pytest.mark.xfail(reason=reason, strict=True)) for mt, reason in NOT_LOADED.items()),
+    ],
+)
 def test_from_pretrained_with_auto_rules(model_type, tmp_path):
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ktinject.operators.cpu_experts import CpuExperts
+from ktinject.operators.experts_layout import looks_like_experts
 
 import ktinject
 from families.gguf_files import GGUF_ARCHES, NO_ROUND_TRIP, TIED, write_family_gguf
 from ktinject.families.tiny import TINY_CONFIGS, tiny_model
-from ktinject.operators.cpu_experts import CpuExperts
-from ktinject.operators.experts_layout import looks_like_experts
 
 IDS = torch.arange(3, 11)[None]
 
@@ -24,8 +24,9 @@ def test_gguf_round_trip_with_auto_rules(model_type, tmp_path):
     model = tiny_model(model_type, **({"tie_word_embeddings": True} if model_type in TIED else {}))
     write_family_gguf(model, tmp_path / "m.gguf", GGUF_ARCHES[model_type])
     model.save_pretrained(tmp_path)
-    loaded = ktinject.from_pretrained(tmp_path, gguf="m.gguf", rules="auto", vars={"gpu": "cpu"}, dtype=torch.float32,
-                                      progress=False)
+    loaded = ktinject.from_pretrained(
+        tmp_path, gguf="m.gguf", rules="auto", vars={"gpu": "cpu"}, dtype=torch.float32, progress=False
+    )
     experts = [m for m in loaded.modules() if isinstance(m, CpuExperts)]
     assert experts and not any(looks_like_experts(m) for m in loaded.modules())
     assert all(op._types == ("f32", "f32", "f32") for op in experts)  # the file's tensors, packed as stored

@@ -10,8 +10,21 @@ from ktinject.families.model_class import auto_model_class
 from ktinject.families.tiny import TINY_CONFIGS
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe_thinker",
-                                        "mistral4", "qwen3_5_moe", "gemma4", "qwen3_moe", "llama4", "dbrx"])
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "qwen3_vl_moe",
+        "glm4v_moe",
+        "ernie4_5_vl_moe",
+        "qwen3_omni_moe_thinker",
+        "mistral4",
+        "qwen3_5_moe",
+        "gemma4",
+        "qwen3_moe",
+        "llama4",
+        "dbrx",
+    ],
+)
 def test_the_tiny_configs_are_built_as_their_checkpoints_name(model_type):
     config, auto = TINY_CONFIGS[model_type]()
     built = auto_model_class(config)._model_mapping[type(config)]
@@ -45,5 +58,7 @@ def test_llama4_checkpoints_build_the_causal_lm():
 def test_a_model_type_that_is_no_text_generator_is_one_line():
     with pytest.raises(KtInjectError) as info:
         auto_model_class(AutoConfig.for_model("vit"))
-    assert str(info.value) == ("transformers builds no causal LM and no image-text-to-text model from a 'vit' config "
-                               "(ViTConfig): ktinject runs text generators only")
+    assert str(info.value) == (
+        "transformers builds no causal LM and no image-text-to-text model from a 'vit' config "
+        "(ViTConfig): ktinject runs text generators only"
+    )

@@ -22,7 +22,6 @@ import threading
 import time
 
 import torch
-
 from ktinject.operators.cpu_experts import CpuExperts, CpuExpertsConfig
 from ktinject.operators.experts_layout import experts_spec
 
@@ -34,7 +33,9 @@ def make_op(seed: int, weight_type: str = "q4_k") -> CpuExperts:
     from transformers import AutoConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K
+    )
     torch.manual_seed(seed)
     module = Qwen3MoeExperts(config)
     with torch.no_grad():
@@ -128,8 +129,9 @@ def make_linear(seed: int, weight_type: str = "q8_0"):
 
     torch.manual_seed(seed)
     module = torch.nn.Linear(H, 3 * H + 16, bias=True)
-    return CpuLinear.from_module(module, name=f"layers.{seed}.proj", device=torch.device("cpu"),
-                                 config=CpuLinearConfig(weight_type=weight_type))
+    return CpuLinear.from_module(
+        module, name=f"layers.{seed}.proj", device=torch.device("cpu"), config=CpuLinearConfig(weight_type=weight_type)
+    )
 
 
 def linear(n: int, m: int) -> None:

@@ -11,12 +11,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from ktinject.operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4, unpack_marlin
+from tiny_models import COMMON, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ktinject.weights.source import WeightSource, raw_from_torch
-from ktinject.operators.marlin.format import dequantize_marlin, pack_marlin, quantize_int4, unpack_marlin
-from tiny_models import COMMON, tiny_model
 
 PROJECTION = r"\.(self_attn|mlp)\.\w+_proj$"
 

@@ -63,7 +63,9 @@ def make_layer(num_experts: int, hidden: int, inter: int, types: dict[str, str],
         tid = TYPES[types[part]]
         b = native().quantize(tid, f)
         blocks[part] = b.reshape(num_experts, rows, -1)
-        weights[part] = gq.dequantize(b, gguf.GGMLQuantizationType(tid)).reshape(num_experts, rows, cols).astype(np.float64)
+        weights[part] = (
+            gq.dequantize(b, gguf.GGMLQuantizationType(tid)).reshape(num_experts, rows, cols).astype(np.float64)
+        )
     return Layer(types, blocks, weights)
 
 

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from ktinject.native import native, native_available
 
@@ -29,8 +28,15 @@ E, H, I, K = 8, 256, 512, 3
 
 def new_moe(layer, **kwargs):
     t = layer.types
-    moe = m.MoE(layer.num_experts, layer.weights["gate"].shape[2], layer.weights["gate"].shape[1],
-                gate_type=TYPES[t["gate"]], up_type=TYPES[t["up"]], down_type=TYPES[t["down"]], **kwargs)
+    moe = m.MoE(
+        layer.num_experts,
+        layer.weights["gate"].shape[2],
+        layer.weights["gate"].shape[1],
+        gate_type=TYPES[t["gate"]],
+        up_type=TYPES[t["up"]],
+        down_type=TYPES[t["down"]],
+        **kwargs,
+    )
     moe.load(0, layer.blocks["gate"], layer.blocks["up"], layer.blocks["down"])
     return moe
 
@@ -145,13 +151,21 @@ def test_bad_arguments_raise_value_errors_naming_them(q4_layer, rng):
         (lambda: moe.submit(x, ids, w, out[:1]), "'out'"),
         (lambda: moe.submit(x, np.full_like(ids, E + 1), w, out), r"top_k_index\[0, 0\] = 9 is not an expert id"),
         (lambda: moe.submit(x, np.full_like(ids, -1), w, out), "is not an expert id"),
-        (lambda: moe.load(0, q4_layer.blocks["gate"][:, :, :10].copy(), q4_layer.blocks["up"], q4_layer.blocks["down"]), "'gate'"),
+        (
+            lambda: moe.load(
+                0, q4_layer.blocks["gate"][:, :, :10].copy(), q4_layer.blocks["up"], q4_layer.blocks["down"]
+            ),
+            "'gate'",
+        ),
         (lambda: moe.load(6, q4_layer.blocks["gate"], q4_layer.blocks["up"], q4_layer.blocks["down"]), "'first'"),
         (lambda: moe.load(0, q4_layer.blocks["gate"], q4_layer.blocks["up"][:2], q4_layer.blocks["down"]), "'up'"),
         (lambda: m.MoE(E, 100, I, gate_type=12, up_type=12, down_type=12), "multiple of 256"),
         (lambda: m.MoE(E, H, I, gate_type=7, up_type=12, down_type=12), "'gate_type'"),
         (lambda: m.MoE(E, H, I, gate_type=12, up_type=12, down_type=12, activation="swish9"), "'activation'"),
-        (lambda: m.MoE(E, H, I, gate_type=12, up_type=12, down_type=12, threads=1, numa_nodes=2), "fewer than numa_nodes"),
+        (
+            lambda: m.MoE(E, H, I, gate_type=12, up_type=12, down_type=12, threads=1, numa_nodes=2),
+            "fewer than numa_nodes",
+        ),
         (lambda: m.MoE(E, H, I, gate_type=12, up_type=12, down_type=12, threads=999), "threads=999"),
         (lambda: m.MoE(E, H, I, gate_type=12, up_type=12, down_type=12, isa="sse9"), "'isa'"),
     ]

@@ -9,14 +9,14 @@ import functools
 
 import pytest
 import torch
+from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuExpertsConfig
+from ktinject.operators.experts_layout import ALL_FEATURES, looks_like_experts
 from torch import nn
 
 from ktinject import OperatorError
 from ktinject.families.calls import experts_call
 from ktinject.families.tiny import tiny_model
 from ktinject.native import native_available
-from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuExpertsConfig
-from ktinject.operators.experts_layout import ALL_FEATURES, looks_like_experts
 from ktinject.weights import ModuleSource
 
 if not native_available():
@@ -96,7 +96,9 @@ def test_identity_experts_return_their_input_times_the_weight():
     weights = torch.rand(3, 2)
     with torch.no_grad():
         assert_matches(op(hidden, index, weights), module(hidden, index, weights))
-    torch.testing.assert_close(op(hidden[:1], index[:1], weights[:1]), hidden[:1] * weights[:1].sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        op(hidden[:1], index[:1], weights[:1]), hidden[:1] * weights[:1].sum(), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_ids_past_the_identity_experts_are_refused():
@@ -109,15 +111,21 @@ def test_ids_past_the_identity_experts_are_refused():
 def test_dense_call_contract():
     op = build(family_experts("llama4"))
     e, h = op.spec.num_experts, op.spec.hidden_size
-    with pytest.raises(OperatorError, match=r"'layer\.experts': these experts are called as experts\(hidden\[E\*T, H\]\)"):
+    with pytest.raises(
+        OperatorError, match=r"'layer\.experts': these experts are called as experts\(hidden\[E\*T, H\]\)"
+    ):
         op(torch.randn(e, h), torch.zeros(e, 1, dtype=torch.long), torch.ones(e, 1))
-    with pytest.raises(OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"):
+    with pytest.raises(
+        OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"
+    ):
         op(torch.randn(5, h))
 
 
 def test_routed_call_needs_routing():
     op = build(family_experts("qwen3_moe"))
-    with pytest.raises(OperatorError, match=r"'layer\.experts': experts\(hidden, top_k_index, top_k_weights\) needs all three"):
+    with pytest.raises(
+        OperatorError, match=r"'layer\.experts': experts\(hidden, top_k_index, top_k_weights\) needs all three"
+    ):
         op(torch.randn(2, op.spec.hidden_size))
 
 
@@ -136,7 +144,10 @@ def test_dbrx_keeps_its_3d_shape():
 def test_post_expert_norm_runs_before_the_routing_weight_on_a_copy():
     module = copy.deepcopy(family_experts("muse_spark"))
     op = build(module)
-    assert type(op.post_expert_norm) is type(module.post_expert_norm) and op.post_expert_norm is not module.post_expert_norm
+    assert (
+        type(op.post_expert_norm) is type(module.post_expert_norm)
+        and op.post_expert_norm is not module.post_expert_norm
+    )
     hidden = torch.randn(4, op.spec.hidden_size)
     index = torch.tensor([[0, 1], [1, 2], [2, 5], [3, 0]])
     weights = torch.rand(4, 2) * 3
@@ -161,7 +172,9 @@ def test_quantized_call_layouts_stay_close():
     # q8_0 weights (dimensions are multiples of 32): the layouts around the kernels do not depend on the type.
     for model_type in ("longcat_flash", "muse_spark", "llama4"):
         module = family_experts(model_type)
-        op = CpuExperts.from_module(module, name="layer.experts", device=CPU, config=CpuExpertsConfig(weight_type="q8_0"))
+        op = CpuExperts.from_module(
+            module, name="layer.experts", device=CPU, config=CpuExpertsConfig(weight_type="q8_0")
+        )
         args = experts_call(op.spec)
         with torch.no_grad():
             expected, actual = module(*args), op(*args)

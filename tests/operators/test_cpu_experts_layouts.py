@@ -12,9 +12,10 @@ from ktinject.native import native_available
 if not native_available():
     pytest.fail("ktinject._native is not built", pytrace=False)
 
-from ktinject.families.tiny import tiny_model  # noqa: E402
 from ktinject.operators.cpu_experts import CpuExperts, CpuExpertsConfig  # noqa: E402
 from ktinject.operators.experts_layout import experts_spec, looks_like_experts  # noqa: E402
+
+from ktinject.families.tiny import tiny_model  # noqa: E402
 
 # model type -> what its experts need from the kernels
 LAYOUTS = {

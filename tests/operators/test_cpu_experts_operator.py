@@ -17,9 +17,9 @@ from ktinject.weights import WeightSource
 if not native_available():
     pytest.skip("ktinject._native is not built", allow_module_level=True)
 
-from moe_reference import TYPES, Layer, assert_moe_close, reference  # noqa: E402
 from ktinject.operators.cpu_experts import CpuExperts, CpuExpertsConfig  # noqa: E402
 from ktinject.operators.experts_layout import canonical_weights, experts_spec  # noqa: E402
+from moe_reference import TYPES, Layer, assert_moe_close, reference  # noqa: E402
 from tiny_models import tiny_model, twin  # noqa: E402
 
 H, I, E, K = 256, 512, 8, 2
@@ -28,8 +28,16 @@ H, I, E, K = 256, 512, 8, 2
 def experts_module(family: str, dtype=torch.float32):
     """A standalone transformers experts module with K-quant-friendly sizes and random weights."""
     extra = {"num_local_experts": E, "layer_types": ["full_attention"]} if family == "gpt_oss" else {"num_experts": E}
-    model = tiny_model(family, hidden_size=H, moe_intermediate_size=I, intermediate_size=I, num_hidden_layers=1,
-                       head_dim=64, dtype=dtype, **extra)
+    model = tiny_model(
+        family,
+        hidden_size=H,
+        moe_intermediate_size=I,
+        intermediate_size=I,
+        num_hidden_layers=1,
+        head_dim=64,
+        dtype=dtype,
+        **extra,
+    )
     module = model.model.layers[0].mlp.experts
     with torch.no_grad():
         for p in module.parameters():
@@ -63,8 +71,9 @@ def routing(tokens: int, seed: int = 0):
 
 
 def build(module, **kwargs) -> CpuExperts:
-    return CpuExperts.from_module(module, name="model.layers.0.mlp.experts", device=torch.device("cpu"),
-                                  config=CpuExpertsConfig(**kwargs))
+    return CpuExperts.from_module(
+        module, name="model.layers.0.mlp.experts", device=torch.device("cpu"), config=CpuExpertsConfig(**kwargs)
+    )
 
 
 @pytest.mark.parametrize("wtype", ["q4_k", "q8_0", "q6_k"])
@@ -121,9 +130,18 @@ class GgufLikeSource(WeightSource):
     def parts(self, name: str):
         t = self.layer.types
         if name.endswith("gate_up_proj"):
-            return [FakeRaw(f"blk.0.ffn_{p}_exps.weight", TYPES[t[p]], self.layer.weights[p].shape, self.layer.blocks[p])
-                    for p in ("gate", "up")]
-        return [FakeRaw("blk.0.ffn_down_exps.weight", TYPES[t["down"]], self.layer.weights["down"].shape, self.layer.blocks["down"])]
+            return [
+                FakeRaw(f"blk.0.ffn_{p}_exps.weight", TYPES[t[p]], self.layer.weights[p].shape, self.layer.blocks[p])
+                for p in ("gate", "up")
+            ]
+        return [
+            FakeRaw(
+                "blk.0.ffn_down_exps.weight",
+                TYPES[t["down"]],
+                self.layer.weights["down"].shape,
+                self.layer.blocks["down"],
+            )
+        ]
 
     def tensor(self, name: str, dtype=None, device=None):
         w = self.layer.weights
@@ -148,7 +166,11 @@ def test_gguf_blocks_are_loaded_as_stored():
     import gguf
     from gguf import quants as gq
 
-    layer.weights["down"] = gq.dequantize(layer.blocks["down"].reshape(E * H, -1), gguf.GGMLQuantizationType.Q6_K).reshape(E, H, I).astype(np.float64)
+    layer.weights["down"] = (
+        gq.dequantize(layer.blocks["down"].reshape(E * H, -1), gguf.GGMLQuantizationType.Q6_K)
+        .reshape(E, H, I)
+        .astype(np.float64)
+    )
     op = meta_operator()
     op.load_weights(GgufLikeSource(layer), "model.layers.0.mlp.experts.")
     assert op._types == ("q4_k", "q4_k", "q6_k")
@@ -170,7 +192,9 @@ def test_operator_errors_name_the_module():
         CpuExperts.from_module(module, name="m.experts", device=torch.device("cuda", 0), config=CpuExpertsConfig())
     tiny = tiny_model("qwen3_moe").model.layers[0].mlp.experts  # hidden 32
     with pytest.raises(ktinject.OperatorError, match=r"'m\.experts'.*multiples of 256"):
-        CpuExperts.from_module(tiny, name="m.experts", device=torch.device("cpu"), config=CpuExpertsConfig(weight_type="q4_k"))
+        CpuExperts.from_module(
+            tiny, name="m.experts", device=torch.device("cpu"), config=CpuExpertsConfig(weight_type="q4_k")
+        )
     with pytest.raises(ktinject.OperatorError, match="no weights yet"):
         meta_operator()(*routing(1))
     op = build(module)
@@ -180,7 +204,9 @@ def test_operator_errors_name_the_module():
         x, ids, w = routing(1)
         op(x, torch.full_like(ids, 99), w)
     with pytest.raises(ktinject.RuleError, match="threads must be >= 0"):
-        ktinject.load_rules("rules:\n  - match: {name: 'x'}\n    replace: {op: cpu_experts, device: cpu, kwargs: {threads: -1}}\n")
+        ktinject.load_rules(
+            "rules:\n  - match: {name: 'x'}\n    replace: {op: cpu_experts, device: cpu, kwargs: {threads: -1}}\n"
+        )
 
 
 def test_submit_sync_overlap_with_other_work():

@@ -16,8 +16,8 @@ from ktinject.native import native, native_available
 if not native_available():
     pytest.fail("ktinject._native is not built", pytrace=False)
 
-from moe_reference import TYPES, act_quant  # noqa: E402
 from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig  # noqa: E402
+from moe_reference import TYPES, act_quant  # noqa: E402
 
 ISAS = native().available_isas()
 CPU = torch.device("cpu")
@@ -39,7 +39,9 @@ def dequantized(blocks: np.ndarray, name: str, cols: int) -> np.ndarray:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows,cols,tokens,nodes", [(100, 512, 1, 1), (260, 256, 5, 2), (48, 512, 70, 1), (33, 256, 130, 2)])
+@pytest.mark.parametrize(
+    "rows,cols,tokens,nodes", [(100, 512, 1, 1), (260, 256, 5, 2), (48, 512, 70, 1), (33, 256, 130, 2)]
+)
 def test_native_linear_matches_the_reference(name, isa, rows, cols, tokens, nodes):
     rng = np.random.default_rng(rows * 1000 + tokens)
     w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
@@ -56,7 +58,9 @@ def test_native_linear_matches_the_reference(name, isa, rows, cols, tokens, node
     lin.forward(x, out)
     ref = act_quant(x, name) @ dequantized(blocks, name, cols).T + bias
     err = np.abs(out - ref) / np.abs(ref).max()
-    assert err.max() < 1e-5, f"max relative error {err.max():.2e}"  # the same rounding as the kernels: summation order only
+    assert err.max() < 1e-5, (
+        f"max relative error {err.max():.2e}"
+    )  # the same rounding as the kernels: summation order only
     if nodes > 1:
         (a0, a1), (b0, b1) = lin.slices
         assert a0 == 0 and a1 == b0 and b1 == rows and a1 % 16 == 0
@@ -97,8 +101,12 @@ def test_operator_keeps_a_float_module_exactly(dtype):
     y = op(x)
     assert y.shape == (3, 5, 70) and y.dtype == dtype
     expected = torch.nn.functional.linear(x.float(), module.weight.float(), module.bias.float())
-    torch.testing.assert_close(y.float(), expected.to(dtype).float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                               atol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(
+        y.float(),
+        expected.to(dtype).float(),
+        rtol=1e-5 if dtype == torch.float32 else 1e-2,
+        atol=1e-5 if dtype == torch.float32 else 1e-2,
+    )
 
 
 def test_operator_quantizes_a_live_module_to_the_rule_type():
@@ -116,7 +124,9 @@ def test_operator_errors_name_the_module():
     with pytest.raises(ktinject.OperatorError, match="'blk' .*not a linear layer"):
         CpuLinear.from_module(torch.nn.LayerNorm(8), name="blk", device=CPU, config=CpuLinearConfig())
     with pytest.raises(ktinject.OperatorError, match="in_features 100 is not a multiple of 256, which q4_k needs"):
-        CpuLinear.from_module(torch.nn.Linear(100, 16), name="p", device=CPU, config=CpuLinearConfig(weight_type="q4_k"))
+        CpuLinear.from_module(
+            torch.nn.Linear(100, 16), name="p", device=CPU, config=CpuLinearConfig(weight_type="q4_k")
+        )
     op = CpuLinear.from_module(torch.nn.Linear(16, 16), name="p", device=CPU, config=CpuLinearConfig())
     with pytest.raises(ktinject.OperatorError, match="input has 8 features, expected 16"):
         op(torch.zeros(2, 8))
@@ -129,7 +139,9 @@ def test_linear_dispatches_by_device_and_rejects_cpu_only_types_elsewhere():
 
     model = tiny_model("llama")
     rules = "- match: {name: 'q_proj$'}\n  replace: {op: linear, device: 'cuda:0', kwargs: {weight_type: q8_0}}\n"
-    with pytest.raises(ktinject.OperatorError, match=r"weight_type q8_0 runs on the CPU only; on cuda:0 use auto, bf16"):
+    with pytest.raises(
+        ktinject.OperatorError, match=r"weight_type q8_0 runs on the CPU only; on cuda:0 use auto, bf16"
+    ):
         ktinject.plan(model, rules)
     plan = ktinject.plan(model, rules.replace("q8_0", "bf16"))  # planning needs no GPU
     assert [e.op for e in plan] == ["linear", "linear"]

@@ -7,13 +7,6 @@ import functools
 
 import pytest
 import torch
-from torch import nn
-from transformers import MixtralConfig
-from transformers.activations import ACT2FN
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-from ktinject import OperatorError
-from ktinject.families.tiny import tiny_model
 from ktinject.operators.experts_layout import (
     ALL_FEATURES,
     KERNEL_FEATURES,
@@ -25,6 +18,13 @@ from ktinject.operators.experts_layout import (
     split_gate_up,
     weight_names,
 )
+from torch import nn
+from transformers import MixtralConfig
+from transformers.activations import ACT2FN
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+from ktinject import OperatorError
+from ktinject.families.tiny import tiny_model
 
 
 def mixtral_experts(hidden_act: str = "silu", *, device: str = "cpu") -> MixtralExperts:
@@ -47,10 +47,20 @@ def family_experts(model_type: str, index: int = 0) -> nn.Module:
     return [m for m in family_model(model_type).modules() if looks_like_experts(m)][index]
 
 
-@pytest.mark.parametrize(("hidden_act", "activation"), [
-    ("silu", "silu"), ("swish", "silu"), ("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", "gelu_tanh"),
-    ("gelu_fast", "gelu_tanh"), ("relu", "relu"), ("relu2", "relu2"), ("quick_gelu", "quick_gelu"),
-])
+@pytest.mark.parametrize(
+    ("hidden_act", "activation"),
+    [
+        ("silu", "silu"),
+        ("swish", "silu"),
+        ("gelu", "gelu"),
+        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("gelu_new", "gelu_tanh"),
+        ("gelu_fast", "gelu_tanh"),
+        ("relu", "relu"),
+        ("relu2", "relu2"),
+        ("quick_gelu", "quick_gelu"),
+    ],
+)
 def test_activation_is_recognised_by_what_it_computes(hidden_act, activation):
     spec = experts_spec(mixtral_experts(hidden_act), supports=ALL_FEATURES)
     assert spec.activation == activation
@@ -63,8 +73,11 @@ def test_meta_module_is_described_without_its_weights():
 
 
 def test_unknown_activation_names_module_and_candidates():
-    with pytest.raises(OperatorError, match=r"'model\.layers\.0\.mlp\.experts' \(MixtralExperts\): .*act_fn MishActivation\) "
-                                            r"computes none of the known activations \(.*silu, gelu, gelu_tanh, relu, relu2"):
+    with pytest.raises(
+        OperatorError,
+        match=r"'model\.layers\.0\.mlp\.experts' \(MixtralExperts\): .*act_fn MishActivation\) "
+        r"computes none of the known activations \(.*silu, gelu, gelu_tanh, relu, relu2",
+    ):
         experts_spec(mixtral_experts("mish"), name="model.layers.0.mlp.experts")
 
 
@@ -82,35 +95,53 @@ class _OddGate(MixtralExperts):
 
 def test_unrecognised_gate_function_is_an_operator_error():
     config = MixtralConfig(hidden_size=16, intermediate_size=8, num_local_experts=4)
-    with pytest.raises(OperatorError, match=r"'x' \(_OddGate\): its gate function \(_apply_gate on concatenated gate/up, "
-                                            r"act_fn SiLUActivation\) computes none of the known activations"):
+    with pytest.raises(
+        OperatorError,
+        match=r"'x' \(_OddGate\): its gate function \(_apply_gate on concatenated gate/up, "
+        r"act_fn SiLUActivation\) computes none of the known activations",
+    ):
         experts_spec(_OddGate(config), name="x")
 
 
 def test_unknown_activation_of_non_gated_experts():
     module = copy.deepcopy(family_experts("nemotron_h"))
     module.act_fn = ACT2FN["mish"]
-    with pytest.raises(OperatorError, match=r"'y' \(NemotronHExperts\): activation MishActivation is none of silu, gelu"):
+    with pytest.raises(
+        OperatorError, match=r"'y' \(NemotronHExperts\): activation MishActivation is none of silu, gelu"
+    ):
         experts_spec(module, name="y", supports=ALL_FEATURES)
 
 
-@pytest.mark.parametrize(("model_type", "index", "activation", "params"), [
-    ("gpt_oss", 0, "gptoss_swiglu", dict(swiglu_limit=7.0, swiglu_alpha=1.702, interleaved=True, transposed=True, has_bias=True)),
-    ("openai_privacy_filter", 0, "gptoss_swiglu", dict(swiglu_limit=7.0, interleaved=False, transposed=True, has_bias=True)),
-    ("minimax_m3_vl", 0, "gptoss_swiglu", dict(swiglu_limit=7.0, interleaved=False, transposed=False)),
-    ("deepseek_v4", 0, "clamped_swiglu", dict(swiglu_limit=10.0)),
-    ("hy_v4", 0, "clamped_swiglu", dict(swiglu_limit=10.0)),
-    ("step3p7", 0, "swiglu_clamp_after", dict(swiglu_limit=7.0)),
-    ("step3p7", 1, "silu", {}),  # a 0 limit in swiglu_limits: no clamp at all
-    ("inkling2", 0, "softcapped_swiglu", dict(softcap_gate=4.0, softcap_up=25.0)),
-    ("nemotron_h", 0, "relu2", dict(gated=False)),
-    ("gemma4", 0, "gelu_tanh", {}),
-    ("aria", 0, "silu", dict(transposed=True)),
-    ("llama4", 0, "silu", dict(transposed=True, call="dense")),
-    ("longcat_flash", 0, "silu", dict(identity_experts=2, num_experts=8)),
-    ("muse_spark", 0, "silu", dict(post_expert_norm=True)),
-    ("dbrx", 0, "silu", dict(storage="w1_v1_w2", hidden_3d=True, num_experts=8, intermediate_size=32)),
-])
+@pytest.mark.parametrize(
+    ("model_type", "index", "activation", "params"),
+    [
+        (
+            "gpt_oss",
+            0,
+            "gptoss_swiglu",
+            dict(swiglu_limit=7.0, swiglu_alpha=1.702, interleaved=True, transposed=True, has_bias=True),
+        ),
+        (
+            "openai_privacy_filter",
+            0,
+            "gptoss_swiglu",
+            dict(swiglu_limit=7.0, interleaved=False, transposed=True, has_bias=True),
+        ),
+        ("minimax_m3_vl", 0, "gptoss_swiglu", dict(swiglu_limit=7.0, interleaved=False, transposed=False)),
+        ("deepseek_v4", 0, "clamped_swiglu", dict(swiglu_limit=10.0)),
+        ("hy_v4", 0, "clamped_swiglu", dict(swiglu_limit=10.0)),
+        ("step3p7", 0, "swiglu_clamp_after", dict(swiglu_limit=7.0)),
+        ("step3p7", 1, "silu", {}),  # a 0 limit in swiglu_limits: no clamp at all
+        ("inkling2", 0, "softcapped_swiglu", dict(softcap_gate=4.0, softcap_up=25.0)),
+        ("nemotron_h", 0, "relu2", dict(gated=False)),
+        ("gemma4", 0, "gelu_tanh", {}),
+        ("aria", 0, "silu", dict(transposed=True)),
+        ("llama4", 0, "silu", dict(transposed=True, call="dense")),
+        ("longcat_flash", 0, "silu", dict(identity_experts=2, num_experts=8)),
+        ("muse_spark", 0, "silu", dict(post_expert_norm=True)),
+        ("dbrx", 0, "silu", dict(storage="w1_v1_w2", hidden_3d=True, num_experts=8, intermediate_size=32)),
+    ],
+)
 def test_every_layout_in_transformers_is_read(model_type, index, activation, params):
     spec = experts_spec(family_experts(model_type, index), supports=ALL_FEATURES)
     assert spec.activation == activation
@@ -118,22 +149,42 @@ def test_every_layout_in_transformers_is_read(model_type, index, activation, par
         assert getattr(spec, field) == value, field
 
 
-@pytest.mark.parametrize(("model_type", "feature"), [
-    ("nemotron_h", "activation relu2"), ("muse_spark", "post-expert norm"), ("longcat_flash", "identity experts"),
-    ("llama4", "dense call"), ("dbrx", "3-D hidden states"), ("deepseek_v4", "activation clamped_swiglu"),
-])
+@pytest.mark.parametrize(
+    ("model_type", "feature"),
+    [
+        ("nemotron_h", "activation relu2"),
+        ("muse_spark", "post-expert norm"),
+        ("longcat_flash", "identity experts"),
+        ("llama4", "dense call"),
+        ("dbrx", "3-D hidden states"),
+        ("deepseek_v4", "activation clamped_swiglu"),
+    ],
+)
 def test_layout_outside_supports_names_module_and_feature(model_type, feature):
-    with pytest.raises(OperatorError, match=rf"'layer\.experts' \(\w+\): {feature} is not supported by this operator \(layout: "):
+    with pytest.raises(
+        OperatorError, match=rf"'layer\.experts' \(\w+\): {feature} is not supported by this operator \(layout: "
+    ):
         experts_spec(family_experts(model_type), name="layer.experts", supports=ALL_FEATURES - {feature})
 
 
 def test_call_layouts_are_outside_the_kernels_math():
-    with pytest.raises(OperatorError, match=r"'layer\.experts' \(MuseSparkExperts\): post-expert norm is not supported"):
+    with pytest.raises(
+        OperatorError, match=r"'layer\.experts' \(MuseSparkExperts\): post-expert norm is not supported"
+    ):
         experts_spec(family_experts("muse_spark"), name="layer.experts", supports=KERNEL_FEATURES)
 
 
 def test_every_layout_passes_the_default_supports():
-    for model_type in ("qwen3_moe", "gpt_oss", "nemotron_h", "deepseek_v4", "muse_spark", "llama4", "dbrx", "longcat_flash"):
+    for model_type in (
+        "qwen3_moe",
+        "gpt_oss",
+        "nemotron_h",
+        "deepseek_v4",
+        "muse_spark",
+        "llama4",
+        "dbrx",
+        "longcat_flash",
+    ):
         experts_spec(family_experts(model_type))  # no error: cpu_experts and torch_experts run all of these
 
 
@@ -179,8 +230,8 @@ def test_canonical_weights_of_dbrx_flat_storage():
     spec = experts_spec(module, supports=ALL_FEATURES)
     weights = canonical_weights(module, spec)
     e, i, h = spec.num_experts, spec.intermediate_size, spec.hidden_size
-    assert torch.equal(weights.gate[3], module.mlp.w1[3 * i:4 * i])
-    assert torch.equal(weights.down[3], module.mlp.w2[3 * i:4 * i].T)
+    assert torch.equal(weights.gate[3], module.mlp.w1[3 * i : 4 * i])
+    assert torch.equal(weights.down[3], module.mlp.w2[3 * i : 4 * i].T)
     assert weights.down.shape == (e, h, i)
 
 
@@ -188,25 +239,46 @@ def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(x / cap)
 
 
-@pytest.mark.parametrize(("activation", "params", "formula"), [
-    ("gptoss_swiglu", dict(swiglu_limit=7.0, swiglu_alpha=1.702),
-     lambda g, u: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(1.702 * g.clamp(max=7))),
-    ("clamped_swiglu", dict(swiglu_limit=10.0), lambda g, u: nn.functional.silu(g.clamp(max=10)) * u.clamp(-10, 10)),
-    ("swiglu_clamp_after", dict(swiglu_limit=7.0), lambda g, u: nn.functional.silu(g).clamp(max=7) * u.clamp(-7, 7)),
-    ("softcapped_swiglu", dict(softcap_gate=4.0, softcap_up=25.0),
-     lambda g, u: _softcap(g, 4.0) * torch.sigmoid(g) * _softcap(u, 25.0)),
-    ("relu2", {}, lambda g, u: torch.relu(g) ** 2 * u),
-    ("quick_gelu", {}, lambda g, u: g * torch.sigmoid(1.702 * g) * u),
-])
+@pytest.mark.parametrize(
+    ("activation", "params", "formula"),
+    [
+        (
+            "gptoss_swiglu",
+            dict(swiglu_limit=7.0, swiglu_alpha=1.702),
+            lambda g, u: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(1.702 * g.clamp(max=7)),
+        ),
+        (
+            "clamped_swiglu",
+            dict(swiglu_limit=10.0),
+            lambda g, u: nn.functional.silu(g.clamp(max=10)) * u.clamp(-10, 10),
+        ),
+        (
+            "swiglu_clamp_after",
+            dict(swiglu_limit=7.0),
+            lambda g, u: nn.functional.silu(g).clamp(max=7) * u.clamp(-7, 7),
+        ),
+        (
+            "softcapped_swiglu",
+            dict(softcap_gate=4.0, softcap_up=25.0),
+            lambda g, u: _softcap(g, 4.0) * torch.sigmoid(g) * _softcap(u, 25.0),
+        ),
+        ("relu2", {}, lambda g, u: torch.relu(g) ** 2 * u),
+        ("quick_gelu", {}, lambda g, u: g * torch.sigmoid(1.702 * g) * u),
+    ],
+)
 def test_apply_activation_reference_math(activation, params, formula):
     g = torch.linspace(-30, 30, 101)
     u = torch.linspace(40, -40, 101)
-    spec = ExpertsSpec(num_experts=1, hidden_size=1, intermediate_size=101, activation=activation, has_bias=False, **params)
+    spec = ExpertsSpec(
+        num_experts=1, hidden_size=1, intermediate_size=101, activation=activation, has_bias=False, **params
+    )
     torch.testing.assert_close(apply_activation(g, u, spec), formula(g, u), rtol=1e-6, atol=1e-5)
 
 
 def test_apply_activation_not_gated_uses_up_only():
-    spec = ExpertsSpec(num_experts=1, hidden_size=1, intermediate_size=3, activation="relu2", has_bias=False, gated=False)
+    spec = ExpertsSpec(
+        num_experts=1, hidden_size=1, intermediate_size=3, activation="relu2", has_bias=False, gated=False
+    )
     assert apply_activation(None, torch.tensor([-1.0, 2.0, 3.0]), spec).tolist() == [0.0, 4.0, 9.0]
 
 
@@ -222,8 +294,11 @@ def test_looks_like_experts():
 def test_mismatched_shapes_are_an_operator_error():
     module = mixtral_experts()
     module.down_proj = nn.Parameter(torch.zeros(4, 16, 5))
-    with pytest.raises(OperatorError, match=r"'e' \(MixtralExperts\): .*gate_up_proj \(4, 16, 16\) and down_proj \(4, 16, 5\) "
-                                            r"do not describe the same experts"):
+    with pytest.raises(
+        OperatorError,
+        match=r"'e' \(MixtralExperts\): .*gate_up_proj \(4, 16, 16\) and down_proj \(4, 16, 5\) "
+        r"do not describe the same experts",
+    ):
         experts_spec(module, name="e")
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import ktinject
-from marlin_helpers import linear_rules, marlin_ops, random_packed, rel_error, tiny
 from ktinject.operators.marlin import cuda_kernel
 from ktinject.operators.marlin.format import marlin_gemm_reference
+from marlin_helpers import linear_rules, marlin_ops, random_packed, rel_error, tiny
+
+import ktinject
 
 REPO = Path(__file__).resolve().parents[2]
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -79,7 +79,9 @@ def emulate_kernel(x, qweight, scales, bias, n_out):
                         ok = r < M
                         rr = torch.where(ok, r, torch.zeros_like(r))
                         for half in range(2):
-                            a[mb, :, reg, half] = torch.where(ok, x[rr, col + 2 * T + off + half].float(), torch.zeros(32))
+                            a[mb, :, reg, half] = torch.where(
+                                ok, x[rr, col + 2 * T + off + half].float(), torch.zeros(32)
+                            )
                 if grouped:
                     # this lane's 16-byte load: entries tile*64 + 8g .. +7 of the group's scale row
                     srow = scale_bits[row // group_rows]
@@ -120,7 +122,9 @@ def emulate_kernel(x, qweight, scales, bias, n_out):
     return y
 
 
-@pytest.mark.parametrize("M,group_size,dtype", [(20, 32, torch.bfloat16), (5, -1, torch.float16), (40, 16, torch.float16)])
+@pytest.mark.parametrize(
+    "M,group_size,dtype", [(20, 32, torch.bfloat16), (5, -1, torch.float16), (40, 16, torch.float16)]
+)
 def test_kernel_dataflow_emulated(M, group_size, dtype):
     K, N, n_out = 64, 128, 120
     qweight, scales, _ = random_packed(K, N, group_size, dtype, seed=M)
@@ -142,7 +146,14 @@ def built_library(tmp_path_factory) -> Path:
     if not (shutil.which("nvcc") and shutil.which("cmake")):
         pytest.skip("needs nvcc and cmake")
     build = tmp_path_factory.mktemp("marlin_cuda")
-    configure = ["cmake", "-S", str(REPO / "csrc" / "cuda"), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80-real;90-real"]
+    configure = [
+        "cmake",
+        "-S",
+        str(REPO / "csrc" / "cuda"),
+        "-B",
+        str(build),
+        "-DCMAKE_CUDA_ARCHITECTURES=80-real;90-real",
+    ]
     for cmd in (configure, ["cmake", "--build", str(build)]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -163,7 +174,9 @@ def test_library_builds_for_sm80_and_sm90_and_loads(built_library):
     with pytest.raises(ValueError, match="N=100"):
         lib.workspace_bytes(1, 100, 4096, 132)
     raw = lib._lib
-    assert raw.ktinject_marlin_gemm(None, None, None, None, None, None, 0, 0, 128, 128, 128, 1, 0, 132, None) == 0  # M = 0
+    assert (
+        raw.ktinject_marlin_gemm(None, None, None, None, None, None, 0, 0, 128, 128, 128, 1, 0, 132, None) == 0
+    )  # M = 0
     status = raw.ktinject_marlin_gemm(None, None, None, None, None, None, 0, 1, 128, 128, 128, 1, 0, 132, None)
     assert "NULL or misaligned" in lib.status_string(status)
     status = raw.ktinject_marlin_gemm(None, None, None, None, None, None, 0, 1, 128, 128, 128, 3, 0, 132, None)
@@ -219,7 +232,9 @@ def test_cuda_kernel_matches_reference(cuda_lib, K, N, group_size, dtype):
         y = cuda_lib.gemm(x, qweight, scales, bias, n_out)
         expected = marlin_gemm_reference(x, qweight, scales, group_size, N, bias)
         eps = EPS[dtype]
-        torch.testing.assert_close(y.float(), expected.float(), rtol=eps, atol=eps * float(expected.abs().max()), msg=f"M={m}")
+        torch.testing.assert_close(
+            y.float(), expected.float(), rtol=eps, atol=eps * float(expected.abs().max()), msg=f"M={m}"
+        )
 
 
 @pytest.mark.gpu
@@ -273,4 +288,3 @@ def test_whole_model_same_greedy_tokens_on_every_backend(cuda_lib, family):
     outputs["cpu"] = model.generate(prompt.cpu(), max_new_tokens=8, do_sample=False).cuda()
     for backend, tokens in outputs.items():
         assert torch.equal(tokens, outputs["cuda"]), backend
-

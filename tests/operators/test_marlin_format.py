@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ktinject.operators.marlin.format import (
     check_gptq_symmetric,
     dequantize_marlin,
@@ -41,7 +40,9 @@ def _naive_pack(codes_kn: list[list[int]], scales: list[list[float]], K: int, N:
         for ct in range(N // 64):
             for lane in range(32):
                 a = lane % 4
-                fragment = [(row, lane // 4 + 8 * block) for block in (0, 1) for row in (2 * a, 2 * a + 1, 2 * a + 8, 2 * a + 9)]
+                fragment = [
+                    (row, lane // 4 + 8 * block) for block in (0, 1) for row in (2 * a, 2 * a + 1, 2 * a + 8, 2 * a + 9)
+                ]
                 ordered = [fragment[i] for i in INTERLEAVE]
                 for j in range(4):  # 16-column sub-tile
                     word = 0

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ktinject.operators.marlin import backends
+from ktinject.operators.marlin.backends import PackedWeight, first_available
+from ktinject.operators.marlin.format import marlin_padded_shape, pack_marlin, pad_for_marlin, quantize_int4
+from ktinject.operators.marlin_linear import MarlinLinear, MarlinLinearConfig
+from marlin_helpers import DictSource, gptq_pack, linear_rules, tiny, triton_interpreter  # noqa: F401 (a pytest fixture)
 from torch import nn
 
 import ktinject
 from ktinject import OperatorError, RuleError, WeightError
 from ktinject.weights import ModuleSource
-from marlin_helpers import DictSource, gptq_pack, linear_rules, tiny, triton_interpreter  # noqa: F401 (a pytest fixture)
-from ktinject.operators.marlin import backends
-from ktinject.operators.marlin.backends import PackedWeight, first_available
-from ktinject.operators.marlin.format import marlin_padded_shape, pack_marlin, pad_for_marlin, quantize_int4
-from ktinject.operators.marlin_linear import MarlinLinear, MarlinLinearConfig
 
 CPU = torch.device("cpu")
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -122,7 +122,9 @@ def test_state_dict_round_trip_and_marlin_checkpoint():
     fresh.load_state_dict(op.state_dict())
     assert fresh.backend == "emulated" and torch.equal(fresh(x), op(x))
     # a checkpoint already in Marlin's layout (ours, or another Marlin tool's): checkpoint: marlin
-    fresh = MarlinLinear.from_module(meta_linear, name="p", device=CPU, config=MarlinLinearConfig(group_size=64, checkpoint="marlin"))
+    fresh = MarlinLinear.from_module(
+        meta_linear, name="p", device=CPU, config=MarlinLinearConfig(group_size=64, checkpoint="marlin")
+    )
     assert fresh.weight_names() == ["qweight", "scales", "bias"]
     fresh.load_weights(DictSource({f"m.{k}": v for k, v in op.state_dict().items()}), "m.")
     assert torch.equal(fresh(x), op(x))
@@ -135,7 +137,9 @@ def test_meta_then_load_dense_weights():
     linear = make_linear(200, 96)
     with torch.device("meta"):
         meta_linear = nn.Linear(200, 96)
-    op = MarlinLinear.from_module(meta_linear, name="model.layers.0.mlp.up_proj", device=CPU, config=MarlinLinearConfig())
+    op = MarlinLinear.from_module(
+        meta_linear, name="model.layers.0.mlp.up_proj", device=CPU, config=MarlinLinearConfig()
+    )
     assert op.weight_names() == ["weight", "bias"] and op.backend == ""
     with pytest.raises(OperatorError, match="up_proj: no weights yet"):
         op(torch.randn(1, 200))
@@ -174,7 +178,9 @@ def _gptq_source(in_f, out_f, group, *, zeros=7, g_idx=None, bias=True, prefix="
     groups = scales.shape[0]
     qzeros = gptq_pack(torch.full((out_f, groups), zeros, dtype=torch.uint8)).t().contiguous()  # [G, N/8]
     tensors = {prefix + "qweight": gptq_pack(codes.t()), prefix + "scales": scales, prefix + "qzeros": qzeros}
-    tensors[prefix + "g_idx"] = g_idx if g_idx is not None else torch.arange(in_f, dtype=torch.int32) // (in_f // groups)
+    tensors[prefix + "g_idx"] = (
+        g_idx if g_idx is not None else torch.arange(in_f, dtype=torch.int32) // (in_f // groups)
+    )
     if bias:
         tensors[prefix + "bias"] = linear.bias.detach().half()
     return linear, codes, scales, DictSource(tensors)
@@ -185,8 +191,12 @@ def test_gptq_checkpoint_is_repacked(in_f, out_f, group, zeros):
     linear, codes, scales, source = _gptq_source(in_f, out_f, group, zeros=zeros)
     with torch.device("meta"):
         meta_linear = nn.Linear(in_f, out_f)
-    op = MarlinLinear.from_module(meta_linear, name="p", device=CPU,
-                                  config=MarlinLinearConfig(group_size=group, checkpoint="gptq", dtype="float16"))
+    op = MarlinLinear.from_module(
+        meta_linear,
+        name="p",
+        device=CPU,
+        config=MarlinLinearConfig(group_size=group, checkpoint="gptq", dtype="float16"),
+    )
     assert op.weight_names() == ["qweight", "scales", "bias"]
     op.load_weights(source, "q.")
     K, N = op.padded_shape
@@ -249,7 +259,9 @@ def test_cpu_backends_agree(group, triton_interpreter):
     op = build(linear, group_size=group)
     x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
     expected = expected_output(linear, x, group, torch.bfloat16)
-    names = ["emulated", "dequant"] + (["torch_int4"] if group != 16 else []) + (["triton"] if triton_interpreter else [])
+    names = (
+        ["emulated", "dequant"] + (["torch_int4"] if group != 16 else []) + (["triton"] if triton_interpreter else [])
+    )
     for name in names:
         op.set_backend(name)
         assert op.backend == name
@@ -261,7 +273,9 @@ def test_cpu_backends_agree(group, triton_interpreter):
 
 def test_gpu_fallback_chain_logs_each_step_once(caplog, monkeypatch):
     monkeypatch.setattr(backends, "_logged", set())
-    monkeypatch.setattr(backends.TritonBackend, "unavailable", classmethod(lambda cls, packed: "triton is not installed (test)"))
+    monkeypatch.setattr(
+        backends.TritonBackend, "unavailable", classmethod(lambda cls, packed: "triton is not installed (test)")
+    )
     op = build(make_linear(256, 64), group_size=16)  # a group size torch's int4 kernel does not take
     packed = PackedWeight(op.qweight, op.scales, op.group_size, op.out_features)
     with caplog.at_level(logging.WARNING, logger="ktinject"):
@@ -270,9 +284,13 @@ def test_gpu_fallback_chain_logs_each_step_once(caplog, monkeypatch):
             assert chosen.name == "dequant"
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages
-    assert "own CUDA kernel unavailable (needs a CUDA device" in messages[0] and messages[0].endswith("falling back to Triton kernel")
+    assert "own CUDA kernel unavailable (needs a CUDA device" in messages[0] and messages[0].endswith(
+        "falling back to Triton kernel"
+    )
     assert "Triton kernel unavailable (triton is not installed (test))" in messages[1]
-    assert "torch's int4 kernel unavailable" in messages[2] and messages[2].endswith("falling back to dequantize + F.linear")
+    assert "torch's int4 kernel unavailable" in messages[2] and messages[2].endswith(
+        "falling back to dequantize + F.linear"
+    )
 
 
 def test_moving_or_casting_keeps_a_working_backend():

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from marlin_helpers import random_packed, triton_interpreter  # noqa: F401 (a pytest fixture)
 from ktinject.operators.marlin.format import marlin_gemm_reference
+from marlin_helpers import random_packed, triton_interpreter  # noqa: F401 (a pytest fixture)
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -43,8 +42,12 @@ def test_matches_reference(kernel, M, K, N, group_size, dtype, n_out, bias):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(M, K, generator=gen).to(dtype)
     b = (torch.randn(n_out, generator=gen) * 0.1).to(dtype) if bias else None
-    expected = marlin_gemm_reference(x, qweight, scales, group_size, N, b if b is not None else torch.zeros(n_out, dtype=dtype))
-    y = module.marlin_matmul(x.to(device), qweight.to(device), scales.to(device), None if b is None else b.to(device), n_out)
+    expected = marlin_gemm_reference(
+        x, qweight, scales, group_size, N, b if b is not None else torch.zeros(n_out, dtype=dtype)
+    )
+    y = module.marlin_matmul(
+        x.to(device), qweight.to(device), scales.to(device), None if b is None else b.to(device), n_out
+    )
     assert y.shape == (M, n_out) and y.dtype == dtype
     eps = EPS[dtype]
     torch.testing.assert_close(y.cpu().float(), expected.float(), rtol=eps, atol=eps * float(expected.abs().max()))
@@ -54,7 +57,13 @@ def test_rejects_mismatched_shapes(kernel):
     module, device = kernel
     qweight, scales, _ = random_packed(256, 128, 128, torch.float16)
     with pytest.raises(ValueError, match="does not fit"):
-        module.marlin_matmul(torch.zeros(1, 128, dtype=torch.float16, device=device), qweight.to(device), scales.to(device))
+        module.marlin_matmul(
+            torch.zeros(1, 128, dtype=torch.float16, device=device), qweight.to(device), scales.to(device)
+        )
     with pytest.raises(ValueError, match="bias must be"):
-        module.marlin_matmul(torch.zeros(1, 256, dtype=torch.float16, device=device), qweight.to(device), scales.to(device),
-                             torch.zeros(3, dtype=torch.float16, device=device))
+        module.marlin_matmul(
+            torch.zeros(1, 256, dtype=torch.float16, device=device),
+            qweight.to(device),
+            scales.to(device),
+            torch.zeros(3, dtype=torch.float16, device=device),
+        )

@@ -23,10 +23,17 @@ import statistics
 
 import pytest
 import torch
+from marlin_helpers import (
+    linear_rules,
+    marlin_ops,
+    noise_twin,
+    operand_twin,
+    rel_error,
+    tiny,
+    triton_interpreter,  # noqa: F401 (a pytest fixture)
+)
 
 import ktinject
-from marlin_helpers import linear_rules, marlin_ops, noise_twin, operand_twin, rel_error, tiny
-from marlin_helpers import triton_interpreter  # noqa: F401 (a pytest fixture)
 
 IDS = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
 PROMPT = torch.tensor([[5, 17, 33, 2, 71]])
@@ -34,7 +41,9 @@ PROMPT = torch.tensor([[5, 17, 33, 2, 71]])
 
 # llama at 128: hidden 32 padded to K=128 makes one group, i.e. the per-channel scale layout; qwen3 at 64 and
 # llama_wide at 64: the grouped layout (llama_wide with several real groups per row).
-@pytest.fixture(scope="module", params=[("llama", 128), ("qwen3", 64), ("llama_wide", 64)], ids=lambda p: f"{p[0]}-g{p[1]}")
+@pytest.fixture(
+    scope="module", params=[("llama", 128), ("qwen3", 64), ("llama_wide", 64)], ids=lambda p: f"{p[0]}-g{p[1]}"
+)
 def pair(request):
     family, group = request.param
     plain = tiny(family)
@@ -71,7 +80,9 @@ def test_logits_error_is_quantization_error(pair):
     with torch.no_grad():
         expected = plain(IDS).logits
         error = rel_error(optimized(IDS).logits, expected)
-        noise = statistics.mean(rel_error(noise_twin(plain, optimized, seed)(IDS).logits, expected) for seed in range(4))
+        noise = statistics.mean(
+            rel_error(noise_twin(plain, optimized, seed)(IDS).logits, expected) for seed in range(4)
+        )
     assert 0.5 * noise < error < 1.5 * noise, (error, noise)
 
 

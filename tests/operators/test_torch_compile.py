@@ -44,6 +44,8 @@ def test_generate_with_a_static_cache_and_compilation_matches(models):
     config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     counters.clear()
-    out = optimized.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static", compile_config=config)
+    out = optimized.generate(
+        ids, max_new_tokens=8, do_sample=False, cache_implementation="static", compile_config=config
+    )
     assert counters["stats"]["unique_graphs"] >= 1, "generate() did not compile the decoding step"
     assert torch.equal(out, plain.generate(ids, max_new_tokens=8, do_sample=False))

@@ -10,13 +10,13 @@ import functools
 
 import pytest
 import torch
+from ktinject.operators.experts_layout import looks_like_experts
+from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 from torch import nn
 
 from ktinject import OperatorError
 from ktinject.families.calls import experts_call
 from ktinject.families.tiny import tiny_model
-from ktinject.operators.experts_layout import looks_like_experts
-from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 from ktinject.weights import ModuleSource
 
 CPU = torch.device("cpu")
@@ -68,7 +68,9 @@ def test_built_on_meta_then_loaded_matches_hf(model_type):
     assert_matches(op, module, *experts_call(op.spec, seed=1))
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "openai_privacy_filter", "minimax_m3_vl", "deepseek_v4", "step3p7", "inkling2"])
+@pytest.mark.parametrize(
+    "model_type", ["gpt_oss", "openai_privacy_filter", "minimax_m3_vl", "deepseek_v4", "step3p7", "inkling2"]
+)
 def test_clamps_and_softcaps_engaged(model_type):
     # Hidden states 30x larger push gate/up far past the limits (7 or 10) and into the softcaps' tanh.
     module = family_experts(model_type)
@@ -92,15 +94,21 @@ def test_identity_experts_return_their_input():
 def test_dense_call_contract():
     op = build(family_experts("llama4"))
     e, h = op.spec.num_experts, op.spec.hidden_size
-    with pytest.raises(OperatorError, match=r"layer\.experts: these experts are called as experts\(hidden\[E\*T, H\]\)"):
+    with pytest.raises(
+        OperatorError, match=r"layer\.experts: these experts are called as experts\(hidden\[E\*T, H\]\)"
+    ):
         op(torch.randn(e, h), torch.zeros(e, 1, dtype=torch.long), torch.ones(e, 1))
-    with pytest.raises(OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"):
+    with pytest.raises(
+        OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"
+    ):
         op(torch.randn(5, h))
 
 
 def test_routed_call_needs_routing():
     op = build(family_experts("qwen3_moe"))
-    with pytest.raises(OperatorError, match=r"layer\.experts: experts\(hidden, top_k_index, top_k_weights\) needs all three"):
+    with pytest.raises(
+        OperatorError, match=r"layer\.experts: experts\(hidden, top_k_index, top_k_weights\) needs all three"
+    ):
         op(torch.randn(2, op.spec.hidden_size))
 
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
+from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
+from tiny_models import tiny_model
 from torch import nn
 
 from ktinject import OperatorError
 from ktinject.weights import ModuleSource
-from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
-from ktinject.operators.torch_linear import TorchLinear, TorchLinearConfig
-from tiny_models import tiny_model
 
 CPU = torch.device("cpu")
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss"]

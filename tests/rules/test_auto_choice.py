@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
+from full_size_configs import DEEPSEEK_V3
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import ktinject
-from full_size_configs import DEEPSEEK_V3
 from ktinject import OperatorError, RuleError
 from ktinject.families.tiny import tiny_model
 from ktinject.loading.model import build_meta_model
@@ -21,8 +21,15 @@ CPU = {"gpu": "cpu"}
 
 
 def dense_model() -> torch.nn.Module:
-    config = AutoConfig.for_model("olmo2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "olmo2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -47,7 +54,10 @@ def test_a_moe_family_without_a_file_gets_the_generic_moe_rules(caplog):
 
 def test_a_dense_model_without_a_file_gets_the_dense_rules():
     plan = ktinject.plan(dense_model(), "auto", vars=CPU)
-    assert plan.rules.origin == "auto: no built-in file for model_type 'olmo2'; no experts module found: generic dense rules"
+    assert (
+        plan.rules.origin
+        == "auto: no built-in file for model_type 'olmo2'; no experts module found: generic dense rules"
+    )
     assert {e.op for e in plan} == {"linear", "keep"} and not plan.unmatched_rules
 
 

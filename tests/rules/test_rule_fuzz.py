@@ -60,20 +60,130 @@ rules:
 """
 
 SNIPPETS = [
-    ": ", "- ", "{", "}", "[", "]", ",", "&a ", "*a", "*zz", "&a [*a] ", "!!python/object/apply:os.system ['true'] ",
-    "!!python/name:os.system ", "!!binary ", "!!set ", "!!omap ", "!!int ", "!!float ", "!!bool ", "!!timestamp ", "!foo ",
-    "!<tag:x> ", "<<: *a\n", "<<: ", "? ", "%YAML 1.1\n", "%TAG ! tag:yaml.org,2002:python/\n", "---\n", "...\n", "# ",
-    "'", '"', "\\", "\t", "|\n", ">-\n", "${vars.", "${vars.gpu}", "${vars.nope}", "${oc.env:HOME}", "${vars.${vars.gpu}}",
-    "\x00", "\x07", "\x1b", "\u2028", "\x85", "\ufeff", "\ud7ff", "é", "😀", "=", "~", "null", "1e11", "0x7f", "1:30:00",
-    ".nan", "-.inf", "99999999999999999999999", "2024-01-01", "@", "`", "%", "\r", "\r\n",
+    ": ",
+    "- ",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    "&a ",
+    "*a",
+    "*zz",
+    "&a [*a] ",
+    "!!python/object/apply:os.system ['true'] ",
+    "!!python/name:os.system ",
+    "!!binary ",
+    "!!set ",
+    "!!omap ",
+    "!!int ",
+    "!!float ",
+    "!!bool ",
+    "!!timestamp ",
+    "!foo ",
+    "!<tag:x> ",
+    "<<: *a\n",
+    "<<: ",
+    "? ",
+    "%YAML 1.1\n",
+    "%TAG ! tag:yaml.org,2002:python/\n",
+    "---\n",
+    "...\n",
+    "# ",
+    "'",
+    '"',
+    "\\",
+    "\t",
+    "|\n",
+    ">-\n",
+    "${vars.",
+    "${vars.gpu}",
+    "${vars.nope}",
+    "${oc.env:HOME}",
+    "${vars.${vars.gpu}}",
+    "\x00",
+    "\x07",
+    "\x1b",
+    "\u2028",
+    "\x85",
+    "\ufeff",
+    "\ud7ff",
+    "é",
+    "😀",
+    "=",
+    "~",
+    "null",
+    "1e11",
+    "0x7f",
+    "1:30:00",
+    ".nan",
+    "-.inf",
+    "99999999999999999999999",
+    "2024-01-01",
+    "@",
+    "`",
+    "%",
+    "\r",
+    "\r\n",
 ]
 
 VALUES = [
-    None, True, False, 0, -1, 1, 2, 3, 64, 2**31, 2**63, 10**30, -(10**30), 1.5, float("nan"), float("inf"), "1e11", "",
-    "x", ".foo", "foo.", "a..b", "cpu", "cuda:0", "cuda:99999999999", "meta", "gpu0", "${vars.gpu}", "${vars.nope}", "${",
-    "${vars.${vars.gpu}}", "keep", "cpu_experts", "marlin_linear", "torch.nn.Linear", "Linear", "no.such.Module", "(((",
-    "^$", "x" * 5000, "\n\t", "é", [], [1, "a"], {}, {"a": 1}, {"op": "keep"}, {"name": "x"}, [[[[]]]], {1: 2},
-    datetime.date(2020, 1, 1), b"\x00\xff", {"x", "y"}, "base/moe.yaml", "qwen3_moe", "../" * 40 + "etc/passwd",
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    3,
+    64,
+    2**31,
+    2**63,
+    10**30,
+    -(10**30),
+    1.5,
+    float("nan"),
+    float("inf"),
+    "1e11",
+    "",
+    "x",
+    ".foo",
+    "foo.",
+    "a..b",
+    "cpu",
+    "cuda:0",
+    "cuda:99999999999",
+    "meta",
+    "gpu0",
+    "${vars.gpu}",
+    "${vars.nope}",
+    "${",
+    "${vars.${vars.gpu}}",
+    "keep",
+    "cpu_experts",
+    "marlin_linear",
+    "torch.nn.Linear",
+    "Linear",
+    "no.such.Module",
+    "(((",
+    "^$",
+    "x" * 5000,
+    "\n\t",
+    "é",
+    [],
+    [1, "a"],
+    {},
+    {"a": 1},
+    {"op": "keep"},
+    {"name": "x"},
+    [[[[]]]],
+    {1: 2},
+    datetime.date(2020, 1, 1),
+    b"\x00\xff",
+    {"x", "y"},
+    "base/moe.yaml",
+    "qwen3_moe",
+    "../" * 40 + "etc/passwd",
 ]
 
 
@@ -88,7 +198,7 @@ def _seeds() -> dict[str, str]:
     seeds = {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.yaml"))}
     readme = (REPO / "README.md").read_text()
     start = readme.index("```yaml\n# my_rules.yaml") + len("```yaml\n")
-    seeds["readme.yaml"] = readme[start:readme.index("```", start)]
+    seeds["readme.yaml"] = readme[start : readme.index("```", start)]
     seeds["every_key.yaml"] = EVERY_KEY.lstrip("\n")
     return seeds
 
@@ -131,7 +241,7 @@ def _flip_char(rng, data):
     if not data:
         return data
     i = rng.randrange(len(data))
-    return data[:i] + rng.choice(b":{}[]&*!|>'\"#%@`-?,\\ \t\nx0.$") .to_bytes(1, "big") + data[i + 1:]
+    return data[:i] + rng.choice(b":{}[]&*!|>'\"#%@`-?,\\ \t\nx0.$").to_bytes(1, "big") + data[i + 1 :]
 
 
 def _insert_snippet(rng, data):
@@ -196,8 +306,21 @@ def _replace_a_value(rng, data, value: bytes) -> bytes:
 
 
 TEXT_MUTATIONS = [
-    _delete_line, _duplicate_line, _swap_lines, _reindent, _flip_char, _flip_char, _insert_snippet, _insert_snippet,
-    _insert_snippet, _truncate, _alias_bomb, _deep_nesting, _huge_string, _invalid_utf8, _recursive_alias,
+    _delete_line,
+    _duplicate_line,
+    _swap_lines,
+    _reindent,
+    _flip_char,
+    _flip_char,
+    _insert_snippet,
+    _insert_snippet,
+    _insert_snippet,
+    _truncate,
+    _alias_bomb,
+    _deep_nesting,
+    _huge_string,
+    _invalid_utf8,
+    _recursive_alias,
     _interpolation_bomb,
 ]
 
@@ -230,7 +353,11 @@ def _data_cases(rng: random.Random, seeds: dict[str, str]):
         for path in [p for p in _key_paths(data) for _ in range(VALUES_PER_KEY)]:
             value = rng.choice(VALUES)
             mutated = yaml.safe_dump(_with_value(data, path, value), sort_keys=False, allow_unicode=rng.random() < 0.5)
-            yield name, f"{'.'.join(map(str, path)) or '<top>'} = {value!r:.60}", mutated.encode("utf-8", "surrogatepass")
+            yield (
+                name,
+                f"{'.'.join(map(str, path)) or '<top>'} = {value!r:.60}",
+                mutated.encode("utf-8", "surrogatepass"),
+            )
 
 
 def _text_cases(rng: random.Random, seeds: dict[str, str]):
@@ -248,9 +375,33 @@ def _text_cases(rng: random.Random, seeds: dict[str, str]):
 
 def _soup_cases(rng: random.Random, seeds: dict[str, str]):
     """Token soup: rule-file words, YAML syntax and odd characters in random order (hits the YAML layer hardest)."""
-    words = SNIPPETS + ["rules", "vars", "include", "match", "replace", "op", "device", "kwargs", "name", "class",
-                        "recursive", "keep", "cpu", "cpu_experts", "threads", "\n", "\n  ", "\n    ", " ", "x", "a",
-                        "'${vars.a}'", "&b ", "*b", "torch.nn.Linear"]
+    words = SNIPPETS + [
+        "rules",
+        "vars",
+        "include",
+        "match",
+        "replace",
+        "op",
+        "device",
+        "kwargs",
+        "name",
+        "class",
+        "recursive",
+        "keep",
+        "cpu",
+        "cpu_experts",
+        "threads",
+        "\n",
+        "\n  ",
+        "\n    ",
+        " ",
+        "x",
+        "a",
+        "'${vars.a}'",
+        "&b ",
+        "*b",
+        "torch.nn.Linear",
+    ]
     for _ in range(SOUP_CASES):
         text = "".join(rng.choice(words) for _ in range(rng.randrange(1, 80)))
         yield "every_key.yaml", "soup", text.encode("utf-8", "surrogatepass")

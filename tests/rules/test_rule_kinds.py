@@ -21,14 +21,17 @@ rules:
 """
 
 
-@pytest.mark.parametrize("model_type, path", [
-    ("qwen3_moe", "model.layers.{}.mlp.experts"),
-    ("granitemoe", "model.layers.{}.block_sparse_moe.experts"),
-    ("jamba", "model.layers.{}.feed_forward.experts"),
-    ("dbrx", "transformer.blocks.{}.ffn.experts"),
-    ("gemma4", "model.language_model.layers.{}.experts"),
-    ("qwen3_vl_moe", "model.language_model.layers.{}.mlp.experts"),
-])
+@pytest.mark.parametrize(
+    "model_type, path",
+    [
+        ("qwen3_moe", "model.layers.{}.mlp.experts"),
+        ("granitemoe", "model.layers.{}.block_sparse_moe.experts"),
+        ("jamba", "model.layers.{}.feed_forward.experts"),
+        ("dbrx", "transformer.blocks.{}.ffn.experts"),
+        ("gemma4", "model.language_model.layers.{}.experts"),
+        ("qwen3_vl_moe", "model.language_model.layers.{}.mlp.experts"),
+    ],
+)
 def test_kind_experts_finds_the_experts_wherever_they_sit(model_type, path):
     plan = ktinject.plan(tiny_model(model_type), EXPERTS_ON_CPU)
     assert [e.module_name for e in plan] == [path.format(i) for i in range(2)]
@@ -44,8 +47,11 @@ def test_kind_with_name_and_class_must_all_hold():
     model = tiny_model("ernie4_5_vl_moe")  # a text and a vision experts module per layer
     rules = "rules:\n  - match: {kind: experts, name: 'text_moe'}\n    replace: {op: torch_experts, device: cpu}\n"
     assert [e.module_name for e in ktinject.plan(model, rules)] == [
-        f"model.language_model.layers.{i}.mlp.text_moe.experts" for i in range(2)]
-    rules = "rules:\n  - match: {kind: experts, class: Qwen3MoeExperts}\n    replace: {op: torch_experts, device: cpu}\n"
+        f"model.language_model.layers.{i}.mlp.text_moe.experts" for i in range(2)
+    ]
+    rules = (
+        "rules:\n  - match: {kind: experts, class: Qwen3MoeExperts}\n    replace: {op: torch_experts, device: cpu}\n"
+    )
     assert not ktinject.plan(model, rules).entries
 
 
@@ -78,15 +84,19 @@ def test_kind_is_shown_in_the_rule_set():
     assert "experts: kind=experts -> torch_experts@cpu" in str(rules)
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("expert", "unknown kind 'expert' (known: experts, linear); did you mean 'experts'?"),
-    ("Experts_", "unknown kind 'Experts_' (known: experts, linear); did you mean 'experts'?"),
-    ("[experts]", "unknown kind ['experts'] (known: experts, linear)"),
-    ("3", "unknown kind 3 (known: experts, linear)"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("expert", "unknown kind 'expert' (known: experts, linear); did you mean 'experts'?"),
+        ("Experts_", "unknown kind 'Experts_' (known: experts, linear); did you mean 'experts'?"),
+        ("[experts]", "unknown kind ['experts'] (known: experts, linear)"),
+        ("3", "unknown kind 3 (known: experts, linear)"),
+    ],
+)
 def test_unknown_kind_is_a_one_line_rule_error_at_its_line(tmp_path, value, fragment):
     path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         rules:
           - name: a
             match: {{name: x}}
@@ -94,13 +104,16 @@ def test_unknown_kind_is_a_one_line_rule_error_at_its_line(tmp_path, value, frag
           - match:
               kind: {value}
             replace: {{op: torch_experts, device: cpu}}
-        """))
+        """)
+    )
     with pytest.raises(RuleError) as info:
         ktinject.load_rules(path)
     assert str(info.value) == f"{path}:6: rules[1].match.kind: {fragment}"
 
 
 def test_kind_comes_from_a_variable():
-    rules = ktinject.load_rules("vars: {what: experts}\nrules:\n  - match: {kind: '${vars.what}'}\n"
-                                "    replace: {op: torch_experts, device: cpu}\n")
+    rules = ktinject.load_rules(
+        "vars: {what: experts}\nrules:\n  - match: {kind: '${vars.what}'}\n"
+        "    replace: {op: torch_experts, device: cpu}\n"
+    )
     assert rules.rules[0].match.kind is KINDS["experts"]

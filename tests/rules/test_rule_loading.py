@@ -17,21 +17,29 @@ def write(tmp_path, name, text):
 
 
 def test_own_rules_come_before_included_ones_and_vars_override(tmp_path):
-    write(tmp_path, "base/shared.yaml", """
+    write(
+        tmp_path,
+        "base/shared.yaml",
+        """
         vars: {where: cpu, dtype: float32}
         rules:
           - name: base-rule
             match: {name: 'proj$'}
             replace: {op: torch_linear, device: '${vars.where}', kwargs: {dtype: '${vars.dtype}'}}
-    """)
-    top = write(tmp_path, "top.yaml", """
+    """,
+    )
+    top = write(
+        tmp_path,
+        "top.yaml",
+        """
         include: [base/shared.yaml]
         vars: {dtype: bfloat16}
         rules:
           - name: top-rule
             match: {name: 'q_proj$'}
             replace: {op: keep, device: meta}
-    """)
+    """,
+    )
     rs = ktinject.load_rules(top)
     assert [r.label for r in rs] == ["top-rule", "base-rule"]
     assert rs.rules[1].replace.kwargs == {"dtype": "bfloat16"}  # the including file's value wins
@@ -94,7 +102,7 @@ def test_readme_rule_example_plans_a_qwen3_moe_cleanly(caplog):
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = readme.index("```yaml\n# my_rules.yaml") + len("```yaml\n")
-    rules = ktinject.load_rules(readme[start:readme.index("```", start)], vars={"gpu": "cpu"})
+    rules = ktinject.load_rules(readme[start : readme.index("```", start)], vars={"gpu": "cpu"})
     assert rules.rules[0].replace.op == "cpu_experts" and rules.rules[0].replace.config.numa_nodes == 2
     with caplog.at_level(logging.WARNING, logger="ktinject"):
         plan = ktinject.plan(tiny_model("qwen3_moe"), rules)
@@ -103,4 +111,6 @@ def test_readme_rule_example_plans_a_qwen3_moe_cleanly(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     experts = {e.module_name: e for e in plan if e.op == "cpu_experts"}
     assert experts["model.layers.0.mlp.experts"].rule.replace.config.weight_type == "q8_0"
-    assert experts["model.layers.2.mlp.experts"].rule.replace.config.weight_type == "q4_k"  # the built-in rule, via vars
+    assert (
+        experts["model.layers.2.mlp.experts"].rule.replace.config.weight_type == "q4_k"
+    )  # the built-in rule, via vars

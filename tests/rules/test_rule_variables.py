@@ -5,7 +5,9 @@ import pytest
 import ktinject
 from ktinject import RuleError
 
-RULES = "vars: {gpu: cpu, cpu_threads: 0}\nrules:\n  - match: {name: x}\n    replace: {op: keep, device: '${vars.gpu}'}\n"
+RULES = (
+    "vars: {gpu: cpu, cpu_threads: 0}\nrules:\n  - match: {name: x}\n    replace: {op: keep, device: '${vars.gpu}'}\n"
+)
 
 
 def error_of(rules, **kwargs) -> str:
@@ -21,8 +23,10 @@ def test_declared_variables_are_overridden():
 
 def test_unknown_variable_lists_the_known_ones_and_suggests():
     message = error_of(RULES, vars={"cpu_thread": 8})
-    assert message == ("<string>: vars.cpu_thread: unknown variable 'cpu_thread' given by vars= / --set "
-                       "(the rule files declare: cpu_threads, gpu); did you mean 'cpu_threads'?")
+    assert message == (
+        "<string>: vars.cpu_thread: unknown variable 'cpu_thread' given by vars= / --set "
+        "(the rule files declare: cpu_threads, gpu); did you mean 'cpu_threads'?"
+    )
 
 
 def test_unknown_variable_of_an_included_file_set(tmp_path):
@@ -43,12 +47,18 @@ def test_rules_without_variables():
     assert message == "<string>: vars.gpu: unknown variable 'gpu': the rule files declare no variables (vars:)"
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    ({1: "x"}, "variable names given by vars= / --set must be strings, got 1"),
-    ({"gpu": object()}, r"vars.gpu: a variable's value must be a string, number, boolean, null, list or mapping, got object"),
-    ({"gpu": 10**40}, "a variable's integer must fit in 64 bits"),
-    (["gpu"], "vars= must be a mapping of variable names to values, got list"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({1: "x"}, "variable names given by vars= / --set must be strings, got 1"),
+        (
+            {"gpu": object()},
+            r"vars.gpu: a variable's value must be a string, number, boolean, null, list or mapping, got object",
+        ),
+        ({"gpu": 10**40}, "a variable's integer must fit in 64 bits"),
+        (["gpu"], "vars= must be a mapping of variable names to values, got list"),
+    ],
+)
 def test_bad_overrides(overrides, fragment):
     assert fragment in error_of(RULES, vars=overrides)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_chat_model import save_tiny_model_dir
 
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
+from tiny_chat_model import tiny_tokenizer
+from tiny_models import tiny_model
 
 from ktinject.serving import Engine, RequestError, SamplingParams
 from ktinject.serving.engine import EngineNotReady
-from tiny_chat_model import tiny_tokenizer
-from tiny_models import tiny_model
 
 PROMPTS = ["hello there", "a", "The quick brown fox jumps over", "xyz 123 ok", "bb"]
 
@@ -67,9 +67,14 @@ def test_greedy_equals_model_generate(loaded_model, engine_for):
     ids = tokenizer("hello there")["input_ids"]
     text, last, _ = collect(engine, ids, SamplingParams(max_tokens=12, ignore_eos=True))
     with torch.no_grad():
-        out = loaded_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                                    eos_token_id=None, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        out = loaded_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    assert text == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", len(ids), 12)
 
 

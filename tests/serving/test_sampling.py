@@ -37,13 +37,16 @@ def test_a_seed_gives_the_same_draws():
     assert [sample(LOGITS, params, a) for _ in range(50)] == [sample(LOGITS, params, b) for _ in range(50)]
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("max_tokens", 0, "max_tokens must be at least 1, got 0"),
-    ("temperature", -0.5, r"temperature must be in \[0, 100\], got -0.5"),
-    ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
-    ("top_k", -2, "top_k must be 0 \\(off\\) or positive, got -2"),
-    ("stop", ("",), "stop strings must not be empty"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_tokens", 0, "max_tokens must be at least 1, got 0"),
+        ("temperature", -0.5, r"temperature must be in \[0, 100\], got -0.5"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+        ("top_k", -2, "top_k must be 0 \\(off\\) or positive, got -2"),
+        ("stop", ("",), "stop strings must not be empty"),
+    ],
+)
 def test_bad_values_name_the_field(field, value, message):
     with pytest.raises(RequestError, match=message) as info:
         SamplingParams(**{field: value})
@@ -55,4 +58,7 @@ def test_model_defaults_only_when_the_model_samples():
 
     assert model_sampling_defaults(GenerationConfig(temperature=0.6)) == {}
     assert model_sampling_defaults(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)) == {
-        "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+    }

@@ -29,8 +29,13 @@ class ServerProcess:
 
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ktinject", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ktinject", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self.lines: list[str] = []
         self._new: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -70,8 +75,22 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    proc = ServerProcess(["serve", "--model", str(tiny_model_dir), "--set", "gpu=cpu", "--port", "0",
-                          "--model-name", "tiny", "--max-batch-size", "4", "--no-progress"])
+    proc = ServerProcess(
+        [
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--set",
+            "gpu=cpu",
+            "--port",
+            "0",
+            "--model-name",
+            "tiny",
+            "--max-batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     try:
         url = proc.wait_for(r"at (http://127\.0\.0\.1:\d+/v1)", START_TIMEOUT_S).group(1)
         proc.wait_for(r"'tiny' ready \(loaded in", START_TIMEOUT_S)
@@ -111,7 +130,11 @@ def test_chat_streamed_equals_non_streamed(client):
     whole = chat(client, "hello", max_tokens=12, **GREEDY, **FIXED_LENGTH)
     prompt_tokens = len(tiny_tokenizer()("user: hello\nassistant:")["input_ids"])
     assert whole.choices[0].finish_reason == "length"
-    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (prompt_tokens, 12, prompt_tokens + 12)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (
+        prompt_tokens,
+        12,
+        prompt_tokens + 12,
+    )
     text, finish, chunks = streamed_chat(client, "hello", max_tokens=12, **GREEDY, **FIXED_LENGTH)
     assert (text, finish) == (whole.choices[0].message.content, "length")
     assert chunks == 1 + len(text) + 1  # role, one per character token, the finish chunk
@@ -120,19 +143,29 @@ def test_chat_streamed_equals_non_streamed(client):
 def test_completions_streamed_equals_non_streamed(client):
     whole = client.completions.create(model="tiny", prompt="Once upon", max_tokens=10, **GREEDY, **FIXED_LENGTH)
     assert whole.usage.completion_tokens == 10 and whole.usage.prompt_tokens == len("Once upon")
-    pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="Once upon", max_tokens=10,
-                                                                     stream=True, **GREEDY, **FIXED_LENGTH)]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Once upon", max_tokens=10, stream=True, **GREEDY, **FIXED_LENGTH
+        )
+    ]
     assert "".join(pieces) == whole.choices[0].text
 
 
 def test_seeded_sampling_is_reproducible(client):
-    runs = [chat(client, "tell me", max_tokens=16, temperature=1.0, top_p=0.95, seed=42, **FIXED_LENGTH).choices[0].message.content
-            for _ in range(2)]
+    runs = [
+        chat(client, "tell me", max_tokens=16, temperature=1.0, top_p=0.95, seed=42, **FIXED_LENGTH)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
 def test_stop_string_ends_the_answer(client):
-    full = client.completions.create(model="tiny", prompt="abc", max_tokens=20, **GREEDY, **FIXED_LENGTH).choices[0].text
+    full = (
+        client.completions.create(model="tiny", prompt="abc", max_tokens=20, **GREEDY, **FIXED_LENGTH).choices[0].text
+    )
     stop = full[6:8]
     cut = client.completions.create(model="tiny", prompt="abc", max_tokens=20, stop=[stop], **GREEDY, **FIXED_LENGTH)
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
@@ -185,4 +218,3 @@ def test_a_client_disconnect_frees_its_slot(server):
     assert state["running"] == 0 and state["waiting"] == 0
     assert state["generated_tokens"] - before < 240  # it stopped long before max_tokens
     assert health(server)["generated_tokens"] == state["generated_tokens"]
-

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_chat_model import tiny_tokenizer
 
 from ktinject.serving.text import TextStream
-from tiny_chat_model import tiny_tokenizer
 
 
 def byte_tokenizer():

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import pytest
-
 from gguf_writer import write_gguf
+from tiny_models import FAMILIES, tiny_model
+
 from ktinject import WeightError
 from ktinject.weights import GGUFSource
 from ktinject.weights.gguf_config import config_from_gguf
-from tiny_models import FAMILIES, tiny_model
 
 # Fields a GGUF cannot carry (or that do not change the model) are left out of the comparison.
-IGNORED = {"transformers_version", "architectures", "dtype", "initializer_range", "head_dim", "num_nextn_predict_layers",
-           "router_aux_loss_coef", "output_router_logits", "use_cache", "attention_dropout", "max_window_layers",
-           "use_sliding_window", "pretraining_tp", "router_jitter_noise", "qk_head_dim", "rope_interleave"}
+IGNORED = {
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "initializer_range",
+    "head_dim",
+    "num_nextn_predict_layers",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "use_cache",
+    "attention_dropout",
+    "max_window_layers",
+    "use_sliding_window",
+    "pretraining_tp",
+    "router_jitter_noise",
+    "qk_head_dim",
+    "rope_interleave",
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -38,7 +53,10 @@ def test_unknown_architecture_says_what_is_supported(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     writer.close()
-    with pytest.raises(WeightError, match=r"x\.gguf: cannot build a config for GGUF architecture 'bert' .*supported: .*qwen3moe.*pass the model directory"):
+    with pytest.raises(
+        WeightError,
+        match=r"x\.gguf: cannot build a config for GGUF architecture 'bert' .*supported: .*qwen3moe.*pass the model directory",
+    ):
         config_from_gguf(GGUFSource(tmp_path / "x.gguf"))
 
 
@@ -52,5 +70,8 @@ def test_missing_metadata_key_is_named(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     writer.close()
-    with pytest.raises(WeightError, match=r"x\.gguf: GGUF metadata key qwen3moe\.block_count is missing \(needed for the qwen3_moe config\)"):
+    with pytest.raises(
+        WeightError,
+        match=r"x\.gguf: GGUF metadata key qwen3moe\.block_count is missing \(needed for the qwen3_moe config\)",
+    ):
         config_from_gguf(GGUFSource(tmp_path / "x.gguf"))

@@ -37,22 +37,41 @@ CASE_SECONDS = 20  # one load of the tiny model takes ~0.05 s; anything near thi
 def test_damaged_gguf_files_fail_cleanly_or_load_the_same_weights(tmp_path):
     report = tmp_path / "report.json"
     progress = tmp_path / "progress.txt"
-    command = [sys.executable, str(Path(__file__).resolve()), "--seed", str(SEED), "--cases", str(CASES),
-               "--out", str(tmp_path), "--report", str(report), "--progress", str(progress)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--seed",
+        str(SEED),
+        "--cases",
+        str(CASES),
+        "--out",
+        str(tmp_path),
+        "--report",
+        str(report),
+        "--progress",
+        str(progress),
+    ]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=CASES * 0.5 + 120,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=CASES * 0.5 + 120,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     except subprocess.TimeoutExpired:
         last = progress.read_text().splitlines()[-1:] if progress.exists() else []
         raise AssertionError(f"the fuzz run hung; last case started: {last}") from None
     if done.returncode != 0:
         last = progress.read_text().splitlines()[-1:] if progress.exists() else []
-        raise AssertionError(f"the fuzz child died (exit {done.returncode}); last case started: {last}\n"
-                             f"{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"the fuzz child died (exit {done.returncode}); last case started: {last}\n{done.stderr[-3000:]}"
+        )
     results = json.loads(report.read_text())
     bad = [r for r in results if r["outcome"] not in ("error", "same")]
     assert not bad, f"{len(bad)} of {len(results)} damaged files were not handled:\n" + "\n".join(
-        f"  case {r['case']} [{r['kind']}] {r['mutation']}: {r['outcome']}: {r['detail'][-1500:]}" for r in bad[:15])
+        f"  case {r['case']} [{r['kind']}] {r['mutation']}: {r['outcome']}: {r['detail'][-1500:]}" for r in bad[:15]
+    )
     assert len(results) == CASES
     # The harness itself works: every kind of damage was tried, most are caught, some are harmless.
     kinds = {r["kind"] for r in results}
@@ -91,8 +110,23 @@ def write_base(path: Path) -> None:
 
 # -- mutations ----------------------------------------------------------------------------------------------
 def _integer_choices(rng: random.Random, old: int) -> int:
-    return rng.choice([0, 1, old + 1, old - 1, old * 2, old // 2, old + rng.randint(2, 64), 2**31, 2**32 - 1,
-                       2**40, 2**63, 2**64 - 1, rng.getrandbits(64)])
+    return rng.choice(
+        [
+            0,
+            1,
+            old + 1,
+            old - 1,
+            old * 2,
+            old // 2,
+            old + rng.randint(2, 64),
+            2**31,
+            2**32 - 1,
+            2**40,
+            2**63,
+            2**64 - 1,
+            rng.getrandbits(64),
+        ]
+    )
 
 
 def _number_choices(rng: random.Random, old: float) -> float:
@@ -251,17 +285,26 @@ def _scribble(rng, data: bytearray, layout: Layout) -> str:
     return "header bytes " + ", ".join(f"{at}={data[at]:#x}" for at in spots)
 
 
-KINDS = {"header": (_header, 3), "kv_type": (_kv_type, 3), "kv_key": (_kv_key, 3), "kv_value": (_kv_value, 8),
-         "tensor_type": (_tensor_type, 5), "tensor_dims": (_tensor_dims, 5), "tensor_offset": (_tensor_offset, 5),
-         "tensor_name": (_tensor_name, 4), "truncate": (_truncate, 3), "scribble": (_scribble, 3)}
+KINDS = {
+    "header": (_header, 3),
+    "kv_type": (_kv_type, 3),
+    "kv_key": (_kv_key, 3),
+    "kv_value": (_kv_value, 8),
+    "tensor_type": (_tensor_type, 5),
+    "tensor_dims": (_tensor_dims, 5),
+    "tensor_offset": (_tensor_offset, 5),
+    "tensor_name": (_tensor_name, 4),
+    "truncate": (_truncate, 3),
+    "scribble": (_scribble, 3),
+}
 
 
 # -- the child: run the cases -----------------------------------------------------------------------------
 def _load(path: Path):
     import torch
+    from gguf_writer import torch_rules
 
     import ktinject
-    from gguf_writer import torch_rules
 
     model = ktinject.from_pretrained(gguf=path, rules=torch_rules(), dtype=torch.float32, progress=False)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

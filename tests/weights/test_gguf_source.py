@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
+from gguf_writer import KQUANT_SIZES, dequantized_tensors, kquant_types, write_gguf
+from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
-from gguf_writer import KQUANT_SIZES, dequantized_tensors, kquant_types, write_gguf
 from ktinject import WeightError
-from ktinject.weights import GGUFSource, RawTensor, WeightSource
-from ktinject.weights import layouts
-from tiny_models import tiny_model
+from ktinject.weights import GGUFSource, RawTensor, WeightSource, layouts
 
 Q = gguf.GGMLQuantizationType
 
@@ -95,7 +94,9 @@ def test_tensor_is_gguf_py_dequantization_in_hf_layout(qwen, monkeypatch):
     assert gate_up.dtype == torch.float32 and gate_up.shape == (4, 512, 256)
     expected = torch.cat([decoded["blk.0.ffn_gate_exps.weight"], decoded["blk.0.ffn_up_exps.weight"]], dim=1)
     assert torch.equal(gate_up, expected)
-    again = source.tensor("model.layers.0.mlp.experts.gate_up_proj", dtype=torch.bfloat16)  # pages were dropped: still valid
+    again = source.tensor(
+        "model.layers.0.mlp.experts.gate_up_proj", dtype=torch.bfloat16
+    )  # pages were dropped: still valid
     assert again.dtype == torch.bfloat16 and torch.equal(again, expected.to(torch.bfloat16))
     assert source.tensor("model.embed_tokens.weight").dtype == torch.float16  # float types keep theirs by default
 
@@ -115,7 +116,9 @@ def test_check_reports_missing_shape_and_unknown_names(qwen):
     _, _, source = qwen
     assert source.check("model.layers.0.mlp.experts.gate_up_proj", (4, 512, 256), dequantize=True) is None
     problem = source.check("model.layers.0.mlp.experts.gate_up_proj", (4, 64, 256), dequantize=True)
-    assert problem.startswith("shape mismatch: the file gives (4, 512, 256) (from blk.0.ffn_gate_exps.weight (4, 256, 256)")
+    assert problem.startswith(
+        "shape mismatch: the file gives (4, 512, 256) (from blk.0.ffn_gate_exps.weight (4, 256, 256)"
+    )
     assert "the model expects (4, 64, 256)" in problem
     assert "has no GGUF name" in source.check("model.layers.0.mlp.nonsense.weight", None, dequantize=True)
 
@@ -129,14 +132,18 @@ def test_split_files_read_as_one(tmp_path):
         assert source.paths == files
         source.bind(meta_twin(model))
         # attn_q of the llama architecture has llama.cpp's rope row order: the source undoes it
-        assert torch.equal(source.tensor("model.layers.1.self_attn.q_proj.weight", torch.float32),
-                           model.state_dict()["model.layers.1.self_attn.q_proj.weight"].half().float())
+        assert torch.equal(
+            source.tensor("model.layers.1.self_attn.q_proj.weight", torch.float32),
+            model.state_dict()["model.layers.1.self_attn.q_proj.weight"].half().float(),
+        )
 
 
 def test_missing_split_is_named(tmp_path):
     files = write_gguf(tiny_model("mixtral"), tmp_path / "mix.gguf", split_max_tensors=8)
     files[1].unlink()
-    with pytest.raises(WeightError, match=rf"split GGUF of {len(files)} files, but mix-00002-of-0000{len(files)}.gguf is missing"):
+    with pytest.raises(
+        WeightError, match=rf"split GGUF of {len(files)} files, but mix-00002-of-0000{len(files)}.gguf is missing"
+    ):
         GGUFSource(files[0])
 
 
@@ -148,8 +155,11 @@ def small_file(tmp_path):
 def test_truncated_data_is_a_clear_error(small_file):
     data = small_file.read_bytes()
     small_file.write_bytes(data[: int(len(data) * 0.7)])
-    with pytest.raises(WeightError, match=rf"{small_file}: tensor blk\.\d+\.\w+\.weight \(\w+, shape \[[\d, ]+\]\) ends at "
-                                          rf"byte \d+ but the file has {int(len(data) * 0.7)} bytes; the file is truncated"):
+    with pytest.raises(
+        WeightError,
+        match=rf"{small_file}: tensor blk\.\d+\.\w+\.weight \(\w+, shape \[[\d, ]+\]\) ends at "
+        rf"byte \d+ but the file has {int(len(data) * 0.7)} bytes; the file is truncated",
+    ):
         GGUFSource(small_file)
 
 
@@ -186,10 +196,15 @@ def test_split_keys_must_agree_with_the_files(tmp_path):
 
     files = write_gguf(tiny_model("mixtral"), tmp_path / "mix.gguf", split_max_tensors=8)
     set_metadata(files[1], "split.tensors.count", 22)
-    with pytest.raises(WeightError, match=rf"^{files[1]}: GGUF metadata key split\.tensors\.count is 22, but the {len(files)} files "
-                                          r"hold 23 tensors; a tensor count or index is wrong"):
+    with pytest.raises(
+        WeightError,
+        match=rf"^{files[1]}: GGUF metadata key split\.tensors\.count is 22, but the {len(files)} files "
+        r"hold 23 tensors; a tensor count or index is wrong",
+    ):
         GGUFSource(files[0])
     set_metadata(files[1], "split.tensors.count", 23)
     set_metadata(files[2], "split.no", 1)
-    with pytest.raises(WeightError, match=rf"^{files[2]}: GGUF metadata key split\.no is 1, but the file is split 3 of 3"):
+    with pytest.raises(
+        WeightError, match=rf"^{files[2]}: GGUF metadata key split\.no is 1, but the file is split 3 of 3"
+    ):
         GGUFSource(files[0])

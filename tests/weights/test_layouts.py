@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from ktinject.weights import layouts
-from ktinject.weights.layouts import Concat, Interleave, LayoutError, MlaKvB, StackConcat, Transpose, UnpermuteRope, assemble
+from ktinject.weights.layouts import (
+    Concat,
+    Interleave,
+    LayoutError,
+    MlaKvB,
+    StackConcat,
+    Transpose,
+    UnpermuteRope,
+    assemble,
+)
 
 
 class FakePart:

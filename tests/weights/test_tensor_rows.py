@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import init_empty_weights
+from gguf_writer import write_gguf
+from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
-from gguf_writer import write_gguf
 from ktinject import WeightError
 from ktinject.weights import GGUFSource, SafetensorsSource
-from tiny_models import tiny_model
 
 
 def bind(source, model):
@@ -25,13 +25,25 @@ def bind(source, model):
 
 
 def experts_names(model):
-    return [n for n in model.state_dict() if ".mlp.experts." in n and n.endswith(("gate_up_proj", "down_proj", "_bias"))]
+    return [
+        n for n in model.state_dict() if ".mlp.experts." in n and n.endswith(("gate_up_proj", "down_proj", "_bias"))
+    ]
 
 
-@pytest.mark.parametrize("family, fmt", [("qwen3_moe", "safetensors"), ("qwen3_moe", "gguf"), ("gpt_oss", "gguf"),
-                                         ("gpt_oss", "safetensors"), ("mixtral", "gguf")])
+@pytest.mark.parametrize(
+    "family, fmt",
+    [
+        ("qwen3_moe", "safetensors"),
+        ("qwen3_moe", "gguf"),
+        ("gpt_oss", "gguf"),
+        ("gpt_oss", "safetensors"),
+        ("mixtral", "gguf"),
+    ],
+)
 def test_rows_are_the_whole_tensors_rows(family, fmt, tmp_path):
-    model = tiny_model(family, **({"mlp_only_layers": []} if family == "qwen3_moe" else {}))  # llama.cpp's qwen3moe: no dense layers
+    model = tiny_model(
+        family, **({"mlp_only_layers": []} if family == "qwen3_moe" else {})
+    )  # llama.cpp's qwen3moe: no dense layers
     if fmt == "gguf":
         source = bind(GGUFSource(write_gguf(model, tmp_path / "m.gguf", types=lambda name, shape: "f32")[0]), model)
     else:
