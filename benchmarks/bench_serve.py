@@ -47,8 +47,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "-m",
         "ktinject",
         "serve",
-        "--model",
-        args.model,
+        *(["--model", args.model] if args.model else []),
         "--port",
         "0",
         "--no-progress",
@@ -221,8 +220,8 @@ def main() -> int:
         atexit.register(shutil.rmtree, args.model, ignore_errors=True)
         if args.rules == "auto" and not args.set:
             args.set = ["gpu=cpu"]  # the built-in rules, everything on the CPU
-    if (args.model is None) == (args.url is None):
-        parser.error("give --model DIR (or --tiny) to start a server, or --url of a running one")
+    if (args.model is None and args.gguf is None) == (args.url is None):
+        parser.error("give --model DIR and/or --gguf FILE (or --tiny) to start a server, or --url of a running one")
 
     import httpx
 
