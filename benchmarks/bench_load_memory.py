@@ -100,7 +100,6 @@ def write_model(path: Path, layers: int, expert_type: str) -> None:
 def measure(path: Path, rules: str, gpu: str) -> dict:
     """Runs in a fresh process: load and report RSS figures as a dict."""
     import accelerate  # noqa: F401  (the libraries from_pretrained uses belong to the baseline)
-    import gguf
     import torch
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
@@ -128,16 +127,11 @@ def measure(path: Path, rules: str, gpu: str) -> dict:
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
     kept = sum(storages.values())
-    raw_layers = [
-        e.module_name
-        for e in model._ktinject_plan
-        if getattr(model.get_submodule(e.module_name), "wants_raw_weights", False)
-    ]
-    if raw_layers:  # their weights live outside torch: count the stored blocks they took
-        stored = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
-        for name in raw_layers:
-            layer = name.split(".")[2]
-            kept += sum(n for key, n in stored.items() if key.startswith(f"blk.{layer}.") and "_exps." in key)
+    # The CPU operators' weights live outside torch, in their native layers (packed blocks): count those.
+    for module in model.modules():
+        native_layer = getattr(module, "_moe", None) or getattr(module, "_linear", None)
+        if native_layer is not None:
+            kept += int(native_layer.weight_bytes)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # the loaded model runs
     return dict(
