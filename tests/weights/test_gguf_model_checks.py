@@ -17,26 +17,6 @@ from ktinject import WeightError
 from ktinject.weights import GGUFSource
 from ktinject.weights.gguf_config import config_from_gguf
 
-SIZES = dict(num_hidden_layers=2, mlp_only_layers=[], moe_intermediate_size=32, num_experts=4, eos_token_id=1)
-
-
-def q8_types(name: str, shape: tuple[int, ...]) -> str:
-    return "f32" if len(shape) <= 1 else "q8_0"
-
-
-@pytest.fixture(scope="module")
-def intact(tmp_path_factory):
-    path = tmp_path_factory.mktemp("intact") / "m.gguf"
-    write_gguf(tiny_model("qwen3_moe", **SIZES), path, types=q8_types)
-    return path
-
-
-@pytest.fixture()
-def damaged(intact, tmp_path):
-    path = tmp_path / "damaged.gguf"
-    shutil.copy(intact, path)
-    return path
-
 
 def config_of(path):
     return config_from_gguf(GGUFSource(path))

@@ -3,39 +3,15 @@ file and the tensor, never weights read from the wrong bytes."""
 
 from __future__ import annotations
 
-import shutil
-
 import gguf
 import pytest
 from gguf_bytes import Part, patch, put, set_header, set_tensor_field, tensor_field
-from gguf_writer import write_gguf
-from tiny_models import tiny_model
 
 from ktinject import WeightError
 from ktinject.weights import GGUFSource
 from ktinject.weights.gguf_reader import open_gguf
 
 Q = gguf.GGMLQuantizationType
-SIZES = dict(num_hidden_layers=2, mlp_only_layers=[], moe_intermediate_size=32, num_experts=4)
-
-
-def q8_types(name: str, shape: tuple[int, ...]) -> str:
-    return "f32" if len(shape) <= 1 else "q8_0"
-
-
-@pytest.fixture(scope="module")
-def intact(tmp_path_factory):
-    """Q8_0 matrices and F32 vectors, every row a multiple of 32 (no type falls back to F16)."""
-    path = tmp_path_factory.mktemp("intact") / "m.gguf"
-    write_gguf(tiny_model("qwen3_moe", **SIZES), path, types=q8_types)
-    return path
-
-
-@pytest.fixture()
-def damaged(intact, tmp_path):
-    path = tmp_path / "damaged.gguf"
-    shutil.copy(intact, path)
-    return path
 
 
 def test_intact_file_passes(intact):
