@@ -136,7 +136,8 @@ def inject(
     p = plan(model, ruleset, source=source)
     check_devices(p)
     for rule in p.unmatched_rules:
-        logger.warning("rule %s (%s) matched no module", rule.label, rule.location)
+        level = logging.WARNING if rule in p.suspicious_unmatched_rules else logging.DEBUG
+        logger.log(level, "rule %s (%s) matched no module", rule.label, rule.location)
     with torch.no_grad():
         for entry in p.entries:
             if not entry.is_keep:

@@ -70,6 +70,13 @@ class Operator(nn.Module):
     placement_only: ClassVar[bool] = False
 
     @classmethod
+    def places_only(cls, device: torch.device) -> bool:
+        """Whether this operator only places the module on ``device`` (as ``keep`` does): ``placement_only``
+        by default; a dispatching operator may replace the module on one device and only place it on another
+        (``attention`` keeps transformers' attention, with its projections claimed by other rules, off the CPU)."""
+        return cls.placement_only
+
+    @classmethod
     def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: OperatorConfig) -> nn.Module:
         """Build the replacement for ``module`` (named ``name`` in the model) placed on ``device``.
 

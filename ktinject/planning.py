@@ -19,6 +19,7 @@ from torch import nn
 from ktinject.errors import OperatorError
 from ktinject.messages import format_ranges
 from ktinject.rules import RuleSet
+from ktinject.rules.builtin import is_builtin_rule_file
 from ktinject.rules.schema import Rule
 from ktinject.weights.assembled import FileSource
 from ktinject.weights.source import TensorInfo
@@ -66,6 +67,11 @@ class Plan:
         for entry in self.entries:
             totals[str(entry.device)] += entry.estimated_bytes
         return dict(totals)
+
+    @property
+    def suspicious_unmatched_rules(self) -> tuple[Rule, ...]:
+        """Rules that matched nothing and were written for this model (not a shipped, multi-family file)."""
+        return tuple(r for r in self.unmatched_rules if not is_builtin_rule_file(r.location.file))
 
     def devices(self) -> set[torch.device]:
         return {entry.device for entry in self.entries}
@@ -199,7 +205,8 @@ def format_plan(p: Plan) -> str:
     memory = ", ".join(f"{dev}: {_human_bytes(n)}" for dev, n in sorted(p.memory_by_device().items()))
     lines.append(f"estimated memory per device: {memory or 'none'}")
     for rule in p.unmatched_rules:
-        lines.append(f"warning: rule {rule.label} ({rule.location}) matched no module")
+        kind = "warning: rule" if rule in p.suspicious_unmatched_rules else "note: built-in rule"
+        lines.append(f"{kind} {rule.label} ({rule.location}) matched no module")
     if p.uncovered_modules:
         shown = ", ".join(p.uncovered_modules[:5]) + (" ..." if len(p.uncovered_modules) > 5 else "")
         lines.append(

@@ -1,6 +1,8 @@
 """Operator implementations shipped with ktinject. Importing this package registers their short names."""
 
 from ktinject.operators import (  # noqa: F401
+    attention,
+    cpu_attention,
     cpu_experts,
     cpu_linear,
     keep,

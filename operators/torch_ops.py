@@ -1,4 +1,4 @@
-"""The CPU operators as torch custom ops (``torch.ops.ktinject.cpu_linear`` / ``cpu_experts``).
+"""The CPU operators as torch custom ops (``torch.ops.ktinject.cpu_linear``, ``cpu_experts``, ``cpu_attention_*``).
 
 Eager calls go straight to the operators (a custom op's dispatch costs microseconds per call at one token).
 Under ``torch.compile`` the operators call these ops instead, so dynamo traces a model through them as opaque
@@ -44,6 +44,8 @@ def _operator(handle: int) -> Any:
 _library = torch.library.Library("ktinject", "DEF")
 _library.define("cpu_linear(Tensor x, int handle) -> Tensor")
 _library.define("cpu_experts(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, int handle) -> Tensor")
+_library.define("cpu_attention_project(Tensor x, Tensor cos, Tensor sin, int handle) -> (Tensor, Tensor, Tensor)")
+_library.define("cpu_attention_attend(Tensor q, Tensor keys, Tensor values, Tensor? mask, int handle) -> Tensor")
 
 
 def _cpu_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
@@ -56,7 +58,19 @@ def _cpu_experts(
     return _operator(handle).run(hidden_states, top_k_index, top_k_weights)
 
 
+def _cpu_attention_project(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
+    return _operator(handle).run_project(x, cos, sin)
+
+
+def _cpu_attention_attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, handle: int
+) -> torch.Tensor:
+    return _operator(handle).run_attend(q, keys, values, mask)
+
+
 _library.impl("cpu_linear", _cpu_linear, "CPU")
+_library.impl("cpu_attention_project", _cpu_attention_project, "CPU")
+_library.impl("cpu_attention_attend", _cpu_attention_attend, "CPU")
 _library.impl("cpu_experts", _cpu_experts, "CPU")
 
 
@@ -72,5 +86,25 @@ def _cpu_experts_fake(
     return hidden_states.new_empty(hidden_states.shape)
 
 
+@torch.library.register_fake("ktinject::cpu_attention_project")
+def _cpu_attention_project_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
+    shape = _operator(handle).shape
+    n = x.shape[0]
+    return (
+        x.new_empty(n, shape.heads * shape.head_dim, dtype=torch.float32),
+        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=torch.float32),
+        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("ktinject::cpu_attention_attend")
+def _cpu_attention_attend_fake(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, handle: int
+) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], _operator(handle).shape.hidden, dtype=torch.float32)
+
+
 cpu_linear = torch.ops.ktinject.cpu_linear.default
+cpu_attention_project = torch.ops.ktinject.cpu_attention_project.default
+cpu_attention_attend = torch.ops.ktinject.cpu_attention_attend.default
 cpu_experts = torch.ops.ktinject.cpu_experts.default

@@ -120,10 +120,14 @@ void LinearLayer::load_bias(const float* bias) {
   bias_loaded_.store(true);
 }
 
-void LinearLayer::submit(LinearCall& call) {
+void LinearLayer::check_ready() const {
   if (!all_loaded()) throw std::invalid_argument("the weights are not all loaded yet");
   if (spec_.has_bias && !bias_loaded_.load())
     throw std::invalid_argument("this layer has a bias, but load_bias() was not called");
+}
+
+void LinearLayer::submit(LinearCall& call) {
+  check_ready();
   if (call.tokens > 0) call.start();
 }
 

@@ -72,6 +72,12 @@ class LinearLayer {
   // Starts `call` and returns at once (after the pool's job in flight, if any). Throws
   // std::invalid_argument when the weights are not all loaded. End it with call.finish().
   void submit(LinearCall& call);
+  // Throws std::invalid_argument unless the weights (and the bias, if any) are loaded: what submit() checks.
+  void check_ready() const;
+  // Runs worker (node, local)'s share of `call` inside another job (an operator that chains layers in one
+  // pool job, e.g. attention's q/k/v projections). Every worker of the pool must call it, in the same order
+  // for every layer it chains; `call` is never started itself, its errors are recorded in it.
+  void run_part(LinearCall& call, int node, int local) { run_call(call, node, local); }
 
  private:
   friend class LinearCall;

@@ -92,6 +92,9 @@ def plan_json(p, model_type: str, weights: str | None) -> dict:
             for e in p
         ],
         "memory_by_device": p.memory_by_device(),
-        "unmatched_rules": [{"rule": r.label, "location": str(r.location)} for r in p.unmatched_rules],
+        "unmatched_rules": [
+            {"rule": r.label, "location": str(r.location), "builtin": r not in p.suspicious_unmatched_rules}
+            for r in p.unmatched_rules
+        ],
         "uncovered_modules": list(p.uncovered_modules),
     }

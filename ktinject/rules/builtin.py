@@ -37,6 +37,15 @@ def builtin_rules_dir() -> Path:
     raise RuleError("the built-in rule files are missing from this installation (reinstall ktinject)")
 
 
+def is_builtin_rule_file(file: str) -> bool:
+    """Whether ``file`` is one of the shipped rule files. Their rules are written for many families, so one
+    that matches nothing in a given model (no shared experts, no dense MLP) is expected, not a mistake."""
+    try:
+        return Path(file).resolve().is_relative_to(builtin_rules_dir().resolve())
+    except (OSError, RuleError):
+        return False
+
+
 def builtin_rule_names() -> list[str]:
     """Names accepted by ``load_rules``: paths under the rules directory without ``.yaml``."""
     root = builtin_rules_dir()

@@ -24,6 +24,12 @@ def _is_experts(module: nn.Module) -> bool:
     return looks_like_experts(module)
 
 
+def _is_attention(module: nn.Module) -> bool:
+    from ktinject.operators.attention_layout import unsupported_attention
+
+    return unsupported_attention(module) is None
+
+
 def _is_linear(module: nn.Module) -> bool:
     # A subclass that overrides forward computes something else with the same weight (DeepSeek-V4's grouped
     # o_a_proj, Llama-4's router): replacing it by a plain linear would give wrong numbers, so it is no linear.
@@ -50,6 +56,13 @@ KINDS: dict[str, ModuleKind] = {
             "a transformers v5 routed-experts module (stacked per-expert weights: fused gate_up_proj/"
             "up_proj + down_proj, or DBRX's mlp.w1/v1/w2), wherever it sits",
             _is_experts,
+        ),
+        ModuleKind(
+            "attention",
+            "a transformers self-attention module of the standard form (q/k/v/o projections, optional per-head "
+            "q/k RMSNorm, rotate-half rotary embedding, grouped-query softmax attention): Llama, Mistral, "
+            "Mixtral, Qwen2(-MoE), Qwen3(-MoE), dots.llm1 and the families that reuse their attention",
+            _is_attention,
         ),
         ModuleKind(
             "linear",

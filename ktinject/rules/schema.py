@@ -73,8 +73,9 @@ class Replace:
 
     @property
     def is_keep(self) -> bool:
-        """The operator only places the module (``keep``, by short name or dotted path)."""
-        return self.op_class.placement_only
+        """The operator only places the module here (``keep``; ``attention`` off the CPU): nothing is built and
+        more specific rules may claim its children."""
+        return self.op_class.places_only(self.device)
 
 
 @dataclasses.dataclass(frozen=True)

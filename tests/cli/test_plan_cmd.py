@@ -42,15 +42,19 @@ def test_plan_reads_a_gguf_and_counts_blocks_kept_as_stored(capsys, kquant_gguf)
     experts = entries["model.layers.1.mlp.experts"]
     assert experts["op"] == "cpu_experts" and experts["device"] == "cpu" and experts["rule"] == "routed-experts-on-cpu"
     assert experts["bytes"] == stored_bytes(path, *(f"blk.1.ffn_{p}_exps.weight" for p in ("gate", "up", "down")))
-    q_proj = entries["model.layers.1.self_attn.q_proj"]
-    assert q_proj["op"] == "linear" and q_proj["bytes"] == stored_bytes(path, "blk.1.attn_q.weight")  # Q8_0 as stored
+    attention = entries["model.layers.1.self_attn"]  # Q8_0 projections as stored, float32 q/k norms
+    projections = stored_bytes(path, *(f"blk.1.attn_{p}.weight" for p in ("q", "k", "v", "output")))
+    norms = stored_bytes(path, "blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight")  # float32 in the file too
+    assert attention["op"] == "attention" and attention["bytes"] == projections + norms
 
     from_config = plan_json(capsys, "--config", str(config_dir), "--set", "gpu=cpu")
     assert from_config["weights"] is None
     at_dtype = {e["module"]: e["bytes"] for e in from_config["entries"]}
     assert at_dtype["model.layers.1.mlp.experts"] > 3 * experts["bytes"]  # float32 config vs ~4.5 bits per weight
     total = sum(e["bytes"] for e in from_file["entries"])
-    assert from_file["memory_by_device"] == {"cpu": total} and not from_file["unmatched_rules"]
+    assert from_file["memory_by_device"] == {"cpu": total}
+    # no dense MLP or shared expert in Qwen3-MoE: the shipped projections rule claims nothing, as expected
+    assert [(r["rule"], r["builtin"]) for r in from_file["unmatched_rules"]] == [("projections", True)]
 
 
 def test_plan_of_a_gguf_prints_the_table(capsys, kquant_gguf, tmp_path):
@@ -71,7 +75,7 @@ def test_plan_json_of_a_config_lists_unmatched_rules(capsys, kquant_gguf, tmp_pa
         "    replace: {op: keep, device: cpu}\n"
     )
     data = plan_json(capsys, "--config", str(config_dir / "config.json"), "--rules", str(rules), "--set", "gpu=cuda:0")
-    assert data["unmatched_rules"] == [{"rule": "nothing", "location": f"{rules}:3"}]
+    assert data["unmatched_rules"] == [{"rule": "nothing", "location": f"{rules}:3", "builtin": False}]
     assert set(data["memory_by_device"]) == {"cpu", "cuda:0"}
     assert {"module", "class", "rule", "location", "op", "device", "bytes"} == set(data["entries"][0])
 

@@ -14,8 +14,8 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 def _unit_flags(unit: str) -> set[str]:
     text = (CSRC / "CMakeLists.txt").read_text()
-    m = re.search(rf"set_source_files_properties\(quant/{unit}\.cpp PROPERTIES COMPILE_OPTIONS\s*\"([^\"]*)\"", text)
-    assert m, f"no compile options for quant/{unit}.cpp in csrc/CMakeLists.txt"
+    m = re.search(rf"set_source_files_properties\({unit}\.cpp PROPERTIES COMPILE_OPTIONS\s*\"([^\"]*)\"", text)
+    assert m, f"no compile options for {unit}.cpp in csrc/CMakeLists.txt"
     return {f[2:] for f in m.group(1).split(";") if f.startswith("-m")}
 
 
@@ -28,7 +28,15 @@ def _checked_features(isa: str) -> set[str]:
     return set(re.findall(r"f\.(\w+)", body.group(1)))
 
 
-@pytest.mark.parametrize("unit, isa", [("kernels_avx2", "Avx2"), ("kernels_avx512", "Avx512")])
+@pytest.mark.parametrize(
+    "unit, isa",
+    [
+        ("quant/kernels_avx2", "Avx2"),
+        ("quant/kernels_avx512", "Avx512"),
+        ("attention/attention_kernels_avx2", "Avx2"),
+        ("attention/attention_kernels_avx512", "Avx512"),
+    ],
+)
 def test_every_target_flag_of_an_isa_unit_is_checked_at_run_time(unit, isa):
     """A -m flag the run-time check does not cover lets the compiler emit instructions a CPU that passes the check
     lacks (SIGILL); e.g. -mavx512bf16 without avx512_bf16 in isa_available(Isa::Avx512)."""
@@ -47,7 +55,7 @@ def test_every_target_flag_of_an_isa_unit_is_checked_at_run_time(unit, isa):
     unknown = flags - set(flag_to_feature) - {"no-lto"}
     assert not unknown, f"map these flags to a CpuFeatures field: {unknown}"
     missing = {flag for flag in flags & set(flag_to_feature) if flag_to_feature[flag] not in _checked_features(isa)}
-    assert not missing, f"quant/{unit}.cpp is compiled with {missing} but isa_available(Isa::{isa}) does not check them"
+    assert not missing, f"{unit}.cpp is compiled with {missing} but isa_available(Isa::{isa}) does not check them"
 
 
 @pytest.mark.skipif(not native_available(), reason="ktinject._native is not built")
