@@ -5,6 +5,8 @@ from ktinject.operators import (  # noqa: F401
     cpu_attention,
     cpu_experts,
     cpu_linear,
+    cpu_norm,
+    cpu_router,
     keep,
     linear,
     marlin_linear,  # noqa: F401  (registers marlin_linear)

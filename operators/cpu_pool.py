@@ -1,13 +1,15 @@
-"""What the CPU operators (``cpu_experts``, ``cpu_linear``) share: their kwargs for the pinned pool and the
-weights, and running on the CPU only."""
+"""What the CPU operators share: their kwargs for the pinned pool and the weights, running on the CPU only, and
+the dispatching form the built-in rules use (our kernels on the CPU, transformers' module elsewhere)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import ClassVar
 
 import torch
 from ktinject.operators.cpu_weights import IsaName, WeightTypeName
+from torch import nn
 
 from ktinject.errors import OperatorError
 from ktinject.operator import KwargError, Operator, OperatorConfig, check_int
@@ -41,3 +43,31 @@ class CpuOperator(Operator):
     def check_device(cls, device: torch.device, config: OperatorConfig) -> None:
         if device.type != "cpu":
             raise OperatorError(f"{cls.op_name or cls.__name__} computes on the CPU, not on {device} (use device: cpu)")
+
+
+class CpuOrPlaced(Operator):
+    """A dispatching operator: ``cpu_operator`` on the CPU; on any other device the module is only placed there
+    (as ``keep`` does), so transformers' own module runs and more specific rules may claim its children. The
+    built-in rules use these so that one rule file fits a GPU placement and a CPU-only one."""
+
+    cpu_operator: ClassVar[type[Operator]]
+
+    @classmethod
+    def places_only(cls, device: torch.device) -> bool:
+        return device.type != "cpu"
+
+    @classmethod
+    def cpu_config(cls, config: OperatorConfig) -> OperatorConfig:
+        return cls.cpu_operator.Config(**dataclasses.asdict(config))
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: OperatorConfig) -> nn.Module:
+        return cls.cpu_operator.from_module(module, name=name, device=device, config=cls.cpu_config(config))
+
+    @classmethod
+    def estimate_bytes(cls, module: nn.Module, config: OperatorConfig) -> int:
+        return cls.cpu_operator.estimate_bytes(module, cls.cpu_config(config))
+
+    @classmethod
+    def estimate_stored_bytes(cls, module: nn.Module, config: OperatorConfig, device: torch.device, stored) -> int:
+        return cls.cpu_operator.estimate_stored_bytes(module, cls.cpu_config(config), device, stored)

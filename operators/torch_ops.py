@@ -44,6 +44,7 @@ def _operator(handle: int) -> Any:
 _library = torch.library.Library("ktinject", "DEF")
 _library.define("cpu_linear(Tensor x, int handle) -> Tensor")
 _library.define("cpu_experts(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, int handle) -> Tensor")
+_library.define("cpu_router(Tensor x, int handle) -> (Tensor, Tensor, Tensor)")
 _library.define("cpu_attention_project(Tensor x, Tensor cos, Tensor sin, int handle) -> (Tensor, Tensor, Tensor)")
 _library.define("cpu_attention_attend(Tensor q, Tensor keys, Tensor values, Tensor? mask, int handle) -> Tensor")
 
@@ -58,6 +59,10 @@ def _cpu_experts(
     return _operator(handle).run(hidden_states, top_k_index, top_k_weights)
 
 
+def _cpu_router(x: torch.Tensor, handle: int):
+    return _operator(handle).run(x)
+
+
 def _cpu_attention_project(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
     return _operator(handle).run_project(x, cos, sin)
 
@@ -70,6 +75,7 @@ def _cpu_attention_attend(
 
 _library.impl("cpu_linear", _cpu_linear, "CPU")
 _library.impl("cpu_attention_project", _cpu_attention_project, "CPU")
+_library.impl("cpu_router", _cpu_router, "CPU")
 _library.impl("cpu_attention_attend", _cpu_attention_attend, "CPU")
 _library.impl("cpu_experts", _cpu_experts, "CPU")
 
@@ -104,7 +110,19 @@ def _cpu_attention_attend_fake(
     return q.new_empty(q.shape[0], q.shape[1], _operator(handle).shape.hidden, dtype=torch.float32)
 
 
+@torch.library.register_fake("ktinject::cpu_router")
+def _cpu_router_fake(x: torch.Tensor, handle: int):
+    op = _operator(handle)
+    n = x.shape[0]
+    return (
+        x.new_empty(n, op.num_experts, dtype=torch.float32),
+        x.new_empty(n, op.top_k, dtype=torch.float32),
+        x.new_empty(n, op.top_k, dtype=torch.int64),
+    )
+
+
 cpu_linear = torch.ops.ktinject.cpu_linear.default
+cpu_router = torch.ops.ktinject.cpu_router.default
 cpu_attention_project = torch.ops.ktinject.cpu_attention_project.default
 cpu_attention_attend = torch.ops.ktinject.cpu_attention_attend.default
 cpu_experts = torch.ops.ktinject.cpu_experts.default

@@ -30,6 +30,18 @@ def _is_attention(module: nn.Module) -> bool:
     return unsupported_attention(module) is None
 
 
+def _is_rmsnorm(module: nn.Module) -> bool:
+    from ktinject.operators.cpu_norm import unsupported_rmsnorm
+
+    return unsupported_rmsnorm(module) is None
+
+
+def _is_router(module: nn.Module) -> bool:
+    from ktinject.operators.cpu_router import router_normalizes
+
+    return router_normalizes(module) is not None
+
+
 def _is_linear(module: nn.Module) -> bool:
     # A subclass that overrides forward computes something else with the same weight (DeepSeek-V4's grouped
     # o_a_proj, Llama-4's router): replacing it by a plain linear would give wrong numbers, so it is no linear.
@@ -63,6 +75,16 @@ KINDS: dict[str, ModuleKind] = {
             "q/k RMSNorm, rotate-half rotary embedding, grouped-query softmax attention): Llama, Mistral, "
             "Mixtral, Qwen2(-MoE), Qwen3(-MoE), dots.llm1 and the families that reuse their attention",
             _is_attention,
+        ),
+        ModuleKind(
+            "rmsnorm",
+            "a transformers RMSNorm of the Llama form (weight * x / rms(x), computed in float32), whatever its class",
+            _is_rmsnorm,
+        ),
+        ModuleKind(
+            "router",
+            "a transformers MoE router of the Qwen3-MoE form (softmax, top-k, optional renormalization)",
+            _is_router,
         ),
         ModuleKind(
             "linear",

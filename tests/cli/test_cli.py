@@ -16,7 +16,7 @@ def run(capsys, *argv):
 
 def test_validate_builtin(capsys):
     code, out, _ = run(capsys, "validate", "deepseek_v3", "--set", "gpu=cpu")
-    assert code == 0 and "ok: 5 rules" in out and "routed-experts-on-cpu" in out
+    assert code == 0 and "ok: 7 rules" in out and "routed-experts-on-cpu" in out
 
 
 def test_validate_reports_file_line(capsys, tmp_path):

@@ -87,10 +87,16 @@ def test_kind_is_shown_in_the_rule_set():
 @pytest.mark.parametrize(
     "value, fragment",
     [
-        ("expert", "unknown kind 'expert' (known: experts, attention, linear); did you mean 'experts'?"),
-        ("Experts_", "unknown kind 'Experts_' (known: experts, attention, linear); did you mean 'experts'?"),
-        ("[experts]", "unknown kind ['experts'] (known: experts, attention, linear)"),
-        ("3", "unknown kind 3 (known: experts, attention, linear)"),
+        (
+            "expert",
+            "unknown kind 'expert' (known: experts, attention, rmsnorm, router, linear); did you mean 'experts'?",
+        ),
+        (
+            "Experts_",
+            "unknown kind 'Experts_' (known: experts, attention, rmsnorm, router, linear); did you mean 'experts'?",
+        ),
+        ("[experts]", "unknown kind ['experts'] (known: experts, attention, rmsnorm, router, linear)"),
+        ("3", "unknown kind 3 (known: experts, attention, rmsnorm, router, linear)"),
     ],
 )
 def test_unknown_kind_is_a_one_line_rule_error_at_its_line(tmp_path, value, fragment):

@@ -1,0 +1,94 @@
+// Python bindings of the MoE router (moe/router.h) and RMSNorm (norm/rms_norm.h). Arrays are checked here and
+// a mismatch raises ValueError naming the argument.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bind_args.h"
+#include "bind_call.h"
+#include "bind_linear.h"
+#include "moe/router.h"
+#include "norm/rms_norm.h"
+
+namespace py = pybind11;
+
+namespace ktinject {
+namespace {
+
+using namespace bind;
+
+py::array writeable(const py::object& obj, const char* name, const py::dtype& dtype, const char* dtype_name,
+                    std::vector<int64_t> shape) {
+  py::array a = checked_array(obj, name, dtype, dtype_name, std::move(shape));
+  if (!a.writeable()) bad_arg(name, "must be writeable");
+  return a;
+}
+
+class PyRouter {
+ public:
+  PyRouter(py::object gate, int64_t top_k, bool normalize) : gate_(std::move(gate)) {
+    if (!py::isinstance<PyLinear>(gate_)) bad_arg("gate", "expected a _native.Linear");
+    try {
+      layer_ = std::make_unique<RouterLayer>(gate_.cast<PyLinear&>().layer(), top_k, normalize);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(std::string("argument 'top_k': ") + e.what());
+    }
+  }
+
+  void route(const py::object& x_obj, const py::object& logits_obj, const py::object& weights_obj,
+             const py::object& ids_obj) {
+    const int64_t H = layer_->hidden(), E = layer_->experts(), k = layer_->top_k();
+    const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32", {-1, H});
+    const int64_t T = x.shape(0);
+    py::array logits = writeable(logits_obj, "logits", py::dtype::of<float>(), "float32", {T, E});
+    py::array weights = writeable(weights_obj, "weights", py::dtype::of<float>(), "float32", {T, k});
+    py::array ids = writeable(ids_obj, "ids", py::dtype::of<int64_t>(), "int64", {T, k});
+    RouterCall call(*layer_, static_cast<const float*>(x.data()), T, static_cast<float*>(logits.mutable_data()),
+                    static_cast<float*>(weights.mutable_data()), static_cast<int64_t*>(ids.mutable_data()));
+    try {
+      py::gil_scoped_release release;
+      layer_->submit(call);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+    finish_interruptibly(call);
+    py::gil_scoped_release release;
+    call.finish_all();
+  }
+
+  RouterLayer& layer() { return *layer_; }
+
+ private:
+  py::object gate_;  // keeps the gate's linear layer alive
+  std::unique_ptr<RouterLayer> layer_;
+};
+
+void rms_norm(const py::object& x_obj, const py::object& w_obj, float eps, const py::object& out_obj) {
+  const py::array w = checked_array(w_obj, "weight", py::dtype::of<float>(), "float32", {-1});
+  const int64_t dim = w.shape(0);
+  const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32", {-1, dim});
+  py::array out = writeable(out_obj, "out", py::dtype::of<float>(), "float32", {x.shape(0), dim});
+  if (!(eps >= 0.0f) || !std::isfinite(eps)) bad_arg("eps", "must be finite and >= 0");
+  rms_norm_rows(static_cast<const float*>(x.data()), static_cast<const float*>(w.data()), x.shape(0), dim, eps,
+                static_cast<float*>(out.mutable_data()));
+}
+
+}  // namespace
+
+void bind_router_norm(py::module_& m) {
+  py::class_<PyRouter>(m, "Router", "Softmax top-k MoE router on the CPU (see csrc/moe/router.h).")
+      .def(py::init<py::object, int64_t, bool>(), py::arg("gate"), py::kw_only(), py::arg("top_k"),
+           py::arg("normalize"), "gate: a _native.Linear [experts, hidden].")
+      .def("route", &PyRouter::route, py::arg("x"), py::arg("logits"), py::arg("weights"), py::arg("ids"),
+           "x float32 [T, hidden] -> logits float32 [T, experts], weights float32 [T, top_k], ids int64 [T, top_k].")
+      .def_property_readonly("threads", [](PyRouter& p) { return p.layer().pool().threads(); });
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        "out = x / sqrt(mean(x^2) + eps) * weight for x, out float32 [rows, dim] (may be the same), weight [dim].");
+}
+
+}  // namespace ktinject

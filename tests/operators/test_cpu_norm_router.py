@@ -1,0 +1,182 @@
+"""cpu_rmsnorm and cpu_router against the unmodified transformers modules (every class of the recognised forms
+that this transformers has), bfloat16 inputs, ties and non-finite inputs, concurrent calls, bad arguments at the
+C++ boundary, and the kinds that pick them."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ktinject.errors import OperatorError
+from ktinject.native import native, native_available
+
+if not native_available():
+    pytest.fail("ktinject._native is not built", pytrace=False)
+
+from ktinject.operators.cpu_norm import CpuRmsNorm, unsupported_rmsnorm  # noqa: E402
+from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_normalizes  # noqa: E402
+
+from ktinject.operator import OperatorConfig  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _cls(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+NORMS = ["llama:LlamaRMSNorm", "qwen3_moe:Qwen3MoeRMSNorm", "mixtral:MixtralRMSNorm", "deepseek_v3:DeepseekV3RMSNorm"]
+
+
+@pytest.mark.parametrize("path", NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_transformers(path, dtype):
+    torch.manual_seed(0)
+    norm = _cls(path)(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    op = CpuRmsNorm.from_module(norm, name="n", device=CPU, config=OperatorConfig())
+    x = (torch.randn(2, 5, 96) * 3).to(dtype)
+    with torch.no_grad():
+        want, got = norm.to(dtype)(x), op(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-6 if dtype is torch.float32 else 1e-2  # bf16: transformers rounds x/rms to bf16 before the weight
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
+
+
+def test_rmsnorm_handles_views_and_non_finite_rows():
+    norm = _cls("llama:LlamaRMSNorm")(32)
+    op = CpuRmsNorm.from_module(norm, name="n", device=CPU, config=OperatorConfig())
+    x = torch.randn(4, 64)[:, ::2]  # strided
+    x[1, 3] = float("nan")
+    got = op(x)
+    assert torch.allclose(got[[0, 2, 3]], norm(x)[[0, 2, 3]], atol=1e-6) and got[1].isnan().all()
+    with pytest.raises(OperatorError, match="33 features, expected 32"):
+        op(torch.randn(2, 33))
+
+
+def test_rmsnorm_kind_rejects_other_forms():
+    gemma = _cls("gemma:GemmaRMSNorm")(16)  # weight * (1 + w): another formula
+    assert "does not compute the Llama RMSNorm" in unsupported_rmsnorm(gemma)
+    assert unsupported_rmsnorm(torch.nn.LayerNorm(16)) is not None
+    assert unsupported_rmsnorm(_cls("qwen3_moe:Qwen3MoeRMSNorm")(16)) is None
+
+
+def test_rms_norm_binding_checks_arguments():
+    N = native()
+    w = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        N.rms_norm(np.zeros((2, 9), np.float32), w, 1e-6, np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="argument 'out'"):
+        N.rms_norm(np.zeros((2, 8), np.float32), w, 1e-6, np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError, match="argument 'eps'"):
+        N.rms_norm(np.zeros((2, 8), np.float32), w, float("nan"), np.zeros((2, 8), np.float32))
+
+
+ROUTERS = [
+    ("qwen3_moe:Qwen3MoeTopKRouter", "Qwen3MoeConfig", {"norm_topk_prob": True}),
+    ("qwen3_moe:Qwen3MoeTopKRouter", "Qwen3MoeConfig", {"norm_topk_prob": False}),
+    ("qwen2_moe:Qwen2MoeTopKRouter", "Qwen2MoeConfig", {}),
+    ("olmoe:OlmoeTopKRouter", "OlmoeConfig", {}),
+    ("qwen3_5_moe:Qwen3_5MoeTopKRouter", "Qwen3_5MoeTextConfig", {}),
+]
+
+
+def make_router(path, config_name, extra, experts=16, top_k=4):
+    config = getattr(importlib.import_module("transformers"), config_name)(
+        hidden_size=64, num_experts=experts, num_experts_per_tok=top_k, **extra
+    )
+    torch.manual_seed(1)
+    router = _cls(path)(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn_like(router.weight) * 0.3)
+    return router
+
+
+@pytest.mark.parametrize("path,config_name,extra", ROUTERS)
+def test_router_matches_transformers(path, config_name, extra):
+    router = make_router(path, config_name, extra)
+    op = CpuRouter.from_module(router, name="gate", device=CPU, config=CpuRouterConfig())
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        want, got = router(x), op(x)
+    assert torch.allclose(got[0], want[0], atol=1e-5)
+    assert torch.equal(got[2], want[2])
+    assert torch.allclose(got[1], want[1], atol=1e-6)
+    assert got[2].dtype == torch.int64 and got[1].dtype == want[1].dtype
+
+
+def test_router_bfloat16_and_ties():
+    router = make_router(*ROUTERS[0])
+    with torch.no_grad():
+        router.weight[5] = router.weight[9]  # experts 5 and 9 always tie: the lower id comes first, as in torch
+    op = CpuRouter.from_module(router, name="gate", device=CPU, config=CpuRouterConfig())
+    x = torch.randn(5, 64)
+    logits, weights, ids = op(x.bfloat16())
+    assert logits.dtype == weights.dtype == torch.bfloat16
+    for row in ids.tolist():
+        if 5 in row and 9 in row:
+            assert row.index(5) < row.index(9)
+    _, _, ref_ids = router(x)
+    assert torch.equal(op(x)[2], ref_ids)
+
+
+def test_router_non_finite_input_gives_non_finite_weights():
+    op = CpuRouter.from_module(make_router(*ROUTERS[0]), name="gate", device=CPU, config=CpuRouterConfig())
+    x = torch.randn(2, 64)
+    x[1, 0] = float("inf") * 0
+    _, weights, ids = op(x)
+    assert weights[1].isnan().all() and not weights[0].isnan().any()
+    assert ((ids >= 0) & (ids < 16)).all()
+
+
+def test_router_concurrent_calls_match_sequential():
+    op = CpuRouter.from_module(make_router(*ROUTERS[0]), name="gate", device=CPU, config=CpuRouterConfig())
+    xs = [torch.randn(3, 64) for _ in range(6)]
+    want = [op(x) for x in xs]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(50):
+                got = op(xs[i])
+                assert all(torch.equal(a, b) for a, b in zip(got, want[i]))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_router_binding_checks_arguments():
+    N = native()
+    gate = N.Linear(16, 64, type=0)
+    with pytest.raises(ValueError, match="argument 'top_k'"):
+        N.Router(gate, top_k=17, normalize=True)
+    with pytest.raises(ValueError, match="argument 'gate'"):
+        N.Router(object(), top_k=2, normalize=True)
+    gate.load(0, np.zeros((16, 64 * 4), np.uint8))
+    r = N.Router(gate, top_k=2, normalize=True)
+    z = np.zeros
+    with pytest.raises(ValueError, match="argument 'ids'"):
+        r.route(z((3, 64), np.float32), z((3, 16), np.float32), z((3, 2), np.float32), z((3, 2), np.int32))
+    with pytest.raises(ValueError, match="argument 'weights'"):
+        r.route(z((3, 64), np.float32), z((3, 16), np.float32), z((3, 3), np.float32), z((3, 2), np.int64))
+
+
+def test_router_kind_rejects_other_routers():
+    from transformers import GraniteMoeConfig
+
+    granite = _cls("granitemoe:GraniteMoeTopKRouter")(GraniteMoeConfig(hidden_size=32, num_local_experts=4))
+    assert router_normalizes(granite) is None  # top-k of logits, then softmax: another formula
+    with pytest.raises(OperatorError, match="not a softmax top-k router"):
+        CpuRouter.from_module(granite, name="g", device=CPU, config=CpuRouterConfig())
