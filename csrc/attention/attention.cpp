@@ -1,5 +1,6 @@
 #include "attention/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -38,14 +39,15 @@ void rotate_half(float* x, const float* cos, const float* sin, int64_t rot) {
 
 }  // namespace
 
-void attend_head(Isa isa, const float* q, int64_t head_dim, const KvRows& keys, const KvRows& values, int64_t n_keys,
-                 const KeyMask& mask, float scale, float* scores, float* out) {
+void attend_group(Isa isa, const float* q, int64_t heads, int64_t head_dim, const KvRows& keys, const KvRows& values,
+                  int64_t n_keys, const KeyMask& mask, float scale, float* scores, float* out) {
 #if defined(KTINJECT_QUANT_X86)
-  if (isa == Isa::Avx512) return attend_head_avx512(q, head_dim, keys, values, n_keys, mask, scale, scores, out);
-  if (isa == Isa::Avx2) return attend_head_avx2(q, head_dim, keys, values, n_keys, mask, scale, scores, out);
+  if (isa == Isa::Avx512)
+    return attend_group_avx512(q, heads, head_dim, keys, values, n_keys, mask, scale, scores, out);
+  if (isa == Isa::Avx2) return attend_group_avx2(q, heads, head_dim, keys, values, n_keys, mask, scale, scores, out);
 #endif
   (void)isa;
-  attend_head_scalar(q, head_dim, keys, values, n_keys, mask, scale, scores, out);
+  attend_group_scalar(q, heads, head_dim, keys, values, n_keys, mask, scale, scores, out);
 }
 
 // ---- calls ------------------------------------------------------------------------------------------
@@ -185,12 +187,19 @@ void AttentionLayer::norm_rope(const ProjectCall& call, int worker) const {
 
 void AttentionLayer::attend_rows(const AttendCall& call, int worker) const {
   const int64_t hd = spec_.head_dim, H = spec_.heads, group = spec_.heads / spec_.kv_heads;
-  const int64_t T = call.tokens, S = call.n_keys, rows = call.batch * T * H;
+  const int64_t T = call.tokens, S = call.n_keys, units = call.batch * T * spec_.kv_heads;
+  // A task is (batch row, token, KV head, a slice of its query heads): whole groups read each cached row
+  // once for all their heads; with few such units the groups are sliced so every worker has two tasks.
+  const int64_t want = 2 * pool_->threads();
+  const int64_t slices = std::min(group, std::max<int64_t>(1, (want + units - 1) / units));
+  const int64_t per_slice = (group + slices - 1) / slices, n_slices = (group + per_slice - 1) / per_slice;
   thread_local std::vector<float> scores;
-  if (static_cast<int64_t>(scores.size()) < S) scores.resize(static_cast<size_t>(S));
+  if (static_cast<int64_t>(scores.size()) < per_slice * S) scores.resize(static_cast<size_t>(per_slice * S));
   const size_t k_elem = call.keys.bf16 ? 2 : 4, v_elem = call.values.bf16 ? 2 : 4;
-  for (int64_t r = worker; r < rows && !call.cancelled(); r += pool_->threads()) {
-    const int64_t b = r / (T * H), t = (r / H) % T, h = r % H, kvh = h / group;
+  for (int64_t r = worker; r < units * n_slices && !call.cancelled(); r += pool_->threads()) {
+    const int64_t unit = r / n_slices, slice = r % n_slices;
+    const int64_t b = unit / (T * spec_.kv_heads), t = (unit / spec_.kv_heads) % T, kvh = unit % spec_.kv_heads;
+    const int64_t h0 = kvh * group + slice * per_slice, heads = std::min(per_slice, (kvh + 1) * group - h0);
     const int64_t row = b * T + t;
     KvRows keys{static_cast<const char*>(call.keys.data) +
                     (b * call.keys.stride_b + kvh * call.keys.stride_h) * static_cast<int64_t>(k_elem),
@@ -207,9 +216,11 @@ void AttentionLayer::attend_rows(const AttendCall& call, int worker) const {
       const int64_t off = b * mv.stride_b + t * mv.stride_t;
       if (mv.allow != nullptr) m.allow = mv.allow + off;
       if (mv.add != nullptr) m.add = mv.add + off;
+      if (m.allow != nullptr)  // keys after the last visible one need not be looked at (a static cache's tail)
+        while (m.last >= 0 && m.allow[m.last] == 0) --m.last;
     }
-    attend_head(isa_, call.q + row * H * hd + h * hd, hd, keys, values, S, m, spec_.scale, scores.data(),
-                call.ctx + row * H * hd + h * hd);
+    attend_group(isa_, call.q + (row * H + h0) * hd, heads, hd, keys, values, S, m, spec_.scale, scores.data(),
+                 call.ctx + (row * H + h0) * hd);
   }
 }
 

@@ -25,18 +25,21 @@ struct KeyMask {
   const float* add = nullptr;
 };
 
-// out[head_dim] = softmax(scale * K q + mask) V over keys [0, n_keys). `scores` is scratch of n_keys
-// floats. A query that sees no key gets zeros (as a fully padded row); non-finite inputs give non-finite
-// outputs (never hidden). Preconditions: isa_available(isa); the rows exist.
-void attend_head(Isa isa, const float* q, int64_t head_dim, const KvRows& keys, const KvRows& values, int64_t n_keys,
-                 const KeyMask& mask, float scale, float* scores, float* out);
+// For `heads` query heads sharing one KV head (q and out: heads x head_dim floats, consecutive):
+// out[h] = softmax(scale * K q[h] + mask) V over keys [0, n_keys). Each key and value row is read once for all
+// the heads. `scores` is scratch of heads * n_keys floats. A query that sees no key gets zeros (as a fully
+// padded row); non-finite inputs give non-finite outputs (never hidden). Preconditions: isa_available(isa);
+// the rows exist.
+void attend_group(Isa isa, const float* q, int64_t heads, int64_t head_dim, const KvRows& keys, const KvRows& values,
+                  int64_t n_keys, const KeyMask& mask, float scale, float* scores, float* out);
 
-// Per-ISA builds (attention_kernels_<isa>.cpp), called by attend_head.
-void attend_head_scalar(const float*, int64_t, const KvRows&, const KvRows&, int64_t, const KeyMask&, float, float*,
-                        float*);
-void attend_head_avx2(const float*, int64_t, const KvRows&, const KvRows&, int64_t, const KeyMask&, float, float*,
-                      float*);
-void attend_head_avx512(const float*, int64_t, const KvRows&, const KvRows&, int64_t, const KeyMask&, float, float*,
-                        float*);
+// Per-ISA builds (attention_kernels_<isa>.cpp), called by attend_group.
+#define KTINJECT_ATTEND_GROUP(suffix)                                                                               \
+  void attend_group_##suffix(const float*, int64_t, int64_t, const KvRows&, const KvRows&, int64_t, const KeyMask&, \
+                             float, float*, float*)
+KTINJECT_ATTEND_GROUP(scalar);
+KTINJECT_ATTEND_GROUP(avx2);
+KTINJECT_ATTEND_GROUP(avx512);
+#undef KTINJECT_ATTEND_GROUP
 
 }  // namespace ktinject

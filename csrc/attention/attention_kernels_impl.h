@@ -1,4 +1,4 @@
-// One source for every ISA build of attend_head (attention_kernels.h): GCC vector extensions of 16 floats,
+// One source for every ISA build of attend_group (attention_kernels.h): GCC vector extensions of 16 floats,
 // which each unit's target flags turn into one AVX-512 register, two AVX2 registers or four SSE registers.
 // Included once per unit; everything is static so no unit's code is shared with another's (see
 // CMakeLists.txt: code compiled for one ISA must never run on a CPU without it).
@@ -64,47 +64,97 @@ inline void axpy(float a, const T* v, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * to_f32(v[i]);
 }
 
-template <typename K, typename V>
-void attend_head_typed(const float* q, int64_t hd, const K* keys, int64_t k_stride, const V* values, int64_t v_stride,
-                       int64_t n_keys, const KeyMask& mask, float scale, float* scores, float* out) {
-  constexpr float kHidden = -std::numeric_limits<float>::infinity();
-  const int64_t last = mask.last < n_keys - 1 ? mask.last : n_keys - 1;
-  float top = kHidden;
-  int64_t visible = 0;
-  for (int64_t s = 0; s <= last; ++s) {
-    if (mask.allow != nullptr && mask.allow[s] == 0) {
-      scores[s] = kHidden;
-      continue;
-    }
-    float x = dot(q, keys + s * k_stride, hd) * scale;
-    if (mask.add != nullptr) x += mask.add[s];
-    scores[s] = x;
-    if (x != kHidden) ++visible;
-    if (x > top) top = x;
-  }
-  std::memset(out, 0, static_cast<size_t>(hd) * sizeof(float));
-  if (visible == 0) return;  // no key to attend to: zeros, as for a padded query
-  float sum = 0.0f;
-  for (int64_t s = 0; s <= last; ++s) {
-    const float e = scores[s] == kHidden ? 0.0f : std::exp(scores[s] - top);  // NaN stays NaN
-    scores[s] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t s = 0; s <= last; ++s)
-    if (scores[s] != 0.0f) axpy(scores[s] * inv, values + s * v_stride, out, hd);
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+
+// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative
+// error < 2e-7), times 2^n built in the exponent bits. Inputs below -87 give ~1e-38 (callers zero what they
+// hide); NaN stays NaN.
+inline F32x16 exp16(F32x16 x) {
+  const F32x16 lo = F32x16{} - 87.0f, hi = F32x16{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const F32x16 t = x * 1.44269504f + 0.5f;
+  I32x16 n = __builtin_convertvector(t, I32x16);  // truncates toward zero
+  n += __builtin_convertvector(n, F32x16) > t;    // floor for negative t (a true compare is -1)
+  const F32x16 nf = __builtin_convertvector(n, F32x16);
+  const F32x16 r = (x - nf * 0.693145752f) - nf * 1.42860677e-06f;
+  F32x16 p = F32x16{} + (1.0f / 720);
+  p = p * r + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I32x16 bits = (n + 127) << 23;
+  F32x16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
-inline void attend_head_any(const float* q, int64_t hd, const KvRows& k, const KvRows& v, int64_t n_keys,
-                            const KeyMask& mask, float scale, float* scores, float* out) {
+// One KV head and `heads` query heads that share it (q and out: heads x hd, consecutive; scores: heads rows
+// of n_keys). Each key and value row is read once for all the heads.
+template <typename K, typename V>
+void attend_group_typed(const float* q, int64_t heads, int64_t hd, const K* keys, int64_t k_stride, const V* values,
+                        int64_t v_stride, int64_t n_keys, const KeyMask& mask, float scale, float* scores, float* out) {
+  constexpr float kHidden = -std::numeric_limits<float>::infinity();
+  const int64_t last = mask.last < n_keys - 1 ? mask.last : n_keys - 1;
+  const int64_t n = last + 1;
+  std::memset(out, 0, static_cast<size_t>(heads * hd) * sizeof(float));
+  if (n <= 0) return;
+  int64_t visible = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    if (mask.allow != nullptr && mask.allow[s] == 0) {
+      for (int64_t h = 0; h < heads; ++h) scores[h * n_keys + s] = kHidden;
+      continue;
+    }
+    const K* k = keys + s * k_stride;
+    const float add = mask.add != nullptr ? mask.add[s] : 0.0f;
+    for (int64_t h = 0; h < heads; ++h) scores[h * n_keys + s] = dot(q + h * hd, k, hd) * scale + add;
+    visible += add != kHidden;
+  }
+  if (visible == 0) return;  // no key to attend to: zeros, as for a padded query
+  for (int64_t h = 0; h < heads; ++h) {
+    float* row = scores + h * n_keys;
+    float top = kHidden;
+    for (int64_t s = 0; s < n; ++s) top = row[s] > top ? row[s] : top;  // NaN never wins; it stays in row
+    if (top == kHidden) top = 0.0f;                                     // every visible score NaN
+    float sum = 0.0f;
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+      const F32x16 x = load16(row + s);
+      F32x16 e = exp16(x - top);
+      e = x == kHidden ? F32x16{} : e;
+      store16(row + s, e);
+      for (int j = 0; j < 16; ++j) sum += e[j];
+    }
+    for (; s < n; ++s) {
+      row[s] = row[s] == kHidden ? 0.0f : std::exp(row[s] - top);
+      sum += row[s];
+    }
+    const float inv = 1.0f / sum;  // a NaN score made sum NaN: every weight of the head is then NaN
+    for (s = 0; s < n; ++s) row[s] *= inv;
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const V* v = values + s * v_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = scores[h * n_keys + s];
+      if (p != 0.0f) axpy(p, v, out + h * hd, hd);
+    }
+  }
+}
+
+inline void attend_group_any(const float* q, int64_t heads, int64_t hd, const KvRows& k, const KvRows& v,
+                             int64_t n_keys, const KeyMask& mask, float scale, float* scores, float* out) {
   const auto* kf = static_cast<const float*>(k.data);
   const auto* kb = static_cast<const uint16_t*>(k.data);
   const auto* vf = static_cast<const float*>(v.data);
   const auto* vb = static_cast<const uint16_t*>(v.data);
-  if (!k.bf16 && !v.bf16) return attend_head_typed(q, hd, kf, k.stride, vf, v.stride, n_keys, mask, scale, scores, out);
-  if (k.bf16 && v.bf16) return attend_head_typed(q, hd, kb, k.stride, vb, v.stride, n_keys, mask, scale, scores, out);
-  if (k.bf16) return attend_head_typed(q, hd, kb, k.stride, vf, v.stride, n_keys, mask, scale, scores, out);
-  attend_head_typed(q, hd, kf, k.stride, vb, v.stride, n_keys, mask, scale, scores, out);
+  if (!k.bf16 && !v.bf16)
+    return attend_group_typed(q, heads, hd, kf, k.stride, vf, v.stride, n_keys, mask, scale, scores, out);
+  if (k.bf16 && v.bf16)
+    return attend_group_typed(q, heads, hd, kb, k.stride, vb, v.stride, n_keys, mask, scale, scores, out);
+  if (k.bf16) return attend_group_typed(q, heads, hd, kb, k.stride, vf, v.stride, n_keys, mask, scale, scores, out);
+  attend_group_typed(q, heads, hd, kf, k.stride, vb, v.stride, n_keys, mask, scale, scores, out);
 }
 
 }  // namespace

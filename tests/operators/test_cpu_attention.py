@@ -321,3 +321,31 @@ def test_mask_objects_other_than_tensors_are_refused():
     cos, sin = rotary(torch.arange(2)[None], 32)
     with pytest.raises(OperatorError, match="attention mask"):
         op(torch.randn(1, 2, 96), position_embeddings=(cos, sin), attention_mask=object())
+
+
+def test_static_cache_with_its_padded_mask():
+    """transformers' StaticCache hands back the whole preallocated cache and a mask hiding its unused tail."""
+    from transformers import StaticCache
+
+    attn = make_attention("Qwen3MoeAttention")
+    op = build(attn)
+    torch.manual_seed(7)
+    xs = [torch.randn(1, 5, 96)] + [torch.randn(1, 1, 96) for _ in range(3)]
+    positions = [torch.arange(5)[None]] + [torch.tensor([[5 + i]]) for i in range(3)]
+    outs = []
+    for module in (attn, op):
+        cache = StaticCache(config=attn.config, max_cache_len=32)
+        got = []
+        with torch.no_grad():
+            for x, pos in zip(xs, positions):
+                T, past = x.shape[1], int(pos[0, 0])
+                mask = torch.zeros(1, 1, T, 32, dtype=torch.bool)
+                mask[..., : past + T] = causal_mask(torch.ones(1, past + T), T, past)
+                cos, sin = rotary(pos, 32)
+                out, _ = module(
+                    x, position_embeddings=(cos, sin), attention_mask=mask, cache=cache, cache_position=pos[0]
+                )
+                got.append(out)
+        outs.append(got)
+    for w, g in zip(*outs):
+        close(g, w, 2e-5)
