@@ -87,58 +87,11 @@ def test_submit_and_sync(model_type):
         assert_matches(op.sync(), module(*args))
 
 
-def test_identity_experts_return_their_input_times_the_weight():
-    module = family_experts("longcat_flash")
-    op = build(module)
-    e = op.spec.num_experts
-    hidden = torch.randn(3, op.spec.hidden_size)
-    index = torch.tensor([[e, e + 1], [e + 1, 2], [0, e]])  # identity experts are ids e and e+1
-    weights = torch.rand(3, 2)
-    with torch.no_grad():
-        assert_matches(op(hidden, index, weights), module(hidden, index, weights))
-    torch.testing.assert_close(
-        op(hidden[:1], index[:1], weights[:1]), hidden[:1] * weights[:1].sum(), rtol=1e-6, atol=1e-6
-    )
-
-
 def test_ids_past_the_identity_experts_are_refused():
     op = build(family_experts("longcat_flash"))
     total = op.spec.num_experts + op.spec.identity_experts
     with pytest.raises(OperatorError, match=rf"top_k_index\[0, 1\] = {total} is not an expert id"):
         op(torch.randn(1, op.spec.hidden_size), torch.tensor([[0, total]]), torch.ones(1, 2))
-
-
-def test_dense_call_contract():
-    op = build(family_experts("llama4"))
-    e, h = op.spec.num_experts, op.spec.hidden_size
-    with pytest.raises(
-        OperatorError, match=r"'layer\.experts': these experts are called as experts\(hidden\[E\*T, H\]\)"
-    ):
-        op(torch.randn(e, h), torch.zeros(e, 1, dtype=torch.long), torch.ones(e, 1))
-    with pytest.raises(
-        OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"
-    ):
-        op(torch.randn(5, h))
-
-
-def test_routed_call_needs_routing():
-    op = build(family_experts("qwen3_moe"))
-    with pytest.raises(
-        OperatorError, match=r"'layer\.experts': experts\(hidden, top_k_index, top_k_weights\) needs all three"
-    ):
-        op(torch.randn(2, op.spec.hidden_size))
-
-
-def test_dbrx_keeps_its_3d_shape():
-    module = family_experts("dbrx")
-    op = build(module)
-    hidden = torch.randn(2, 3, op.spec.hidden_size)
-    index = torch.randint(0, op.spec.num_experts, (6, 2))
-    weights = torch.rand(6, 2)
-    out = op(hidden, index, weights)
-    assert out.shape == (2, 3, op.spec.hidden_size)
-    with torch.no_grad():
-        assert_matches(out, module(hidden, index, weights))
 
 
 def test_post_expert_norm_runs_before_the_routing_weight_on_a_copy():

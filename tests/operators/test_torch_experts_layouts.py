@@ -14,7 +14,6 @@ from ktinject.operators.experts_layout import looks_like_experts
 from ktinject.operators.torch_experts import TorchExperts, TorchExpertsConfig
 from torch import nn
 
-from ktinject import OperatorError
 from ktinject.families.calls import experts_call
 from ktinject.families.tiny import tiny_model
 from ktinject.weights import ModuleSource
@@ -77,49 +76,6 @@ def test_clamps_and_softcaps_engaged(model_type):
     op = build(module)
     hidden, index, weights = experts_call(op.spec)
     assert_matches(op, module, hidden * 30, index, weights)
-
-
-def test_identity_experts_return_their_input():
-    module = family_experts("longcat_flash")
-    op = build(module)
-    e = op.spec.num_experts
-    hidden = torch.randn(3, op.spec.hidden_size)
-    index = torch.tensor([[e, e + 1], [e + 1, 2], [0, e]])  # identity experts are ids e and e+1
-    weights = torch.rand(3, 2)
-    assert_matches(op, module, hidden, index, weights)
-    only_identity = op(hidden[:1], index[:1], weights[:1])
-    torch.testing.assert_close(only_identity, hidden[:1] * weights[:1].sum(), rtol=1e-6, atol=1e-6)
-
-
-def test_dense_call_contract():
-    op = build(family_experts("llama4"))
-    e, h = op.spec.num_experts, op.spec.hidden_size
-    with pytest.raises(
-        OperatorError, match=r"layer\.experts: these experts are called as experts\(hidden\[E\*T, H\]\)"
-    ):
-        op(torch.randn(e, h), torch.zeros(e, 1, dtype=torch.long), torch.ones(e, 1))
-    with pytest.raises(
-        OperatorError, match=rf"hidden_states must be \[num_experts\*tokens, {h}\] with num_experts={e}, got \(5, {h}\)"
-    ):
-        op(torch.randn(5, h))
-
-
-def test_routed_call_needs_routing():
-    op = build(family_experts("qwen3_moe"))
-    with pytest.raises(
-        OperatorError, match=r"layer\.experts: experts\(hidden, top_k_index, top_k_weights\) needs all three"
-    ):
-        op(torch.randn(2, op.spec.hidden_size))
-
-
-def test_dbrx_keeps_its_3d_shape():
-    module = family_experts("dbrx")
-    op = build(module)
-    hidden = torch.randn(2, 3, op.spec.hidden_size)
-    index = torch.randint(0, op.spec.num_experts, (6, 2))
-    weights = torch.rand(6, 2)
-    assert_matches(op, module, hidden, index, weights)
-    assert op(hidden, index, weights).shape == (2, 3, op.spec.hidden_size)
 
 
 def test_post_expert_norm_is_the_modules_own():
