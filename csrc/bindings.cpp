@@ -9,6 +9,7 @@ void bind_moe(pybind11::module_& m);
 void bind_linear(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_router_norm(pybind11::module_& m);
+void bind_decoder_layer(pybind11::module_& m);
 }  // namespace ktinject
 
 PYBIND11_MODULE(_native, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_native, m) {
   ktinject::bind_linear(m);
   ktinject::bind_attention(m);
   ktinject::bind_router_norm(m);
+  ktinject::bind_decoder_layer(m);
 }

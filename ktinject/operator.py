@@ -69,6 +69,11 @@ class Operator(nn.Module):
     # specific rules may claim its children). Nothing is built: from_module is never called. ``keep`` is one.
     placement_only: ClassVar[bool] = False
 
+    # True: the operator replaces a subtree whose parts other rules could claim one by one (cpu_decoder_layer).
+    # Planning then leaves the module to the next matching rule when a rule that comes first (a lower index)
+    # claims one of its descendants: the rule a user wrote for a part wins over a built-in rule for the whole.
+    yields_to_earlier_rules: ClassVar[bool] = False
+
     @classmethod
     def places_only(cls, device: torch.device) -> bool:
         """Whether this operator only places the module on ``device`` (as ``keep`` does): ``placement_only``

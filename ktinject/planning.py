@@ -55,6 +55,8 @@ class Plan:
     rules: RuleSet
     unmatched_rules: tuple[Rule, ...]
     uncovered_modules: tuple[str, ...]  # modules holding tensors that no rule (nor an ancestor's) places
+    # (module, rule that would have claimed it whole, descendant, earlier rule claiming that descendant)
+    yielded: tuple[tuple[str, Rule, str, Rule], ...] = ()
 
     def __iter__(self) -> Iterator[PlanEntry]:
         return iter(self.entries)
@@ -96,8 +98,25 @@ def plan(model: nn.Module, rules: RuleSet, *, source: FileSource | None = None) 
 
     claimed_names: set[str] = set()
 
+    yielded: list[tuple[str, Rule, str, Rule]] = []
+
+    def earlier_rule_below(name: str, module: nn.Module, rule: Rule) -> tuple[str, Rule] | None:
+        for child_name, child in module.named_modules():
+            if child_name:
+                full = f"{name}.{child_name}" if name else child_name
+                first = rules.first_match(full, child)
+                if first is not None and first.index < rule.index:
+                    return full, first
+        return None
+
     def visit(name: str, module: nn.Module, covered: bool) -> None:
         rule = rules.first_match(name, module)
+        while rule is not None and rule.replace.op_class.yields_to_earlier_rules:
+            blocker = earlier_rule_below(name, module, rule)
+            if blocker is None:
+                break
+            yielded.append((name, rule, *blocker))
+            rule = rules.first_match(name, module, after=rule.index)
         if rule is not None:
             used.add(rule.index)
             claimed_names.add(name)
@@ -115,7 +134,7 @@ def plan(model: nn.Module, rules: RuleSet, *, source: FileSource | None = None) 
     visit("", model, False)
     entries = _fill_keep_estimates(model, entries, claimed_names, own_bytes)
     unmatched = tuple(r for r in rules.rules if r.index not in used)
-    return Plan(tuple(entries), rules, unmatched, tuple(uncovered))
+    return Plan(tuple(entries), rules, unmatched, tuple(uncovered), tuple(yielded))
 
 
 def _estimate(rule: Rule, name: str, module: nn.Module, source: FileSource | None) -> int:
@@ -204,6 +223,11 @@ def format_plan(p: Plan) -> str:
     lines.append(f"{len(p.entries)} modules claimed by {len(p.rules) - len(p.unmatched_rules)} of {len(p.rules)} rules")
     memory = ", ".join(f"{dev}: {_human_bytes(n)}" for dev, n in sorted(p.memory_by_device().items()))
     lines.append(f"estimated memory per device: {memory or 'none'}")
+    for name, rule, part, earlier in p.yielded:
+        lines.append(
+            f"note: rule {rule.label} left {name} to its parts: rule {earlier.label} ({earlier.location}) claims "
+            f"{part} and comes first"
+        )
     for rule in p.unmatched_rules:
         kind = "warning: rule" if rule in p.suspicious_unmatched_rules else "note: built-in rule"
         lines.append(f"{kind} {rule.label} ({rule.location}) matched no module")

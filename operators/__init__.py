@@ -3,6 +3,7 @@
 from ktinject.operators import (  # noqa: F401
     attention,
     cpu_attention,
+    cpu_decoder_layer,
     cpu_experts,
     cpu_linear,
     cpu_norm,

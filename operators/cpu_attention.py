@@ -177,7 +177,7 @@ class CpuAttention(CpuOperator):
         s = self.shape
         cos, sin = position_embeddings
         x = hidden_states.reshape(B * T, s.hidden)
-        cos, sin = _per_token(cos, B, T), _per_token(sin, B, T)
+        cos, sin = rotary_rows(cos, sin, B, T)
         compiling = torch.compiler.is_compiling()
         if compiling:
             q, k, v = torch_ops.cpu_attention_project(x, cos, sin, self._handle)
@@ -188,12 +188,8 @@ class CpuAttention(CpuOperator):
         if dtype != torch.float32:
             k, v = k.to(dtype), v.to(dtype)
         if cache is not None:
-            if self._new_cache_api:
-                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-            else:
-                cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
-                k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
-        mask = _mask_rows(attention_mask, k.shape[-2], self.module_name)
+            k, v = self.update_cache(cache, k, v, cos, sin, kwargs)
+        mask = mask_rows(attention_mask, k.shape[-2], self.module_name)
         q = q.view(B, T, s.heads * s.head_dim)
         if T > self.config.native_tokens:
             out = self._attend_torch(q, k, v, mask)
@@ -202,6 +198,13 @@ class CpuAttention(CpuOperator):
         else:
             out = self.run_attend(q, k, v, mask)
         return (out if dtype == torch.float32 else out.to(dtype)), None
+
+    def update_cache(self, cache: Any, k: torch.Tensor, v: torch.Tensor, cos, sin, kwargs: dict):
+        """Hand the new keys and values to transformers' cache as the replaced module did; returns all of them."""
+        if self._new_cache_api:
+            return cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+        return cache.update(k, v, self.layer_idx, cache_kwargs)
 
     def run_project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x float32 [N, hidden] -> q [N, heads*head_dim], k, v [N, kv_heads*head_dim] (normed, rotated)."""
@@ -270,6 +273,39 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     if t.dtype is not torch.float32 or t.device.type != "cpu" or t.requires_grad:
         t = t.detach().to(device="cpu", dtype=torch.float32)
     return t if t.is_contiguous() else t.contiguous()
+
+
+# The model computes cos/sin (and the mask) once per forward and hands the same tensors to every layer: their
+# per-token float32 rows are made once and reused by the following layers. One slot, replaced as a whole (a
+# tuple), holding the source tensors so their identity stays unique while cached; thread-safe by construction.
+_rotary_slot: tuple = ()
+_mask_slot: tuple = ()
+
+
+def rotary_rows(cos: torch.Tensor, sin: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [batch or 1, tokens, rot] -> float32 contiguous [batch * tokens, rot] each (cached per step)."""
+    global _rotary_slot
+    if torch.compiler.is_compiling():  # no Python-side state inside a compiled graph
+        return _f32(_per_token(cos, batch, tokens)), _f32(_per_token(sin, batch, tokens))
+    slot = _rotary_slot
+    if slot and slot[0] is cos and slot[1] is sin and slot[2] == batch and slot[3] == tokens:
+        return slot[4], slot[5]
+    rows = _f32(_per_token(cos, batch, tokens)), _f32(_per_token(sin, batch, tokens))
+    _rotary_slot = (cos, sin, batch, tokens, *rows)
+    return rows
+
+
+def mask_rows(mask: Any, n_keys: int, name: str) -> torch.Tensor | None:
+    """_mask_rows, cached per step (every layer gets the same mask)."""
+    global _mask_slot
+    if mask is None or torch.compiler.is_compiling():
+        return _mask_rows(mask, n_keys, name)
+    slot = _mask_slot
+    if slot and slot[0] is mask and slot[1] == n_keys:
+        return slot[2]
+    rows = _mask_rows(mask, n_keys, name)
+    _mask_slot = (mask, n_keys, rows)
+    return rows
 
 
 def _per_token(t: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:

@@ -52,6 +52,11 @@ class CpuOrPlaced(Operator):
 
     cpu_operator: ClassVar[type[Operator]]
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "cpu_operator" in cls.__dict__:
+            cls.yields_to_earlier_rules = cls.cpu_operator.yields_to_earlier_rules
+
     @classmethod
     def places_only(cls, device: torch.device) -> bool:
         return device.type != "cpu"

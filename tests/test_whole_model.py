@@ -18,8 +18,10 @@ def pair(request):
     return family, plain, optimized, plan
 
 
-# Families whose attention is transformers' standard form (kind: attention) run it in cpu_attention.
+# Families whose attention is transformers' standard form (kind: attention) run it in cpu_attention; Qwen3-MoE's
+# MoE layers are whole cpu_decoder_layers (kind: decoder_layer), its dense layer has a cpu_attention.
 STANDARD_ATTENTION = {"qwen3_moe", "qwen2_moe", "mixtral", "llama"}
+FUSED_LAYERS = {"qwen3_moe"}
 
 
 def test_builtin_rules_claim_experts_and_projections(pair):
@@ -36,7 +38,13 @@ def test_builtin_rules_claim_experts_and_projections(pair):
         assert {type(optimized.get_submodule(n)).__name__ for n in attention} == {"CpuAttention"}
     else:
         assert not attention and any(n.endswith("self_attn.o_proj") for n in projections)
-    if family != "llama":
+    layers = [e.module_name for e in plan if e.op == "decoder_layer"]
+    assert bool(layers) == (family in FUSED_LAYERS)
+    for name in layers:
+        layer = optimized.get_submodule(name)
+        assert type(layer).__name__ == "CpuDecoderLayer"
+        assert type(layer.self_attn).__name__ == "CpuAttention" and type(layer.mlp.experts).__name__ == "CpuExperts"
+    if family not in ("llama", *FUSED_LAYERS):
         experts = [e for e in plan if e.op == "cpu_experts"]
         assert experts and all(e.module_name.endswith("mlp.experts") for e in experts)
         assert type(optimized.get_submodule(experts[0].module_name)).__name__ == "CpuExperts"

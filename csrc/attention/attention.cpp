@@ -162,13 +162,17 @@ AttentionLayer::AttentionLayer(const AttentionSpec& spec, LinearLayer& q, Linear
   barrier_.reset(pool_->threads());
 }
 
+void AttentionLayer::submit_check() const {
+  for (const LinearLayer* l : {&q_, &k_, &v_, &o_}) l->check_ready();
+}
+
 void AttentionLayer::submit(ProjectCall& call) {
-  for (const LinearLayer* l : {&q_, &k_, &v_}) l->check_ready();
+  submit_check();
   if (call.tokens > 0) call.start();
 }
 
 void AttentionLayer::submit(AttendCall& call) {
-  o_.check_ready();
+  submit_check();
   if (call.batch * call.tokens > 0) call.start();
 }
 

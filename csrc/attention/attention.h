@@ -105,6 +105,8 @@ class AttentionLayer {
   // std::invalid_argument when a projection's weights are not loaded.
   void submit(ProjectCall& call);
   void submit(AttendCall& call);
+  // What submit() checks, for layers that run these calls inside their own jobs.
+  void submit_check() const;
 
  private:
   friend class ProjectCall;

@@ -191,10 +191,14 @@ void MoeLayer::load_bias(const float* gate_bias, const float* up_bias, const flo
 // ---------------------------------------------------------------------------------------------------
 // A call
 
-void MoeLayer::submit(MoeCall& call) {
+void MoeLayer::check_ready() const {
   if (!all_loaded()) throw std::invalid_argument("the experts' weights are not all loaded yet");
   if (spec_.has_bias && !bias_loaded_.load())
     throw std::invalid_argument("this layer has biases, but load_bias() was not called");
+}
+
+void MoeLayer::submit(MoeCall& call) {
+  check_ready();
   const int64_t E = spec_.num_experts, n = call.tokens * call.top_k;
   for (int64_t i = 0; i < n; ++i)
     if (call.ids[i] < 0 || call.ids[i] > E)

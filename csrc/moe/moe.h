@@ -96,6 +96,9 @@ class MoeLayer {
   // num_experts marks an unused slot, transformers' convention) or when the weights are not loaded.
   // End the call with call.finish(), which rethrows an error raised by a worker.
   void submit(MoeCall& call);
+  // Throws std::invalid_argument unless the weights (and biases, if any) are loaded: what submit() checks
+  // besides the expert ids. For operators that run this layer inside their own jobs (MoeCall::run).
+  void check_ready() const;
 
   // Test hook: the next call raises std::runtime_error inside a worker.
   void fail_next_call() { fail_next_.store(true); }

@@ -43,6 +43,7 @@ class RouterLayer {
   const ThreadPool& pool() const { return *pool_; }
   const std::shared_ptr<ThreadPool>& shared_pool() const { return pool_; }
   void submit(RouterCall& call);
+  void check_ready() const { gate_.check_ready(); }
 
  private:
   friend class RouterCall;

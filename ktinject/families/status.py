@@ -85,7 +85,9 @@ def static_status(model_type: str) -> FamilyStatus:
             p = plan_for(model, "auto", vars=CPU_VARS)
     except KtInjectError as exc:
         return FamilyStatus(model_type, model_class, rules, 0, "unsupported", str(exc), paths)
-    on_cpu = {e.module_name for e in p if e.op == "cpu_experts"}
+    # Experts in cpu_experts, on their own or as the experts part of a whole decoder layer (cpu_decoder_layer).
+    layers = tuple(e.module_name + "." for e in p if e.op == "decoder_layer")
+    on_cpu = {e.module_name for e in p if e.op == "cpu_experts"} | {n for n in experts if n.startswith(layers)}
     missed = [name for name in experts if name not in on_cpu]
     if not experts or missed:
         what = f"experts module {missed[0]!r} is not claimed by cpu_experts" if missed else "no experts module found"

@@ -30,6 +30,12 @@ def _is_attention(module: nn.Module) -> bool:
     return unsupported_attention(module) is None
 
 
+def _is_decoder_layer(module: nn.Module) -> bool:
+    from ktinject.operators.cpu_decoder_layer import unsupported_decoder_layer
+
+    return unsupported_decoder_layer(module) is None
+
+
 def _is_rmsnorm(module: nn.Module) -> bool:
     from ktinject.operators.cpu_norm import unsupported_rmsnorm
 
@@ -75,6 +81,12 @@ KINDS: dict[str, ModuleKind] = {
             "q/k RMSNorm, rotate-half rotary embedding, grouped-query softmax attention): Llama, Mistral, "
             "Mixtral, Qwen2(-MoE), Qwen3(-MoE), dots.llm1 and the families that reuse their attention",
             _is_attention,
+        ),
+        ModuleKind(
+            "decoder_layer",
+            "a pre-norm MoE decoder layer of the Llama form whose parts cpu_decoder_layer runs: standard "
+            "attention, RMSNorms, a Qwen3-MoE-form sparse MoE block (softmax top-k router, routed experts)",
+            _is_decoder_layer,
         ),
         ModuleKind(
             "rmsnorm",

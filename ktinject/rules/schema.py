@@ -112,9 +112,10 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.rules)
 
-    def first_match(self, module_name: str, module: nn.Module) -> Rule | None:
+    def first_match(self, module_name: str, module: nn.Module, *, after: int = -1) -> Rule | None:
+        """The first rule (lowest index above ``after``) that matches the module, or None."""
         for rule in self.rules:
-            if rule.match.matches(module_name, module):
+            if rule.index > after and rule.match.matches(module_name, module):
                 return rule
         return None
 

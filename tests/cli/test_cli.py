@@ -16,7 +16,7 @@ def run(capsys, *argv):
 
 def test_validate_builtin(capsys):
     code, out, _ = run(capsys, "validate", "deepseek_v3", "--set", "gpu=cpu")
-    assert code == 0 and "ok: 7 rules" in out and "routed-experts-on-cpu" in out
+    assert code == 0 and "ok: 8 rules" in out and "routed-experts-on-cpu" in out
 
 
 def test_validate_reports_file_line(capsys, tmp_path):
@@ -79,7 +79,7 @@ def test_doctor(capsys):
 def test_demo(capsys):
     code, out, _ = run(capsys, "demo", "--max-new-tokens", "20")
     assert code == 0
-    assert "Qwen3MoeExperts -> TorchExperts" in out or "Qwen3MoeExperts -> CpuExperts" in out
+    assert any(s in out for s in ("Qwen3MoeExperts -> CpuExperts", "Qwen3MoeDecoderLayer -> CpuDecoderLayer"))
     assert "OK: same tokens, logits match" in out
     assert "training step 80/80, loss" in out  # progress while it trains (one line per quarter off a terminal)
 

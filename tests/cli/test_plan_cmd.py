@@ -39,22 +39,25 @@ def test_plan_reads_a_gguf_and_counts_blocks_kept_as_stored(capsys, kquant_gguf)
     from_file = plan_json(capsys, "--config", str(path), "--set", "gpu=cpu")
     assert from_file["model_type"] == "qwen3_moe" and from_file["weights"] == str(path)
     entries = {e["module"]: e for e in from_file["entries"]}
-    experts = entries["model.layers.1.mlp.experts"]
-    assert experts["op"] == "cpu_experts" and experts["device"] == "cpu" and experts["rule"] == "routed-experts-on-cpu"
-    assert experts["bytes"] == stored_bytes(path, *(f"blk.1.ffn_{p}_exps.weight" for p in ("gate", "up", "down")))
-    attention = entries["model.layers.1.self_attn"]  # Q8_0 projections as stored, float32 q/k norms
+    # Every layer is MoE: a whole cpu_decoder_layer, holding its parts as the file stores them (K-quant experts,
+    # Q8_0 projections, float32 router and norms)
+    layer = entries["model.layers.1"]
+    assert layer["op"] == "decoder_layer" and layer["device"] == "cpu" and layer["rule"] == "decoder-layers"
+    experts = stored_bytes(path, *(f"blk.1.ffn_{p}_exps.weight" for p in ("gate", "up", "down")))
     projections = stored_bytes(path, *(f"blk.1.attn_{p}.weight" for p in ("q", "k", "v", "output")))
-    norms = stored_bytes(path, "blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight")  # float32 in the file too
-    assert attention["op"] == "attention" and attention["bytes"] == projections + norms
+    small = stored_bytes(
+        path, *(f"blk.1.{n}.weight" for n in ("attn_q_norm", "attn_k_norm", "attn_norm", "ffn_norm", "ffn_gate_inp"))
+    )
+    assert layer["bytes"] == experts + projections + small
 
     from_config = plan_json(capsys, "--config", str(config_dir), "--set", "gpu=cpu")
     assert from_config["weights"] is None
     at_dtype = {e["module"]: e["bytes"] for e in from_config["entries"]}
-    assert at_dtype["model.layers.1.mlp.experts"] > 3 * experts["bytes"]  # float32 config vs ~4.5 bits per weight
+    assert at_dtype["model.layers.1"] > 3 * layer["bytes"]  # float32 config vs ~4.5-8.5 bits per weight
     total = sum(e["bytes"] for e in from_file["entries"])
     assert from_file["memory_by_device"] == {"cpu": total}
-    # no dense MLP or shared expert in Qwen3-MoE: the shipped projections rule claims nothing, as expected
-    assert [(r["rule"], r["builtin"]) for r in from_file["unmatched_rules"]] == [("projections", True)]
+    # whole layers here: the shipped rules for the parts (and for dense MLPs) claim nothing, as expected
+    assert all(r["builtin"] for r in from_file["unmatched_rules"])
 
 
 def test_plan_of_a_gguf_prints_the_table(capsys, kquant_gguf, tmp_path):
@@ -63,7 +66,7 @@ def test_plan_of_a_gguf_prints_the_table(capsys, kquant_gguf, tmp_path):
     shutil.copy(path, renamed)
     assert main(["plan", "--config", str(renamed), "--set", "gpu=cpu"]) == 0
     out = capsys.readouterr().out
-    assert "model.layers.{0-2}.mlp.experts" in out and "cpu_experts" in out
+    assert "model.layers.{0-2}" in out and "decoder_layer" in out  # every layer of this tiny model is MoE
     assert f"memory at the types stored in {renamed}" in out
 
 

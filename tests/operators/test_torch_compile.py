@@ -22,7 +22,7 @@ def models():
     plain = tiny_model("qwen3_moe")
     optimized = twin(plain)
     plan = ktinject.optimize(optimized, "qwen3_moe", vars={"gpu": "cpu"})
-    assert {e.op for e in plan} >= {"cpu_experts", "linear"}
+    assert {e.op for e in plan} >= {"decoder_layer", "attention", "linear"}
     yield plain, optimized
     torch._dynamo.reset()
 

@@ -51,7 +51,7 @@ def test_a_moe_family_without_a_file_gets_the_generic_moe_rules(caplog):
     assert experts == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     # OLMoE's attention norms q and k over the whole projection: transformers' module stays, projections are ours
     assert not plan.suspicious_unmatched_rules and not plan.uncovered_modules
-    assert [r.label for r in plan.unmatched_rules] == ["attention"]
+    assert [r.label for r in plan.unmatched_rules] == ["decoder-layers", "attention"]
 
 
 def test_a_dense_model_without_a_file_gets_the_dense_rules():

@@ -89,14 +89,14 @@ def test_kind_is_shown_in_the_rule_set():
     [
         (
             "expert",
-            "unknown kind 'expert' (known: experts, attention, rmsnorm, router, linear); did you mean 'experts'?",
+            "unknown kind 'expert' (known: experts, attention, decoder_layer, rmsnorm, router, linear); did you mean 'experts'?",
         ),
         (
             "Experts_",
-            "unknown kind 'Experts_' (known: experts, attention, rmsnorm, router, linear); did you mean 'experts'?",
+            "unknown kind 'Experts_' (known: experts, attention, decoder_layer, rmsnorm, router, linear); did you mean 'experts'?",
         ),
-        ("[experts]", "unknown kind ['experts'] (known: experts, attention, rmsnorm, router, linear)"),
-        ("3", "unknown kind 3 (known: experts, attention, rmsnorm, router, linear)"),
+        ("[experts]", "unknown kind ['experts'] (known: experts, attention, decoder_layer, rmsnorm, router, linear)"),
+        ("3", "unknown kind 3 (known: experts, attention, decoder_layer, rmsnorm, router, linear)"),
     ],
 )
 def test_unknown_kind_is_a_one_line_rule_error_at_its_line(tmp_path, value, fragment):

@@ -106,11 +106,13 @@ def test_readme_rule_example_plans_a_qwen3_moe_cleanly(caplog):
     assert rules.rules[0].replace.op == "cpu_experts" and rules.rules[0].replace.config.numa_nodes == 2
     with caplog.at_level(logging.WARNING, logger="ktinject"):
         plan = ktinject.plan(tiny_model("qwen3_moe"), rules)
-    assert not plan.unmatched_rules, [r.label for r in plan.unmatched_rules]
-    assert not plan.uncovered_modules and "matched no module" not in str(plan)
+    assert not plan.suspicious_unmatched_rules, [r.label for r in plan.unmatched_rules]
+    assert not plan.uncovered_modules and "warning" not in str(plan)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     experts = {e.module_name: e for e in plan if e.op == "cpu_experts"}
     assert experts["model.layers.0.mlp.experts"].rule.replace.config.weight_type == "q8_0"
-    assert (
-        experts["model.layers.2.mlp.experts"].rule.replace.config.weight_type == "q4_k"
-    )  # the built-in rule, via vars
+    # the user's rule for layer 0's experts wins over the built-in whole-layer rule, which says so in the plan
+    assert [(name, part) for name, _, part, _ in plan.yielded] == [("model.layers.0", "model.layers.0.mlp.experts")]
+    assert "note: rule decoder-layers left model.layers.0 to its parts" in str(plan)
+    layers = {e.module_name: e for e in plan if e.op == "decoder_layer"}
+    assert layers["model.layers.2"].rule.replace.config.experts_weight_type == "q4_k"  # the built-in rule, via vars

@@ -1,0 +1,130 @@
+#include "layer/decoder_layer.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "norm/rms_norm.h"
+
+namespace ktinject {
+namespace {
+
+bool first_worker(int node, int local) { return node == 0 && local == 0; }
+
+}  // namespace
+
+LayerPreCall::LayerPreCall(DecoderLayer& layer_, const float* x_, int64_t tokens_, const float* cos, const float* sin,
+                           int64_t rot, float* q, float* k, float* v)
+    : PoolCall(layer_.shared_pool()),
+      layer(layer_),
+      x(x_),
+      tokens(tokens_),
+      h(static_cast<size_t>(tokens_ * layer_.hidden())),
+      project(layer_.attention_, h.data(), tokens_, cos, sin, rot, q, k, v) {}
+
+void LayerPreCall::run(int node, int local) {
+  if (first_worker(node, local)) {
+    try {
+      rms_norm_rows(x, layer.input_norm_.data(), tokens, layer.hidden(), layer.input_eps_, h.data());
+    } catch (...) {
+      record_error(std::current_exception());
+    }
+  }
+  layer.barrier_.arrive_and_wait();
+  if (cancelled()) project.cancel();
+  project.run(node, local);
+}
+
+void LayerPreCall::finish_all() {
+  finish();
+  project.finish_all();
+}
+
+LayerPostCall::LayerPostCall(DecoderLayer& layer_, const float* q, int64_t batch, int64_t tokens, const KvView& keys,
+                             const KvView& values, int64_t n_keys, const MaskView& mask, const float* x_, float* out_)
+    : PoolCall(layer_.shared_pool()),
+      layer(layer_),
+      x(x_),
+      rows(batch * tokens),
+      out(out_),
+      ctx(static_cast<size_t>(batch * tokens * layer_.attention_.spec().heads * layer_.attention_.spec().head_dim)),
+      attn_out(static_cast<size_t>(batch * tokens * layer_.hidden())),
+      h2(attn_out.size()),
+      logits(static_cast<size_t>(batch * tokens * layer_.router_.experts())),
+      weights(static_cast<size_t>(batch * tokens * layer_.router_.top_k())),
+      moe_out(attn_out.size()),
+      ids(weights.size()),
+      attend(layer_.attention_, q, batch, tokens, keys, values, n_keys, mask, ctx.data(), attn_out.data()),
+      route(layer_.router_, h2.data(), batch * tokens, logits.data(), weights.data(), ids.data()),
+      experts(layer_.experts_, h2.data(), batch * tokens, ids.data(), weights.data(), layer_.router_.top_k(),
+              moe_out.data()) {}
+
+void LayerPostCall::run(int node, int local) {
+  const int64_t H = layer.hidden();
+  const auto each = [&](PoolCall& part) {  // every worker runs every phase, then waits for all of them
+    if (cancelled()) part.cancel();
+    part.run(node, local);
+    layer.barrier_.arrive_and_wait();
+  };
+  each(attend);
+  if (first_worker(node, local)) {
+    try {
+      for (int64_t i = 0; i < rows * H; ++i) out[i] = x[i] + attn_out[i];
+      rms_norm_rows(out, layer.post_norm_.data(), rows, H, layer.post_eps_, h2.data());
+    } catch (...) {
+      record_error(std::current_exception());
+    }
+  }
+  layer.barrier_.arrive_and_wait();
+  each(route);
+  each(experts);
+  if (first_worker(node, local))
+    for (int64_t i = 0; i < rows * H; ++i) out[i] += moe_out[i];
+}
+
+void LayerPostCall::finish_all() {
+  finish();
+  attend.finish_all();
+  route.finish_all();
+  experts.finish();
+}
+
+DecoderLayer::DecoderLayer(AttentionLayer& attention, RouterLayer& router, MoeLayer& experts,
+                           std::vector<float> input_norm, float input_eps, std::vector<float> post_norm, float post_eps)
+    : attention_(attention),
+      router_(router),
+      experts_(experts),
+      input_norm_(std::move(input_norm)),
+      post_norm_(std::move(post_norm)),
+      input_eps_(input_eps),
+      post_eps_(post_eps),
+      pool_(attention.shared_pool()) {
+  const int64_t H = attention.spec().hidden;
+  if (router.hidden() != H || experts.spec().hidden != H)
+    throw std::invalid_argument("attention, router and experts must have one width: " + std::to_string(H) + ", " +
+                                std::to_string(router.hidden()) + ", " + std::to_string(experts.spec().hidden));
+  if (router.experts() > experts.spec().num_experts)
+    throw std::invalid_argument("the router chooses among " + std::to_string(router.experts()) +
+                                " experts, the experts module has " + std::to_string(experts.spec().num_experts));
+  if (static_cast<int64_t>(input_norm_.size()) != H || static_cast<int64_t>(post_norm_.size()) != H)
+    throw std::invalid_argument("the norms' weights must have hidden (" + std::to_string(H) + ") elements");
+  for (float eps : {input_eps, post_eps})
+    if (!(eps >= 0.0f) || !std::isfinite(eps)) throw std::invalid_argument("norm eps must be finite and >= 0");
+  if (router.shared_pool() != pool_ || experts.shared_pool() != pool_)
+    throw std::invalid_argument("attention, router and experts must share one thread pool (threads, numa_nodes)");
+  barrier_.reset(pool_->threads());
+}
+
+void DecoderLayer::submit(LayerPreCall& call) {
+  attention_.submit_check();
+  if (call.tokens > 0) call.start();
+}
+
+void DecoderLayer::submit(LayerPostCall& call) {
+  attention_.submit_check();
+  router_.check_ready();
+  experts_.check_ready();
+  if (call.rows > 0) call.start();
+}
+
+}  // namespace ktinject

@@ -1,0 +1,274 @@
+"""cpu_decoder_layer against the unmodified transformers decoder layer (Qwen3-MoE): prefill (parts) and decode
+steps (fused: two pool jobs) through DynamicCache and StaticCache, padded batches, bfloat16; the fused path equal
+to the parts path; concurrent calls; bad arguments at the C++ boundary; what it refuses and why."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+
+from ktinject.errors import OperatorError
+from ktinject.native import native, native_available
+
+if not native_available():
+    pytest.fail("ktinject._native is not built", pytrace=False)
+
+from ktinject.operators.cpu_decoder_layer import (  # noqa: E402
+    CpuDecoderLayer,
+    CpuDecoderLayerConfig,
+    unsupported_decoder_layer,
+)
+
+CPU = torch.device("cpu")
+HIDDEN, HEAD_DIM = 64, 16
+
+
+def make_layer(seed: int = 0, norm_topk_prob: bool = True) -> Qwen3MoeDecoderLayer:
+    config = Qwen3MoeConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        norm_topk_prob=norm_topk_prob,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    layer = Qwen3MoeDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
+    return layer
+
+
+def build(layer, **kwargs) -> CpuDecoderLayer:
+    return CpuDecoderLayer.from_module(layer, name="model.layers.0", device=CPU, config=CpuDecoderLayerConfig(**kwargs))
+
+
+def rotary(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    angles = positions[..., None].float() * inv
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def causal_mask(pad: torch.Tensor, tokens: int, past: int) -> torch.Tensor:
+    allow = torch.ones(tokens, past + tokens, dtype=torch.bool).tril(past)[None] & pad[:, None, : past + tokens].bool()
+    return allow[:, None]
+
+
+def run_steps(layer, xs, positions, masks, cache=None):
+    cache = cache if cache is not None else DynamicCache()
+    outs = []
+    with torch.no_grad():
+        for x, pos, mask in zip(xs, positions, masks):
+            cos, sin = rotary(pos)
+            outs.append(
+                layer(x, attention_mask=mask, cache=cache, position_embeddings=(cos.to(x.dtype), sin.to(x.dtype)))
+            )
+    return outs
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> float:
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert err < tol, err
+    return err
+
+
+def steps(batch: int = 1, prefill: int = 6, decode: int = 4, seed: int = 1):
+    torch.manual_seed(seed)
+    xs = [torch.randn(batch, prefill, HIDDEN)] + [torch.randn(batch, 1, HIDDEN) for _ in range(decode)]
+    positions = [torch.arange(prefill)[None].expand(batch, -1)] + [
+        torch.full((batch, 1), prefill + i) for i in range(decode)
+    ]
+    return xs, positions
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_matches_transformers_prefill_and_decode(norm_topk_prob):
+    layer = make_layer(norm_topk_prob=norm_topk_prob)
+    op = build(layer)
+    xs, positions = steps()
+    for want, got in zip(run_steps(layer, xs, positions, [None] * 5), run_steps(op, xs, positions, [None] * 5)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        close(got, want, 2e-5)
+
+
+def test_fused_path_equals_the_parts_path():
+    layer = make_layer()
+    fused, parts = build(layer, native_tokens=64), build(layer, native_tokens=0)
+    xs, positions = steps(prefill=5, decode=3)
+    for a, b in zip(run_steps(fused, xs, positions, [None] * 4), run_steps(parts, xs, positions, [None] * 4)):
+        close(a, b, 1e-6)
+
+
+def test_padded_batch_with_a_mask():
+    layer = make_layer()
+    op = build(layer)
+    pad = torch.ones(2, 9)
+    pad[1, :2] = 0
+    xs, positions = steps(batch=2, prefill=6, decode=3)
+    masks = [causal_mask(pad, 6, 0)] + [causal_mask(pad, 1, 6 + i) for i in range(3)]
+    for want, got in zip(run_steps(layer, xs, positions, masks), run_steps(op, xs, positions, masks)):
+        close(got[0], want[0], 2e-5)
+        close(got[1, -1:], want[1, -1:], 2e-5)
+
+
+def test_static_cache():
+    from transformers import StaticCache
+
+    layer = make_layer()
+    op = build(layer)
+    xs, positions = steps(prefill=5, decode=3)
+    outs = []
+    for module in (layer, op):
+        cache = StaticCache(config=layer.self_attn.config, max_cache_len=16)
+        got = []
+        with torch.no_grad():
+            for x, pos in zip(xs, positions):
+                T, past = x.shape[1], int(pos[0, 0])
+                mask = torch.zeros(1, 1, T, 16, dtype=torch.bool)
+                mask[..., : past + T] = causal_mask(torch.ones(1, past + T), T, past)
+                cos, sin = rotary(pos)
+                got.append(
+                    module(x, attention_mask=mask, cache=cache, position_embeddings=(cos, sin), cache_position=pos[0])
+                )
+        outs.append(got)
+    for want, got in zip(*outs):
+        close(got, want, 2e-5)
+
+
+def test_bfloat16_layer_tracks_float32():
+    exact, layer = make_layer(), make_layer().to(torch.bfloat16)
+    op = build(layer)
+    xs, positions = steps()
+    want = run_steps(exact, xs, positions, [None] * 5)
+    theirs = run_steps(layer, [x.bfloat16() for x in xs], positions, [None] * 5)
+    ours = run_steps(op, [x.bfloat16() for x in xs], positions, [None] * 5)
+    for w, t, o in zip(want, theirs, ours):
+        assert o.dtype == torch.bfloat16
+        assert close(o, w, 0.05) <= max(2 * close(t, w, 0.1), 0.01)
+
+
+def test_concurrent_calls_match_sequential():
+    op = build(make_layer())
+    runs = [steps(seed=s, decode=10) for s in range(4)]
+    want = [run_steps(op, xs, pos, [None] * 11) for xs, pos in runs]
+    errors: list = []
+
+    def worker(i):
+        try:
+            for _ in range(4):
+                got = run_steps(op, *runs[i], [None] * 11)
+                assert all(torch.equal(a, b) for a, b in zip(got, want[i]))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(runs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_non_finite_input_gives_non_finite_output():
+    op = build(make_layer())
+    xs, positions = steps(decode=1)
+    xs[1][0, 0, 3] = float("nan")
+    assert run_steps(op, xs, positions, [None, None])[1].isnan().any()
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    op = build(make_layer())
+    nat = op._native
+    z = np.zeros
+    with pytest.raises(ValueError, match="argument 'x'"):
+        nat.pre(
+            z((1, HIDDEN + 1), np.float32),
+            None,
+            None,
+            z((1, 64), np.float32),
+            z((1, 32), np.float32),
+            z((1, 32), np.float32),
+        )
+    q = z((1, 1, 64), np.float32)
+    kv = z((1, 2, 3, HEAD_DIM), np.float32)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        nat.post(q, kv, kv, None, z((1, 2, HIDDEN), np.float32), z((1, 1, HIDDEN), np.float32))
+    with pytest.raises(ValueError, match="argument 'out'"):
+        nat.post(q, kv, kv, None, z((1, 1, HIDDEN), np.float32), z((1, 1, HIDDEN), np.float64))
+    with pytest.raises(ValueError, match="argument 'router'"):
+        native().DecoderLayer(
+            op.self_attn._native,
+            object(),
+            op.mlp.experts._moe,
+            input_norm=z(HIDDEN, np.float32),
+            input_eps=1e-6,
+            post_norm=z(HIDDEN, np.float32),
+            post_eps=1e-6,
+        )
+    with pytest.raises(ValueError, match="argument 'post_norm'"):
+        native().DecoderLayer(
+            op.self_attn._native,
+            op.mlp.gate._router,
+            op.mlp.experts._moe,
+            input_norm=z(HIDDEN, np.float32),
+            input_eps=1e-6,
+            post_norm=z(3, np.float32),
+            post_eps=1e-6,
+        )
+    with pytest.raises(ValueError, match="eps"):
+        native().DecoderLayer(
+            op.self_attn._native,
+            op.mlp.gate._router,
+            op.mlp.experts._moe,
+            input_norm=z(HIDDEN, np.float32),
+            input_eps=float("nan"),
+            post_norm=z(HIDDEN, np.float32),
+            post_eps=1e-6,
+        )
+
+
+def test_parts_on_another_pool_are_refused():
+    layer = make_layer()
+    a, b = build(layer, threads=1), build(layer)
+    if a.self_attn._native.threads == b.mlp.experts._moe.threads:
+        pytest.skip("one CPU: every pool is the same")
+    with pytest.raises(ValueError, match="share one thread pool"):
+        native().DecoderLayer(
+            a.self_attn._native,
+            b.mlp.gate._router,
+            b.mlp.experts._moe,
+            input_norm=np.ones(HIDDEN, np.float32),
+            input_eps=1e-6,
+            post_norm=np.ones(HIDDEN, np.float32),
+            post_eps=1e-6,
+        )
+
+
+def test_unsupported_layers_are_named():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+
+    mixtral = MixtralDecoderLayer(
+        MixtralConfig(
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_local_experts=4
+        ),
+        0,
+    )
+    assert "not a decoder layer of the Llama form" in unsupported_decoder_layer(mixtral)
+    dense = Qwen3MoeDecoderLayer(
+        Qwen3MoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, mlp_only_layers=[0]), 0
+    )
+    assert "sparse MoE block" in unsupported_decoder_layer(dense)
+    with pytest.raises(OperatorError, match="cannot replace 'x'"):
+        CpuDecoderLayer.from_module(dense, name="x", device=CPU, config=CpuDecoderLayerConfig())
