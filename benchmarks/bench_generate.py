@@ -19,7 +19,8 @@ Measures (`--threads` for everyone):
 - The decode floor: bytes read per token (every dense weight as stored, 8 experts per layer, one embedding row)
   over the read bandwidth of the same pinned threads, measured in the same run.
 - Where a ktinject decode step goes (one extra profiled run with forward hooks, scaled to the unprofiled step):
-  C++ experts, C++ dense linears, attention core, norms/router/rotary, the rest (Python/HF/torch framework).
+  C++ decoder layers (whole MoE layers, when the rules fuse them), C++ experts, C++ dense linears, attention
+  core, norms/router/rotary, the rest (Python/HF/torch framework).
 - `--deep L`: a file with L layers of the same widths (16 experts keep it small): non-kernel time per layer at
   one token = (decode step - time the pool's jobs took) / L.
 
@@ -210,6 +211,8 @@ def split(model, n_gen: int) -> dict[str, float]:
 
     def category(module) -> Optional[str]:
         name = type(module).__name__
+        if name == "CpuDecoderLayer":  # a whole MoE layer in two pool jobs (its parts' hooks do not fire then)
+            return "C++ decoder layers"
         if name == "CpuExperts":
             return "C++ experts"
         if name == "CpuLinear":

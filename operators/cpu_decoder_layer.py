@@ -7,8 +7,8 @@ job 1 = input RMSNorm + q/k/v + q/k norm + rotary; transformers' cache takes k, 
 Cache class, generate() unchanged); job 2 = attention + o_proj + residual + post RMSNorm + router + experts +
 residual. The parts are the same operators (``self_attn`` is a ``cpu_attention``, ``mlp.gate`` a
 ``cpu_router``, ``mlp.experts`` a ``cpu_experts``...), so weights load and are named as in the transformers
-layer. Calls with more than ``native_tokens`` new tokens (prefill) and compiled graphs run the parts one by one,
-as transformers' layer does.
+layer. Calls with more than ``native_tokens`` new tokens (prefill) run the parts one by one, as transformers'
+layer does; under torch.compile the two jobs are custom ops (``ktinject::cpu_decoder_layer_pre``/``_post``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from ktinject.operators import torch_ops
 from ktinject.operators.attention_layout import unsupported_attention
 from ktinject.operators.cpu_attention import CpuAttention, CpuAttentionConfig, _f32, _kv_array, mask_rows, rotary_rows
 from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuExpertsConfig
@@ -107,6 +108,7 @@ class CpuDecoderLayer(CpuOperator):
         self.post_attention_layernorm = parts["post_attention_layernorm"]
         self.mlp = _MoeBlock(parts["mlp.gate"], parts["mlp.experts"])
         self._native: Any = None
+        self._handle = torch_ops.register(self)
 
     @classmethod
     def from_module(
@@ -186,13 +188,12 @@ class CpuDecoderLayer(CpuOperator):
             hidden_states.dim() != 3
             or hidden_states.shape[1] > self.config.native_tokens
             or position_embeddings is None
-            or torch.compiler.is_compiling()
         ):
             return self._forward_parts(hidden_states, attention_mask, cache, position_embeddings, kwargs)
         return self._forward_fused(hidden_states, attention_mask, cache, position_embeddings, kwargs)
 
     def _forward_parts(self, x, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
-        """The layer as transformers runs it, part by part (prefill, compiled graphs)."""
+        """The layer as transformers runs it, part by part (prefill)."""
         h = self.input_layernorm(x)
         h, _ = self.self_attn(
             h, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
@@ -201,40 +202,58 @@ class CpuDecoderLayer(CpuOperator):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _forward_fused(self, hidden_states, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
-        attn = self.self_attn
-        s = attn.shape
+        s = self.self_attn.shape
         dtype = hidden_states.dtype
         B, T, H = hidden_states.shape
         x = _f32(hidden_states)
-        cos, sin = position_embeddings
-        cos, sin = rotary_rows(cos, sin, B, T)
-        q = torch.empty(B * T, s.heads * s.head_dim)
-        k = torch.empty(B * T, s.kv_heads * s.head_dim)
-        v = torch.empty(B * T, s.kv_heads * s.head_dim)
-        try:
-            self._native.pre(x.view(B * T, H).numpy(), cos.numpy(), sin.numpy(), q.numpy(), k.numpy(), v.numpy())
-        except ValueError as exc:
-            raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
+        cos, sin = rotary_rows(*position_embeddings, B, T)
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # opaque nodes for dynamo
+            q, k, v = torch_ops.cpu_decoder_layer_pre(x.view(B * T, H), cos, sin, self._handle)
+        else:
+            q, k, v = self.run_pre(x.view(B * T, H), cos, sin)
         k = k.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
         if dtype != torch.float32:
             k, v = k.to(dtype), v.to(dtype)
         if cache is not None:
-            k, v = attn.update_cache(cache, k, v, cos, sin, kwargs)
+            k, v = self.self_attn.update_cache(cache, k, v, cos, sin, kwargs)
         mask = mask_rows(attention_mask, k.shape[-2], self.module_name)
-        out = torch.empty(B, T, H)
+        q = q.view(B, T, -1)
+        if compiling:
+            out = torch_ops.cpu_decoder_layer_post(q, k, v, mask, x, self._handle)
+        else:
+            out = self.run_post(q, k, v, mask, x)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def run_pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x float32 [N, hidden] -> q, k, v of the normed x (as cpu_attention's run_project)."""
+        s = self.self_attn.shape
+        x = _f32(x)
+        q = torch.empty(x.shape[0], s.heads * s.head_dim)
+        k = torch.empty(x.shape[0], s.kv_heads * s.head_dim)
+        v = torch.empty(x.shape[0], s.kv_heads * s.head_dim)
+        try:
+            self._native.pre(x.numpy(), _f32(cos).numpy(), _f32(sin).numpy(), q.numpy(), k.numpy(), v.numpy())
+        except ValueError as exc:
+            raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
+        return q, k, v
+
+    def run_post(self, q, keys, values, mask, x) -> torch.Tensor:
+        """q [B, T, heads*head_dim], the cache, mask rows, x [B, T, hidden] -> the layer's output [B, T, hidden]."""
+        out = torch.empty(x.shape)
         try:
             self._native.post(
-                q.view(B, T, -1).numpy(),
-                _kv_array(k),
-                _kv_array(v),
+                _f32(q).numpy(),
+                _kv_array(keys),
+                _kv_array(values),
                 None if mask is None else mask.numpy(),
-                x.numpy(),
+                _f32(x).numpy(),
                 out.numpy(),
             )
         except ValueError as exc:
             raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
-        return out if dtype == torch.float32 else out.to(dtype)
+        return out
 
     def extra_repr(self) -> str:
         return f"native_tokens={self.config.native_tokens}"

@@ -45,6 +45,10 @@ _library = torch.library.Library("ktinject", "DEF")
 _library.define("cpu_linear(Tensor x, int handle) -> Tensor")
 _library.define("cpu_experts(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, int handle) -> Tensor")
 _library.define("cpu_router(Tensor x, int handle) -> (Tensor, Tensor, Tensor)")
+_library.define("cpu_decoder_layer_pre(Tensor x, Tensor cos, Tensor sin, int handle) -> (Tensor, Tensor, Tensor)")
+_library.define(
+    "cpu_decoder_layer_post(Tensor q, Tensor keys, Tensor values, Tensor? mask, Tensor x, int handle) -> Tensor"
+)
 _library.define("cpu_attention_project(Tensor x, Tensor cos, Tensor sin, int handle) -> (Tensor, Tensor, Tensor)")
 _library.define("cpu_attention_attend(Tensor q, Tensor keys, Tensor values, Tensor? mask, int handle) -> Tensor")
 
@@ -63,6 +67,16 @@ def _cpu_router(x: torch.Tensor, handle: int):
     return _operator(handle).run(x)
 
 
+def _cpu_decoder_layer_pre(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
+    return _operator(handle).run_pre(x, cos, sin)
+
+
+def _cpu_decoder_layer_post(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor, handle: int
+) -> torch.Tensor:
+    return _operator(handle).run_post(q, keys, values, mask, x)
+
+
 def _cpu_attention_project(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
     return _operator(handle).run_project(x, cos, sin)
 
@@ -76,6 +90,8 @@ def _cpu_attention_attend(
 _library.impl("cpu_linear", _cpu_linear, "CPU")
 _library.impl("cpu_attention_project", _cpu_attention_project, "CPU")
 _library.impl("cpu_router", _cpu_router, "CPU")
+_library.impl("cpu_decoder_layer_pre", _cpu_decoder_layer_pre, "CPU")
+_library.impl("cpu_decoder_layer_post", _cpu_decoder_layer_post, "CPU")
 _library.impl("cpu_attention_attend", _cpu_attention_attend, "CPU")
 _library.impl("cpu_experts", _cpu_experts, "CPU")
 
@@ -121,7 +137,27 @@ def _cpu_router_fake(x: torch.Tensor, handle: int):
     )
 
 
+@torch.library.register_fake("ktinject::cpu_decoder_layer_pre")
+def _cpu_decoder_layer_pre_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
+    shape = _operator(handle).self_attn.shape
+    n = x.shape[0]
+    return (
+        x.new_empty(n, shape.heads * shape.head_dim, dtype=torch.float32),
+        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=torch.float32),
+        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("ktinject::cpu_decoder_layer_post")
+def _cpu_decoder_layer_post_fake(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor, handle: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 cpu_linear = torch.ops.ktinject.cpu_linear.default
+cpu_decoder_layer_pre = torch.ops.ktinject.cpu_decoder_layer_pre.default
+cpu_decoder_layer_post = torch.ops.ktinject.cpu_decoder_layer_post.default
 cpu_router = torch.ops.ktinject.cpu_router.default
 cpu_attention_project = torch.ops.ktinject.cpu_attention_project.default
 cpu_attention_attend = torch.ops.ktinject.cpu_attention_attend.default
