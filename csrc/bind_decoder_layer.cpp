@@ -26,6 +26,21 @@ std::vector<float> norm_of(const py::object& obj, const char* name, int64_t hidd
   return std::vector<float>(p, p + hidden);
 }
 
+// float32, or int16 holding bfloat16 bits (numpy has no bfloat16); C-contiguous.
+py::array stream_array(const py::object& obj, const char* name, std::vector<int64_t> shape, bool* bf16) {
+  const py::array a = as_array(obj, name);
+  *bf16 = same_dtype(a.dtype(), py::dtype::of<int16_t>()) || same_dtype(a.dtype(), py::dtype::of<uint16_t>());
+  if (*bf16) return checked_array(obj, name, a.dtype(), "int16", std::move(shape));
+  return checked_array(obj, name, py::dtype::of<float>(), "float32 or int16 (bfloat16 bits)", std::move(shape));
+}
+
+StreamIn stream_in(const py::array& a, bool bf16) { return StreamIn{a.data(), bf16}; }
+
+StreamOut stream_out(py::array& a, const char* name, bool bf16) {
+  if (!a.writeable()) bad_arg(name, "must be writeable");
+  return StreamOut{a.mutable_data(), bf16};
+}
+
 class PyDecoderLayer {
  public:
   PyDecoderLayer(py::object attention, py::object router, py::object experts, const py::object& input_norm,
@@ -48,11 +63,15 @@ class PyDecoderLayer {
   void pre(const py::object& x_obj, const py::object& cos_obj, const py::object& sin_obj, const py::object& q_obj,
            const py::object& k_obj, const py::object& v_obj) {
     const AttentionSpec& s = layer_->attention().spec();
-    const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32", {-1, s.hidden});
+    bool x_bf16, k_bf16, v_bf16;
+    const py::array x = stream_array(x_obj, "x", {-1, s.hidden}, &x_bf16);
     const int64_t T = x.shape(0);
     const Rotary r(cos_obj, sin_obj, T, s.head_dim);
-    const QkvOut o(q_obj, k_obj, v_obj, T, s);
-    LayerPreCall call(*layer_, static_cast<const float*>(x.data()), T, r.cos, r.sin, r.rot, o.q, o.k, o.v);
+    py::array q = out_array(q_obj, "q", {T, s.heads * s.head_dim});
+    py::array k = stream_array(k_obj, "k", {T, s.kv_heads * s.head_dim}, &k_bf16);
+    py::array v = stream_array(v_obj, "v", {T, s.kv_heads * s.head_dim}, &v_bf16);
+    LayerPreCall call(*layer_, stream_in(x, x_bf16), T, r.cos, r.sin, r.rot, static_cast<float*>(q.mutable_data()),
+                      stream_out(k, "k", k_bf16), stream_out(v, "v", v_bf16));
     run_call(call, [&] { layer_->submit(call); });
   }
 
@@ -64,10 +83,11 @@ class PyDecoderLayer {
     KvView keys, values;
     const int64_t S = cache_views(k_obj, v_obj, B, T, s.kv_heads, s.head_dim, &keys, &values);
     const MaskView mask = mask_view(mask_obj, B, T, S);
-    const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32", {B, T, s.hidden});
-    py::array out = out_array(out_obj, "out", {B, T, s.hidden});
-    LayerPostCall call(*layer_, static_cast<const float*>(q.data()), B, T, keys, values, S, mask,
-                       static_cast<const float*>(x.data()), static_cast<float*>(out.mutable_data()));
+    bool x_bf16, out_bf16;
+    const py::array x = stream_array(x_obj, "x", {B, T, s.hidden}, &x_bf16);
+    py::array out = stream_array(out_obj, "out", {B, T, s.hidden}, &out_bf16);
+    LayerPostCall call(*layer_, static_cast<const float*>(q.data()), B, T, keys, values, S, mask, stream_in(x, x_bf16),
+                       stream_out(out, "out", out_bf16));
     run_call(call, [&] { layer_->submit(call); });
   }
 
@@ -88,7 +108,9 @@ void bind_decoder_layer(py::module_& m) {
            py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"),
            "Parts are _native.Attention, Router and MoE on one pool; norms float32 [hidden].")
       .def("pre", &PyDecoderLayer::pre, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("q"), py::arg("k"),
-           py::arg("v"), "x float32 [T, hidden] -> q, k, v of RMSNorm_in(x) (as Attention.project).")
+           py::arg("v"),
+           "x [T, hidden] -> q float32, k, v of RMSNorm_in(x) (as Attention.project); x, k and v float32 or int16 "
+           "(bfloat16 bits).")
       .def("post", &PyDecoderLayer::post, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("mask"),
            py::arg("x"), py::arg("out"),
            "q [B, T, heads*head_dim], the cache and mask (as Attention.attend), x float32 [B, T, hidden] -> out = "

@@ -205,7 +205,7 @@ class CpuDecoderLayer(CpuOperator):
         s = self.self_attn.shape
         dtype = hidden_states.dtype
         B, T, H = hidden_states.shape
-        x = _f32(hidden_states)
+        x = _stream(hidden_states)  # float32 or bfloat16: the C++ side converts, Python does not
         cos, sin = rotary_rows(*position_embeddings, B, T)
         compiling = torch.compiler.is_compiling()
         if compiling:  # opaque nodes for dynamo
@@ -214,7 +214,7 @@ class CpuDecoderLayer(CpuOperator):
             q, k, v = self.run_pre(x.view(B * T, H), cos, sin)
         k = k.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-        if dtype != torch.float32:
+        if k.dtype != dtype:
             k, v = k.to(dtype), v.to(dtype)
         if cache is not None:
             k, v = self.self_attn.update_cache(cache, k, v, cos, sin, kwargs)
@@ -224,32 +224,33 @@ class CpuDecoderLayer(CpuOperator):
             out = torch_ops.cpu_decoder_layer_post(q, k, v, mask, x, self._handle)
         else:
             out = self.run_post(q, k, v, mask, x)
-        return out if dtype == torch.float32 else out.to(dtype)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def run_pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x float32 [N, hidden] -> q, k, v of the normed x (as cpu_attention's run_project)."""
+        """x [N, hidden] (float32 or bfloat16) -> q float32, k, v in x's dtype, of the normed x."""
         s = self.self_attn.shape
-        x = _f32(x)
+        x = _stream(x)
         q = torch.empty(x.shape[0], s.heads * s.head_dim)
-        k = torch.empty(x.shape[0], s.kv_heads * s.head_dim)
-        v = torch.empty(x.shape[0], s.kv_heads * s.head_dim)
+        k = torch.empty(x.shape[0], s.kv_heads * s.head_dim, dtype=x.dtype)
+        v = torch.empty(x.shape[0], s.kv_heads * s.head_dim, dtype=x.dtype)
         try:
-            self._native.pre(x.numpy(), _f32(cos).numpy(), _f32(sin).numpy(), q.numpy(), k.numpy(), v.numpy())
+            self._native.pre(_array(x), _f32(cos).numpy(), _f32(sin).numpy(), q.numpy(), _array(k), _array(v))
         except ValueError as exc:
             raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
         return q, k, v
 
     def run_post(self, q, keys, values, mask, x) -> torch.Tensor:
-        """q [B, T, heads*head_dim], the cache, mask rows, x [B, T, hidden] -> the layer's output [B, T, hidden]."""
-        out = torch.empty(x.shape)
+        """q [B, T, heads*head_dim], the cache, mask rows, x [B, T, hidden] -> the layer's output in x's dtype."""
+        x = _stream(x)
+        out = torch.empty(x.shape, dtype=x.dtype)
         try:
             self._native.post(
                 _f32(q).numpy(),
                 _kv_array(keys),
                 _kv_array(values),
                 None if mask is None else mask.numpy(),
-                _f32(x).numpy(),
-                out.numpy(),
+                _array(x),
+                _array(out),
             )
         except ValueError as exc:
             raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
@@ -257,6 +258,18 @@ class CpuDecoderLayer(CpuOperator):
 
     def extra_repr(self) -> str:
         return f"native_tokens={self.config.native_tokens}"
+
+
+def _stream(t: torch.Tensor) -> torch.Tensor:
+    """The residual stream as the C++ side reads it: a contiguous CPU float32 or bfloat16 tensor."""
+    if t.dtype is torch.bfloat16 and t.device.type == "cpu" and not t.requires_grad:
+        return t if t.is_contiguous() else t.contiguous()
+    return _f32(t)
+
+
+def _array(t: torch.Tensor):
+    """numpy view: float32 as is, bfloat16 as its int16 bits."""
+    return t.numpy() if t.dtype is torch.float32 else t.view(torch.int16).numpy()
 
 
 def _part_classes(config: CpuDecoderLayerConfig) -> dict[str, tuple[type, OperatorConfig]]:

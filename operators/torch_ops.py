@@ -141,10 +141,11 @@ def _cpu_router_fake(x: torch.Tensor, handle: int):
 def _cpu_decoder_layer_pre_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, handle: int):
     shape = _operator(handle).self_attn.shape
     n = x.shape[0]
+    stream = torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32  # k, v in the stream's dtype
     return (
         x.new_empty(n, shape.heads * shape.head_dim, dtype=torch.float32),
-        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=torch.float32),
-        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=torch.float32),
+        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=stream),
+        x.new_empty(n, shape.kv_heads * shape.head_dim, dtype=stream),
     )
 
 
@@ -152,7 +153,7 @@ def _cpu_decoder_layer_pre_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def _cpu_decoder_layer_post_fake(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor, handle: int
 ) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.bfloat16 if x.dtype is torch.bfloat16 else torch.float32)
 
 
 cpu_linear = torch.ops.ktinject.cpu_linear.default

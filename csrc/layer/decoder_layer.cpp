@@ -5,27 +5,51 @@
 #include <string>
 
 #include "norm/rms_norm.h"
+#include "quant/half.h"
 
 namespace ktinject {
 namespace {
 
 bool first_worker(int node, int local) { return node == 0 && local == 0; }
 
+float stream_at(const StreamIn& s, int64_t i) {
+  return s.bf16 ? bf16_to_float(static_cast<const uint16_t*>(s.data)[i]) : static_cast<const float*>(s.data)[i];
+}
+
+void store(const StreamOut& s, int64_t i, float v) {
+  if (s.bf16)
+    static_cast<uint16_t*>(s.data)[i] = float_to_bf16(v);
+  else
+    static_cast<float*>(s.data)[i] = v;
+}
+
 }  // namespace
 
-LayerPreCall::LayerPreCall(DecoderLayer& layer_, const float* x_, int64_t tokens_, const float* cos, const float* sin,
-                           int64_t rot, float* q, float* k, float* v)
+LayerPreCall::LayerPreCall(DecoderLayer& layer_, StreamIn x_, int64_t tokens_, const float* cos, const float* sin,
+                           int64_t rot, float* q, StreamOut k, StreamOut v)
     : PoolCall(layer_.shared_pool()),
       layer(layer_),
       x(x_),
       tokens(tokens_),
+      k_out(k),
+      v_out(v),
       h(static_cast<size_t>(tokens_ * layer_.hidden())),
-      project(layer_.attention_, h.data(), tokens_, cos, sin, rot, q, k, v) {}
+      k32(k.bf16 ? static_cast<size_t>(tokens_ * layer_.kv_width()) : 0),
+      v32(v.bf16 ? static_cast<size_t>(tokens_ * layer_.kv_width()) : 0),
+      project(layer_.attention_, h.data(), tokens_, cos, sin, rot, q, k.bf16 ? k32.data() : static_cast<float*>(k.data),
+              v.bf16 ? v32.data() : static_cast<float*>(v.data)) {}
 
 void LayerPreCall::run(int node, int local) {
+  const int64_t H = layer.hidden();
   if (first_worker(node, local)) {
     try {
-      rms_norm_rows(x, layer.input_norm_.data(), tokens, layer.hidden(), layer.input_eps_, h.data());
+      if (x.bf16) {
+        for (int64_t i = 0; i < tokens * H; ++i) h[i] = stream_at(x, i);
+        rms_norm_rows(h.data(), layer.input_norm_.data(), tokens, H, layer.input_eps_, h.data());
+      } else {
+        rms_norm_rows(static_cast<const float*>(x.data), layer.input_norm_.data(), tokens, H, layer.input_eps_,
+                      h.data());
+      }
     } catch (...) {
       record_error(std::current_exception());
     }
@@ -33,6 +57,15 @@ void LayerPreCall::run(int node, int local) {
   layer.barrier_.arrive_and_wait();
   if (cancelled()) project.cancel();
   project.run(node, local);
+  if (!k_out.bf16 && !v_out.bf16) return;
+  layer.barrier_.arrive_and_wait();
+  if (first_worker(node, local)) {
+    const int64_t n = tokens * layer.kv_width();
+    for (int64_t i = 0; i < n; ++i) {
+      if (k_out.bf16) store(k_out, i, k32[i]);
+      if (v_out.bf16) store(v_out, i, v32[i]);
+    }
+  }
 }
 
 void LayerPreCall::finish_all() {
@@ -41,7 +74,7 @@ void LayerPreCall::finish_all() {
 }
 
 LayerPostCall::LayerPostCall(DecoderLayer& layer_, const float* q, int64_t batch, int64_t tokens, const KvView& keys,
-                             const KvView& values, int64_t n_keys, const MaskView& mask, const float* x_, float* out_)
+                             const KvView& values, int64_t n_keys, const MaskView& mask, StreamIn x_, StreamOut out_)
     : PoolCall(layer_.shared_pool()),
       layer(layer_),
       x(x_),
@@ -49,6 +82,7 @@ LayerPostCall::LayerPostCall(DecoderLayer& layer_, const float* q, int64_t batch
       out(out_),
       ctx(static_cast<size_t>(batch * tokens * layer_.attention_.spec().heads * layer_.attention_.spec().head_dim)),
       attn_out(static_cast<size_t>(batch * tokens * layer_.hidden())),
+      x1(attn_out.size()),
       h2(attn_out.size()),
       logits(static_cast<size_t>(batch * tokens * layer_.router_.experts())),
       weights(static_cast<size_t>(batch * tokens * layer_.router_.top_k())),
@@ -69,8 +103,8 @@ void LayerPostCall::run(int node, int local) {
   each(attend);
   if (first_worker(node, local)) {
     try {
-      for (int64_t i = 0; i < rows * H; ++i) out[i] = x[i] + attn_out[i];
-      rms_norm_rows(out, layer.post_norm_.data(), rows, H, layer.post_eps_, h2.data());
+      for (int64_t i = 0; i < rows * H; ++i) x1[i] = stream_at(x, i) + attn_out[i];
+      rms_norm_rows(x1.data(), layer.post_norm_.data(), rows, H, layer.post_eps_, h2.data());
     } catch (...) {
       record_error(std::current_exception());
     }
@@ -79,7 +113,7 @@ void LayerPostCall::run(int node, int local) {
   each(route);
   each(experts);
   if (first_worker(node, local))
-    for (int64_t i = 0; i < rows * H; ++i) out[i] += moe_out[i];
+    for (int64_t i = 0; i < rows * H; ++i) store(out, i, x1[i] + moe_out[i]);
 }
 
 void LayerPostCall::finish_all() {

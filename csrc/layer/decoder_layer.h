@@ -26,18 +26,31 @@ namespace ktinject {
 
 class DecoderLayer;
 
+// The residual stream and the new keys/values in the model's dtype: float32, or bfloat16 bits (converted
+// inside the jobs, so a bfloat16 model pays no conversions in Python).
+struct StreamIn {
+  const void* data = nullptr;
+  bool bf16 = false;
+};
+struct StreamOut {
+  void* data = nullptr;
+  bool bf16 = false;
+};
+
 // x [T, hidden] -> q, k, v as ProjectCall (cos/sin [T, rot]).
 class LayerPreCall : public PoolCall {
  public:
-  LayerPreCall(DecoderLayer& layer, const float* x, int64_t tokens, const float* cos, const float* sin, int64_t rot,
-               float* q, float* k, float* v);
+  LayerPreCall(DecoderLayer& layer, StreamIn x, int64_t tokens, const float* cos, const float* sin, int64_t rot,
+               float* q, StreamOut k, StreamOut v);
   void run(int node, int local) override;
   void finish_all();
 
   DecoderLayer& layer;
-  const float* x;
+  const StreamIn x;
   const int64_t tokens;
-  std::vector<float> h;  // the normed input (before `project`, which reads it)
+  const StreamOut k_out, v_out;
+  // Scratch before `project`, which points into it: the normed input, and float32 k/v for bfloat16 outputs.
+  std::vector<float> h, k32, v32;
   ProjectCall project;
 };
 
@@ -45,16 +58,16 @@ class LayerPreCall : public PoolCall {
 class LayerPostCall : public PoolCall {
  public:
   LayerPostCall(DecoderLayer& layer, const float* q, int64_t batch, int64_t tokens, const KvView& keys,
-                const KvView& values, int64_t n_keys, const MaskView& mask, const float* x, float* out);
+                const KvView& values, int64_t n_keys, const MaskView& mask, StreamIn x, StreamOut out);
   void run(int node, int local) override;
   void finish_all();
 
   DecoderLayer& layer;
-  const float* x;
+  const StreamIn x;
   const int64_t rows;
-  float* out;
-  // Scratch, declared before the calls that point into it.
-  std::vector<float> ctx, attn_out, h2, logits, weights, moe_out;
+  const StreamOut out;
+  // Scratch, declared before the calls that point into it (x1: the stream after attention).
+  std::vector<float> ctx, attn_out, x1, h2, logits, weights, moe_out;
   std::vector<int64_t> ids;
   AttendCall attend;
   RouterCall route;
@@ -70,6 +83,7 @@ class DecoderLayer {
   DecoderLayer& operator=(const DecoderLayer&) = delete;
 
   int64_t hidden() const { return attention_.spec().hidden; }
+  int64_t kv_width() const { return attention_.spec().kv_heads * attention_.spec().head_dim; }
   const AttentionLayer& attention() const { return attention_; }
   const ThreadPool& pool() const { return *pool_; }
   const std::shared_ptr<ThreadPool>& shared_pool() const { return pool_; }

@@ -146,6 +146,19 @@ def test_static_cache():
         close(got, want, 2e-5)
 
 
+def test_bfloat16_stream_is_converted_inside_the_jobs():
+    """A bfloat16 layer hands bfloat16 keys/values to the cache and returns bfloat16, like the parts path."""
+    layer = make_layer().to(torch.bfloat16)
+    fused, parts = build(layer, native_tokens=64), build(layer, native_tokens=0)
+    xs, positions = steps(prefill=4, decode=2)
+    xs = [x.bfloat16() for x in xs]
+    cache = DynamicCache()
+    got = run_steps(fused, xs, positions, [None] * 3, cache)
+    assert all(o.dtype == torch.bfloat16 for o in got) and cache.layers[0].keys.dtype == torch.bfloat16
+    for a, b in zip(got, run_steps(parts, xs, positions, [None] * 3)):
+        close(a, b, 1e-2)  # the parts round the stream to bf16 between them; the fused jobs keep float32 inside
+
+
 def test_bfloat16_layer_tracks_float32():
     exact, layer = make_layer(), make_layer().to(torch.bfloat16)
     op = build(layer)
@@ -199,6 +212,19 @@ def test_bad_arguments_raise_value_errors_naming_them():
             z((1, 64), np.float32),
             z((1, 32), np.float32),
             z((1, 32), np.float32),
+        )
+    with pytest.raises(ValueError, match="argument 'x': expected dtype float32 or int16"):
+        nat.pre(
+            z((1, HIDDEN), np.float64),
+            None,
+            None,
+            z((1, 64), np.float32),
+            z((1, 32), np.float32),
+            z((1, 32), np.float32),
+        )
+    with pytest.raises(ValueError, match="argument 'k'"):
+        nat.pre(
+            z((1, HIDDEN), np.int16), None, None, z((1, 64), np.float32), z((1, 31), np.int16), z((1, 32), np.int16)
         )
     q = z((1, 1, 64), np.float32)
     kv = z((1, 2, 3, HEAD_DIM), np.float32)
