@@ -2,10 +2,11 @@
 
 The operator replaces a module's forward with our own computation, so it accepts only classes whose forward
 (and rotary helper) is known to be the standard one: q/k/v projections, an optional per-head RMSNorm of q and
-k (weight * x / rms(x)), rotate-half rotary embedding with the model's cos/sin, the cache update, softmax
+k (weight * x / rms(x)), rotate-half rotary embedding with the model's cos/sin over the first cos.shape[-1]
+dimensions of each head (all of them, or GLM-4-MoE's partial rotary), the cache update, softmax
 attention with grouped KV heads and the model's mask, o_proj. Every class here has a parity test against the
 transformers module (tests/operators/test_cpu_attention.py); a family whose attention differs in any of these
-(MLA, sinks, soft-capping, interleaved or partial rotary, q/k norm over the whole projection) is left to
+(MLA, sinks, soft-capping, interleaved rotary, q/k norm over the whole projection) is left to
 transformers, with its projections still in our linear kernels.
 """
 
@@ -15,8 +16,9 @@ import dataclasses
 
 from torch import nn
 
-# transformers class name -> whether the class has per-head q_norm / k_norm.
-SUPPORTED_CLASSES: dict[str, bool] = {
+# transformers class name -> whether the class has per-head q_norm / k_norm (a string: the module attribute that
+# says so).
+SUPPORTED_CLASSES: dict[str, bool | str] = {
     "LlamaAttention": False,
     "MistralAttention": False,
     "MixtralAttention": False,
@@ -28,6 +30,7 @@ SUPPORTED_CLASSES: dict[str, bool] = {
     "MiniMaxAttention": False,
     "PhimoeAttention": False,
     "GraniteMoeAttention": False,
+    "Glm4MoeAttention": "use_qk_norm",  # partial rotary: cos/sin cover the first dimensions of each head
 }
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -51,6 +54,12 @@ def _is_plain_linear(module: object) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def has_qk_norm(module: nn.Module) -> bool:
+    """Whether a supported attention module norms q and k per head."""
+    flag = SUPPORTED_CLASSES[type(module).__name__]
+    return bool(getattr(module, flag, False)) if isinstance(flag, str) else flag
+
+
 def unsupported_attention(module: nn.Module) -> str | None:
     """Why cpu_attention cannot replace ``module`` (None: it can). Attribute reads only."""
     cls = type(module)
@@ -59,7 +68,7 @@ def unsupported_attention(module: nn.Module) -> str | None:
     for name in _PROJECTIONS:
         if not _is_plain_linear(getattr(module, name, None)):
             return f"its {name} is not an nn.Linear"
-    if SUPPORTED_CLASSES[cls.__name__]:
+    if has_qk_norm(module):
         for name in ("q_norm", "k_norm"):
             norm = getattr(module, name, None)
             if getattr(norm, "weight", None) is None or not hasattr(norm, "variance_epsilon"):
@@ -87,7 +96,7 @@ def attention_shape(module: nn.Module) -> AttentionShape:
         )
     if o.in_features != heads * head_dim or o.out_features != q.in_features:
         raise ValueError(f"o_proj is {o.in_features} -> {o.out_features}")
-    qk_norm = SUPPORTED_CLASSES[type(module).__name__]
+    qk_norm = has_qk_norm(module)
     return AttentionShape(
         hidden=int(q.in_features),
         heads=heads,

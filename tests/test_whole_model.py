@@ -20,7 +20,7 @@ def pair(request):
 
 # Families whose attention is transformers' standard form (kind: attention) run it in cpu_attention; Qwen3-MoE's
 # MoE layers are whole cpu_decoder_layers (kind: decoder_layer), its dense layer has a cpu_attention.
-STANDARD_ATTENTION = {"qwen3_moe", "qwen2_moe", "mixtral", "llama"}
+STANDARD_ATTENTION = {"qwen3_moe", "qwen2_moe", "mixtral", "llama", "glm4_moe"}
 FUSED_LAYERS = {"qwen3_moe"}
 
 

@@ -79,7 +79,8 @@ KINDS: dict[str, ModuleKind] = {
             "attention",
             "a transformers self-attention module of the standard form (q/k/v/o projections, optional per-head "
             "q/k RMSNorm, rotate-half rotary embedding, grouped-query softmax attention): Llama, Mistral, "
-            "Mixtral, Qwen2(-MoE), Qwen3(-MoE), dots.llm1 and the families that reuse their attention",
+            "Mixtral, Qwen2(-MoE), Qwen3(-MoE), dots.llm1, GLM-4-MoE (partial rotary) and the families that reuse their "
+            "attention",
             _is_attention,
         ),
         ModuleKind(

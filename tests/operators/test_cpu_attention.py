@@ -37,7 +37,9 @@ FAMILIES = {
     "MiniMaxAttention": ("minimax", "MiniMaxConfig", {}),
     "PhimoeAttention": ("phimoe", "PhimoeConfig", {}),
     "GraniteMoeAttention": ("granitemoe", "GraniteMoeConfig", {"attention_multiplier": 0.07}),
+    "Glm4MoeAttention": ("glm4_moe", "Glm4MoeConfig", {"use_qk_norm": True, "attention_bias": True}),
 }
+ROTARY_FRACTION = {"Glm4MoeAttention": 0.5}  # partial rotary: cos/sin cover half of each head
 
 
 def test_every_supported_class_is_tested():
@@ -86,12 +88,12 @@ def causal_mask(pad: torch.Tensor, tokens: int, past: int, dtype=torch.bool) -> 
     return torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)
 
 
-def run_steps(attn, xs, positions, masks):
-    """Run a sequence of calls through one DynamicCache; returns the outputs."""
+def run_steps(attn, xs, positions, masks, rot: int | None = None):
+    """Run a sequence of calls through one DynamicCache; returns the outputs (rot: rotary width, else head_dim)."""
     cache = DynamicCache()
     outs = []
     for x, pos, mask in zip(xs, positions, masks):
-        cos, sin = rotary(pos, attn.head_dim if hasattr(attn, "head_dim") else attn.shape.head_dim)
+        cos, sin = rotary(pos, rot or (attn.head_dim if hasattr(attn, "head_dim") else attn.shape.head_dim))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         out, _ = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask, cache=cache)
         outs.append(out)
@@ -116,9 +118,10 @@ def test_parity_prefill_and_decode(cls_name):
     xs = [torch.randn(1, 5, 96), torch.randn(1, 1, 96), torch.randn(1, 1, 96), torch.randn(1, 3, 96)]
     positions = [torch.arange(5)[None], torch.tensor([[5]]), torch.tensor([[6]]), torch.arange(7, 10)[None]]
     masks = [None, None, None, causal_mask(torch.ones(1, 10), 3, 7)]
+    rot = int(32 * ROTARY_FRACTION.get(cls_name, 1.0))
     with torch.no_grad():
-        want = run_steps(attn, xs, positions, masks)
-        got = run_steps(op, xs, positions, masks)
+        want = run_steps(attn, xs, positions, masks, rot)
+        got = run_steps(op, xs, positions, masks, rot)
     for w, g in zip(want, got):
         assert g.shape == w.shape and g.dtype == w.dtype
         close(g, w, 2e-5)
@@ -306,13 +309,26 @@ def test_projections_must_share_a_pool_and_match_the_shape():
         )
 
 
-def test_unsupported_modules_are_named():
-    from transformers import Glm4MoeConfig
-    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeAttention
+def test_glm4_moe_without_qk_norm():
+    attn = make_attention("Glm4MoeAttention")
+    attn.use_qk_norm = False  # the config's switch: no q/k norm at all
+    del attn.q_norm, attn.k_norm
+    op = build(attn)
+    assert not op.shape.qk_norm
+    torch.manual_seed(8)
+    xs, positions = [torch.randn(1, 4, 96), torch.randn(1, 1, 96)], [torch.arange(4)[None], torch.tensor([[4]])]
+    with torch.no_grad():
+        for w, g in zip(run_steps(attn, xs, positions, [None] * 2, 16), run_steps(op, xs, positions, [None] * 2, 16)):
+            close(g, w, 2e-5)
 
-    attn = Glm4MoeAttention(Glm4MoeConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16), 0)
+
+def test_unsupported_modules_are_named():
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeAttention
+
+    attn = OlmoeAttention(OlmoeConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), 0)
     assert "not an attention class" in unsupported_attention(attn)
-    with pytest.raises(OperatorError, match="cannot replace 'x'.*Glm4MoeAttention"):
+    with pytest.raises(OperatorError, match="cannot replace 'x'.*OlmoeAttention"):
         CpuAttention.from_module(attn, name="x", device=CPU, config=CpuAttentionConfig())
 
 
