@@ -318,11 +318,13 @@ def _per_token(t: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
 
 
 def _kv_array(t: torch.Tensor) -> np.ndarray:
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype is torch.float32:
-        return t.detach().numpy()
+        return t.numpy()
     if t.dtype is torch.bfloat16:
-        return t.detach().view(torch.int16).numpy()
-    return t.detach().to(torch.float32).numpy()
+        return t.view(torch.int16).numpy()
+    return t.to(torch.float32).numpy()
 
 
 def _mask_rows(mask: Any, n_keys: int, name: str) -> torch.Tensor | None:

@@ -211,7 +211,7 @@ class CpuDecoderLayer(CpuOperator):
         if compiling:  # opaque nodes for dynamo
             q, k, v = torch_ops.cpu_decoder_layer_pre(x.view(B * T, H), cos, sin, self._handle)
         else:
-            q, k, v = self.run_pre(x.view(B * T, H), cos, sin)
+            q, k, v = self._pre(x.view(B * T, H), cos, sin)
         k = k.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
         if k.dtype != dtype:
@@ -223,29 +223,37 @@ class CpuDecoderLayer(CpuOperator):
         if compiling:
             out = torch_ops.cpu_decoder_layer_post(q, k, v, mask, x, self._handle)
         else:
-            out = self.run_post(q, k, v, mask, x)
+            out = self._post(q, k, v, mask, x)
         return out if out.dtype == dtype else out.to(dtype)
 
     def run_pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [N, hidden] (float32 or bfloat16) -> q float32, k, v in x's dtype, of the normed x."""
+        """x [N, hidden] (float32 or bfloat16) -> q float32, k, v in x's dtype, of the normed x (the custom op)."""
+        return self._pre(_stream(x), _f32(cos), _f32(sin))
+
+    def run_post(self, q, keys, values, mask, x) -> torch.Tensor:
+        """q [B, T, heads*head_dim], the cache, mask rows, x [B, T, hidden] -> the layer's output in x's dtype (the
+        custom op)."""
+        return self._post(_f32(q), keys, values, mask, _stream(x))
+
+    # The calls behind run_pre / run_post on inputs already in the form the binding reads (contiguous float32 or
+    # bfloat16 CPU tensors): at one token the checks cost as much as a kernel's hand-over, so the decoding step
+    # makes them once.
+    def _pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         s = self.self_attn.shape
-        x = _stream(x)
         q = torch.empty(x.shape[0], s.heads * s.head_dim)
         k = torch.empty(x.shape[0], s.kv_heads * s.head_dim, dtype=x.dtype)
         v = torch.empty(x.shape[0], s.kv_heads * s.head_dim, dtype=x.dtype)
         try:
-            self._native.pre(_array(x), _f32(cos).numpy(), _f32(sin).numpy(), q.numpy(), _array(k), _array(v))
+            self._native.pre(_array(x), cos.numpy(), sin.numpy(), q.numpy(), _array(k), _array(v))
         except ValueError as exc:
             raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
         return q, k, v
 
-    def run_post(self, q, keys, values, mask, x) -> torch.Tensor:
-        """q [B, T, heads*head_dim], the cache, mask rows, x [B, T, hidden] -> the layer's output in x's dtype."""
-        x = _stream(x)
+    def _post(self, q, keys, values, mask, x) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=x.dtype)
         try:
             self._native.post(
-                _f32(q).numpy(),
+                q.numpy(),
                 _kv_array(keys),
                 _kv_array(values),
                 None if mask is None else mask.numpy(),
