@@ -9,8 +9,10 @@ on :class:`Operator` (docs/ARCHITECTURE.md, "The operator protocol"):
   module's ``state_dict`` (relative to the module), and how it takes them from a :class:`WeightSource`.
 - ``forward``: the original module's signature.
 - class facts the pipeline reads: ``wants_raw_weights`` (it reads stored blocks, so its tensors need not be
-  dequantizable), ``placement_only`` (it never replaces the module, only places it: ``keep``);
-  ``check_device`` and ``estimate_bytes`` / ``estimate_stored_bytes`` for plans.
+  dequantizable), ``placement_only`` (it never replaces the module, only places it: ``keep``) or per device
+  ``places_only(device)`` (the dispatching operators), ``yields_to_earlier_rules`` (a whole-subtree operator that
+  leaves the module to its parts when an earlier rule claims one of them); ``check_device`` and
+  ``estimate_bytes`` / ``estimate_stored_bytes`` for plans.
 
 An operator's rule kwargs are validated once, when the rule file is loaded, into its frozen ``Config``
 dataclass (unknown keys and wrong types are rule errors with file:line), never inside ``forward``.
