@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ktinject.errors import KtInjectError, OperatorError
+from ktinject.output_capture import register_replaced_outputs, replaced_classes
 from ktinject.planning import Plan, PlanEntry, plan
 from ktinject.rules import RulesLike, load_rules
 from ktinject.weights.assembled import FileSource
@@ -138,10 +139,14 @@ def inject(
     for rule in p.unmatched_rules:
         level = logging.WARNING if rule in p.suspicious_unmatched_rules else logging.DEBUG
         logger.log(level, "rule %s (%s) matched no module", rule.label, rule.location)
+    replaced: set[tuple[type, type]] = set()
     with torch.no_grad():
         for entry in p.entries:
             if not entry.is_keep:
+                original = model.get_submodule(entry.module_name)
                 build_operator(model, entry)
+                replaced |= replaced_classes(original, model.get_submodule(entry.module_name))
+    register_replaced_outputs(model, replaced)
     return p
 
 

@@ -8,7 +8,8 @@ Cache class, generate() unchanged); job 2 = attention + o_proj + residual + post
 residual. The parts are the same operators (``self_attn`` is a ``cpu_attention``, ``mlp.gate`` a
 ``cpu_router``, ``mlp.experts`` a ``cpu_experts``...), so weights load and are named as in the transformers
 layer. Calls with more than ``native_tokens`` new tokens (prefill) run the parts one by one, as transformers'
-layer does; under torch.compile the two jobs are custom ops (``ktinject::cpu_decoder_layer_pre``/``_post``).
+layer does, and so do calls while transformers records the routers' logits (``output_router_logits``); under
+torch.compile the two jobs are custom ops (``ktinject::cpu_decoder_layer_pre``/``_post``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import OperatorConfig, register_operator
+from ktinject.output_capture import recording
 
 _LAYER_TEMPLATES = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer",)
 _MOE_BLOCK_TEMPLATES = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",)
@@ -188,6 +190,7 @@ class CpuDecoderLayer(CpuOperator):
             hidden_states.dim() != 3
             or hidden_states.shape[1] > self.config.native_tokens
             or position_embeddings is None
+            or (not torch.compiler.is_compiling() and recording("router_logits"))  # the router must be seen
         ):
             return self._forward_parts(hidden_states, attention_mask, cache, position_embeddings, kwargs)
         return self._forward_fused(hidden_states, attention_mask, cache, position_embeddings, kwargs)
