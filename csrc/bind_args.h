@@ -26,25 +26,34 @@ inline bool same_dtype(const py::dtype& a, const py::dtype& b) {
   return PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ) == 1;
 }
 
+// obj as a numpy array (no conversion), else a ValueError naming the argument.
+inline py::array as_array(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    bad_arg(name, std::string("expected a numpy array, got ") +
+                      py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+// a's shape is `shape` (-1: any size), else a ValueError naming the argument and both shapes.
+inline void check_shape(const py::array& a, const char* name, const std::vector<int64_t>& shape) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (ok) return;
+  std::string want = "[", got = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
+  bad_arg(name, "expected shape " + want + "], got " + got + "] (" + std::to_string(a.ndim()) + "-D)");
+}
+
 // dtype, shape (-1: any size; an empty shape: any 2-D array) and C-contiguity, with no implicit
 // conversion: a wrong dtype is an error, not a silent copy.
 inline py::array checked_array(const py::object& obj, const char* name, const py::dtype& dtype, const char* dtype_name,
                                std::vector<int64_t> shape = {-1, -1}) {
-  if (!py::isinstance<py::array>(obj))
-    bad_arg(name, std::string("expected a numpy array, got ") +
-                      py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
-  py::array a = py::reinterpret_borrow<py::array>(obj);
+  py::array a = as_array(obj, name);
   if (!same_dtype(a.dtype(), dtype))
     bad_arg(name, std::string("expected dtype ") + dtype_name + ", got " + py::str(a.dtype()).cast<std::string>());
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
-  if (!ok) {
-    std::string want = "[", got = "[";
-    for (size_t i = 0; i < shape.size(); ++i)
-      want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
-    bad_arg(name, "expected shape " + want + "], got " + got + "] (" + std::to_string(a.ndim()) + "-D)");
-  }
+  check_shape(a, name, shape);
   if (!(a.flags() & py::array::c_style)) bad_arg(name, "must be C-contiguous");
   return a;
 }

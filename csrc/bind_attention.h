@@ -18,18 +18,10 @@
 namespace ktinject {
 namespace bind {
 
-// A possibly strided array (a transformers cache view): dtype among `dtypes`, `shape` (-1: any), the last
-// dimension contiguous. Returns element strides.
+// A possibly strided array (a transformers cache view) of `shape` (-1: any), the last dimension contiguous.
+// Returns element strides.
 inline std::vector<int64_t> strided_array(const py::array& a, const char* name, const std::vector<int64_t>& shape) {
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
-  if (!ok) {
-    std::string want = "[", got = "[";
-    for (size_t i = 0; i < shape.size(); ++i)
-      want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
-    bad_arg(name, "expected shape " + want + "], got " + got + "]");
-  }
+  check_shape(a, name, shape);
   const py::ssize_t item = a.itemsize();
   std::vector<int64_t> strides;
   for (py::ssize_t i = 0; i < a.ndim(); ++i) {
@@ -38,13 +30,6 @@ inline std::vector<int64_t> strided_array(const py::array& a, const char* name, 
   }
   if (a.shape(a.ndim() - 1) > 1 && strides.back() != 1) bad_arg(name, "the last dimension must be contiguous");
   return strides;
-}
-
-inline py::array as_array(const py::object& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj))
-    bad_arg(name, std::string("expected a numpy array, got ") +
-                      py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
-  return py::reinterpret_borrow<py::array>(obj);
 }
 
 // Keys or values: float32, or int16 holding bfloat16 bits (numpy has no bfloat16), [B, kv_heads, S, hd].

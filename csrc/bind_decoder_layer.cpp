@@ -20,12 +20,6 @@ namespace {
 
 using namespace bind;
 
-std::vector<float> norm_of(const py::object& obj, const char* name, int64_t hidden) {
-  const py::array w = checked_array(obj, name, py::dtype::of<float>(), "float32", {hidden});
-  const auto* p = static_cast<const float*>(w.data());
-  return std::vector<float>(p, p + hidden);
-}
-
 // float32, or int16 holding bfloat16 bits (numpy has no bfloat16); C-contiguous.
 py::array stream_array(const py::object& obj, const char* name, std::vector<int64_t> shape, bool* bf16) {
   const py::array a = as_array(obj, name);
@@ -53,8 +47,8 @@ class PyDecoderLayer {
     const int64_t H = a.spec().hidden;
     try {
       layer_ = std::make_unique<DecoderLayer>(a, router.cast<PyRouter&>().layer(), experts.cast<PyMoe&>().layer(),
-                                              norm_of(input_norm, "input_norm", H), input_eps,
-                                              norm_of(post_norm, "post_norm", H), post_eps);
+                                              norm_weights(input_norm, "input_norm", H), input_eps,
+                                              norm_weights(post_norm, "post_norm", H), post_eps);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }

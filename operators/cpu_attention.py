@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,14 @@ from ktinject.operators import torch_ops
 from ktinject.operators.attention_layout import AttentionShape, attention_shape, unsupported_attention
 from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
 from ktinject.operators.cpu_pool import CpuOperator, CpuPoolConfig
+from ktinject.operators.cpu_weights import stored_part
 from torch import nn
 
 from ktinject.errors import OperatorError
 from ktinject.native import native
 from ktinject.operator import check_int, register_operator
 
+logger = logging.getLogger("ktinject")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -113,8 +116,9 @@ class CpuAttention(CpuOperator):
         linear_config = _linear_config(config)
         total = 0
         for key in _PROJECTIONS:
-            part = {k[len(key) + 1 :]: v for k, v in stored.items() if k.startswith(key + ".")}
-            total += CpuLinear.estimate_stored_bytes(getattr(module, key), linear_config, device, part)
+            total += CpuLinear.estimate_stored_bytes(
+                getattr(module, key), linear_config, device, stored_part(stored, key)
+            )
         return total + sum(getattr(module, k).weight.numel() * 4 for k in ("q_norm", "k_norm") if hasattr(module, k))
 
     def weight_names(self) -> list[str]:
@@ -317,6 +321,9 @@ def _per_token(t: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
     return t.reshape(batch * tokens, t.shape[-1])
 
 
+_warned_cache_dtypes: set[torch.dtype] = set()
+
+
 def _kv_array(t: torch.Tensor) -> np.ndarray:
     if t.requires_grad:
         t = t.detach()
@@ -324,6 +331,13 @@ def _kv_array(t: torch.Tensor) -> np.ndarray:
         return t.numpy()
     if t.dtype is torch.bfloat16:
         return t.view(torch.int16).numpy()
+    if t.dtype not in _warned_cache_dtypes:
+        _warned_cache_dtypes.add(t.dtype)
+        logger.warning(
+            "cpu_attention reads float32 or bfloat16 caches; a %s cache is copied to float32 at every call (slower: "
+            "load the model in bfloat16 or float32)",
+            t.dtype,
+        )
     return t.to(torch.float32).numpy()
 
 

@@ -25,7 +25,7 @@ from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuEx
 from ktinject.operators.cpu_norm import CpuRmsNorm, unsupported_rmsnorm
 from ktinject.operators.cpu_pool import CpuOperator, CpuOrPlaced
 from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_normalizes
-from ktinject.operators.cpu_weights import WeightTypeName
+from ktinject.operators.cpu_weights import WeightTypeName, stored_part
 from ktinject.operators.experts_layout import experts_spec, looks_like_experts
 from ktinject.operators.module_forms import computes_like
 from torch import nn
@@ -142,8 +142,7 @@ class CpuDecoderLayer(CpuOperator):
     ) -> int:
         total = 0
         for key, (op_class, cfg) in _part_classes(config).items():
-            part = {k[len(key) + 1 :]: v for k, v in stored.items() if k.startswith(key + ".")}
-            total += op_class.estimate_stored_bytes(module.get_submodule(key), cfg, device, part)
+            total += op_class.estimate_stored_bytes(module.get_submodule(key), cfg, device, stored_part(stored, key))
         return total
 
     def weight_names(self) -> list[str]:

@@ -68,3 +68,10 @@ def kept_stored_bytes(estimate: int, weight_type: str, stored: Mapping[str, Tens
     if stored and types <= set(GGML_TYPES) and (weight_type == "auto" or types == {weight_type}):
         return sum(info.stored_bytes for info in stored.values())
     return estimate
+
+
+def stored_part(stored: Mapping[str, TensorInfo], part: str) -> dict[str, TensorInfo]:
+    """How a file stores the tensors of the submodule ``part`` (names relative to it), from how it stores the
+    whole module's: for operators built from parts (their ``estimate_stored_bytes``)."""
+    prefix = part + "."
+    return {name[len(prefix) :]: info for name, info in stored.items() if name.startswith(prefix)}

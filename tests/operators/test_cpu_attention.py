@@ -6,7 +6,6 @@ the C++ boundary; non-finite inputs."""
 from __future__ import annotations
 
 import importlib
-import threading
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from ktinject.native import native, native_available
 if not native_available():
     pytest.fail("ktinject._native is not built", pytrace=False)
 
+from concurrency import run_in_threads  # noqa: E402
 from ktinject.operators.attention_layout import SUPPORTED_CLASSES, unsupported_attention  # noqa: E402
 from ktinject.operators.cpu_attention import CpuAttention, CpuAttentionConfig  # noqa: E402
 
@@ -209,25 +209,15 @@ def test_concurrent_calls_match_sequential():
     positions = [torch.arange(4)[None]] + [torch.tensor([[4 + i]]) for i in range(12)]
     with torch.no_grad():
         want = [run_steps(op, xs, positions, [None] * 13) for xs in streams]
-    got: list = [None] * len(streams)
-    errors: list = []
 
-    def worker(i):
-        try:
-            with torch.no_grad():
-                for _ in range(5):
-                    got[i] = run_steps(op, streams[i], positions, [None] * 13)
-                    for w, g in zip(want[i], got[i]):
-                        assert torch.equal(w, g)
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
+    def check(i):
+        with torch.no_grad():
+            for _ in range(5):
+                assert all(
+                    torch.equal(w, g) for w, g in zip(want[i], run_steps(op, streams[i], positions, [None] * 13))
+                )
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(streams))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(check, len(streams))
 
 
 def test_non_finite_input_gives_non_finite_output():

@@ -4,8 +4,6 @@ to the parts path; concurrent calls; bad arguments at the C++ boundary; what it 
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from ktinject.native import native, native_available
 if not native_available():
     pytest.fail("ktinject._native is not built", pytrace=False)
 
+from concurrency import run_in_threads  # noqa: E402
 from ktinject.operators.cpu_decoder_layer import (  # noqa: E402
     CpuDecoderLayer,
     CpuDecoderLayerConfig,
@@ -175,22 +174,12 @@ def test_concurrent_calls_match_sequential():
     op = build(make_layer())
     runs = [steps(seed=s, decode=10) for s in range(4)]
     want = [run_steps(op, xs, pos, [None] * 11) for xs, pos in runs]
-    errors: list = []
 
-    def worker(i):
-        try:
-            for _ in range(4):
-                got = run_steps(op, *runs[i], [None] * 11)
-                assert all(torch.equal(a, b) for a, b in zip(got, want[i]))
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
+    def check(i):
+        for _ in range(4):
+            assert all(torch.equal(a, b) for a, b in zip(run_steps(op, *runs[i], [None] * 11), want[i]))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(runs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(check, len(runs))
 
 
 def test_non_finite_input_gives_non_finite_output():
@@ -198,6 +187,21 @@ def test_non_finite_input_gives_non_finite_output():
     xs, positions = steps(decode=1)
     xs[1][0, 0, 3] = float("nan")
     assert run_steps(op, xs, positions, [None, None])[1].isnan().any()
+
+
+def native_layer(op: CpuDecoderLayer, **overrides):
+    """A _native.DecoderLayer from ``op``'s parts, with some arguments replaced."""
+    args = dict(
+        attention=op.self_attn._native,
+        router=op.mlp.gate._router,
+        experts=op.mlp.experts._moe,
+        input_norm=np.ones(HIDDEN, np.float32),
+        input_eps=1e-6,
+        post_norm=np.ones(HIDDEN, np.float32),
+        post_eps=1e-6,
+    )
+    args.update(overrides)
+    return native().DecoderLayer(**args)
 
 
 def test_bad_arguments_raise_value_errors_naming_them():
@@ -233,35 +237,11 @@ def test_bad_arguments_raise_value_errors_naming_them():
     with pytest.raises(ValueError, match="argument 'out'"):
         nat.post(q, kv, kv, None, z((1, 1, HIDDEN), np.float32), z((1, 1, HIDDEN), np.float64))
     with pytest.raises(ValueError, match="argument 'router'"):
-        native().DecoderLayer(
-            op.self_attn._native,
-            object(),
-            op.mlp.experts._moe,
-            input_norm=z(HIDDEN, np.float32),
-            input_eps=1e-6,
-            post_norm=z(HIDDEN, np.float32),
-            post_eps=1e-6,
-        )
+        native_layer(op, router=object())
     with pytest.raises(ValueError, match="argument 'post_norm'"):
-        native().DecoderLayer(
-            op.self_attn._native,
-            op.mlp.gate._router,
-            op.mlp.experts._moe,
-            input_norm=z(HIDDEN, np.float32),
-            input_eps=1e-6,
-            post_norm=z(3, np.float32),
-            post_eps=1e-6,
-        )
+        native_layer(op, post_norm=z(3, np.float32))
     with pytest.raises(ValueError, match="eps"):
-        native().DecoderLayer(
-            op.self_attn._native,
-            op.mlp.gate._router,
-            op.mlp.experts._moe,
-            input_norm=z(HIDDEN, np.float32),
-            input_eps=float("nan"),
-            post_norm=z(HIDDEN, np.float32),
-            post_eps=1e-6,
-        )
+        native_layer(op, input_eps=float("nan"))
 
 
 def test_parts_on_another_pool_are_refused():
@@ -270,15 +250,7 @@ def test_parts_on_another_pool_are_refused():
     if a.self_attn._native.threads == b.mlp.experts._moe.threads:
         pytest.skip("one CPU: every pool is the same")
     with pytest.raises(ValueError, match="share one thread pool"):
-        native().DecoderLayer(
-            a.self_attn._native,
-            b.mlp.gate._router,
-            b.mlp.experts._moe,
-            input_norm=np.ones(HIDDEN, np.float32),
-            input_eps=1e-6,
-            post_norm=np.ones(HIDDEN, np.float32),
-            post_eps=1e-6,
-        )
+        native_layer(b, attention=a.self_attn._native)
 
 
 def test_unsupported_layers_are_named():
