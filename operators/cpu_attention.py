@@ -253,7 +253,7 @@ class CpuAttention(CpuOperator):
             enable_gqa=s.heads != s.kv_heads,
         )
         ctx = ctx.transpose(1, 2).reshape(B, T, s.heads * s.head_dim)
-        return self.o_proj.run(ctx)
+        return self.o_proj(ctx)  # forward: the custom op inside a compiled graph
 
     def extra_repr(self) -> str:
         s = self.shape

@@ -27,9 +27,10 @@ def models():
     torch._dynamo.reset()
 
 
-def test_the_whole_forward_compiles_as_one_graph(models):
+@pytest.mark.parametrize("tokens", [5, 24])  # fused layers / the parts with torch's attention (> native_tokens)
+def test_the_whole_forward_compiles_as_one_graph(models, tokens):
     plain, optimized = models
-    ids = torch.tensor([[5, 17, 33, 2, 71]])
+    ids = torch.randint(1, 90, (1, tokens), generator=torch.Generator().manual_seed(tokens))
     compiled = torch.compile(optimized, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, plain(ids).logits, rtol=0, atol=2e-5)
