@@ -6,11 +6,13 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "quant/kernels.h"
+#include "runtime/thread_pool.h"
 
 namespace ktinject {
 namespace bind {
@@ -75,6 +77,18 @@ inline Isa checked_isa(const std::string& name) {
   } catch (const std::invalid_argument& e) {
     bad_arg("isa", e.what());
   }
+}
+
+// The shared pool for `threads` workers on `numa_nodes` node groups (0 = all); an impossible request is a
+// ValueError.
+inline std::shared_ptr<ThreadPool> checked_pool(int threads, int numa_nodes) {
+  PoolLayout layout;
+  try {
+    layout = choose_layout(threads, numa_nodes);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  return ThreadPool::get(layout);
 }
 
 inline Activation checked_activation(const std::string& name) {

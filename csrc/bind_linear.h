@@ -27,13 +27,7 @@ class PyLinear {
     spec.type = checked_type(type, "type");
     spec.has_bias = has_bias;
     const Isa chosen = checked_isa(isa);
-    PoolLayout layout;
-    try {
-      layout = choose_layout(threads, numa_nodes);
-    } catch (const std::invalid_argument& e) {
-      throw py::value_error(e.what());
-    }
-    layer_ = std::make_unique<LinearLayer>(spec, ThreadPool::get(layout), chosen);
+    layer_ = std::make_unique<LinearLayer>(spec, checked_pool(threads, numa_nodes), chosen);
   }
 
   void load(int64_t first, const py::object& blocks_obj) {

@@ -45,13 +45,7 @@ class PyMoe {
     spec.act = checked_act_params(activation, gated, alpha, limit, softcap_gate, softcap_up);
     spec.has_bias = has_bias;
     const Isa chosen = checked_isa(isa);
-    PoolLayout layout;
-    try {
-      layout = choose_layout(threads, numa_nodes);
-    } catch (const std::invalid_argument& e) {
-      throw py::value_error(e.what());
-    }
-    layer_ = std::make_unique<MoeLayer>(spec, ThreadPool::get(layout), chosen);
+    layer_ = std::make_unique<MoeLayer>(spec, checked_pool(threads, numa_nodes), chosen);
   }
 
   ~PyMoe() {
