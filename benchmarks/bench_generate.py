@@ -211,7 +211,7 @@ def split(model, n_gen: int) -> dict[str, float]:
 
     def category(module) -> Optional[str]:
         name = type(module).__name__
-        if name == "CpuDecoderLayer":  # a whole MoE layer in two pool jobs (its parts' hooks do not fire then)
+        if name == "CpuDecoderLayer":  # a whole MoE layer in one or two pool jobs (its parts' hooks do not fire then)
             return "C++ decoder layers"
         if name == "CpuExperts":
             return "C++ experts"

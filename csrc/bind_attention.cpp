@@ -36,6 +36,11 @@ void bind_attention(py::module_& m) {
            "q float32 [B, T, heads*head_dim]; keys/values [B, kv_heads, S, head_dim] float32 or int16 (bfloat16 "
            "bits), strided; mask None (causal) or [B or 1, T, S] bool (True: attend) or float32 (added); "
            "out float32 [B, T, hidden] = o_proj(attention).")
+      .def("step", &PyAttention::step, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"),
+           py::arg("n_past"), py::arg("mask"), py::arg("out"),
+           "x float32 [B, T, hidden] -> out float32 [B, T, hidden]: project, the new k, v written into keys/values "
+           "[B, kv_heads, capacity, head_dim] (writeable buffers) at [n_past, n_past + T), attend over n_past + T "
+           "keys, o_proj; one pool job.")
       .def_property_readonly("threads", [](PyAttention& p) { return p.layer().pool().threads(); });
 }
 

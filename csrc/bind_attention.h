@@ -83,6 +83,20 @@ inline int64_t cache_views(const py::object& k_obj, const py::object& v_obj, int
   return S;
 }
 
+// The whole cache buffers a step appends to ([B, kv_heads, capacity, head_dim], writeable), with room for T
+// new tokens after n_past.
+inline void step_buffers(const py::object& k_obj, const py::object& v_obj, int64_t B, int64_t T, int64_t kv_heads,
+                         int64_t head_dim, int64_t n_past, KvView* keys, KvView* values) {
+  int64_t capacity = -1;
+  *keys = kv_view(k_obj, "keys", B, kv_heads, head_dim, &capacity);
+  *values = kv_view(v_obj, "values", B, kv_heads, head_dim, &capacity);
+  if (!as_array(k_obj, "keys").writeable()) bad_arg("keys", "must be writeable");
+  if (!as_array(v_obj, "values").writeable()) bad_arg("values", "must be writeable");
+  if (n_past < 0 || n_past > capacity - T)
+    bad_arg("n_past", "the cache buffers hold " + std::to_string(capacity) + " positions: no room for " +
+                          std::to_string(T) + " new tokens after " + std::to_string(n_past));
+}
+
 inline std::vector<float> norm_weights(const py::object& obj, const char* name, int64_t head_dim) {
   if (obj.is_none()) return {};
   const py::array w = checked_array(obj, name, py::dtype::of<float>(), "float32", {head_dim});
@@ -193,6 +207,21 @@ class PyAttention {
     std::vector<float> ctx(static_cast<size_t>(B * T * width));
     AttendCall call(*layer_, static_cast<const float*>(q.data()), B, T, keys, values, S, mask, ctx.data(),
                     static_cast<float*>(out.mutable_data()));
+    run_call(call, [&] { layer_->submit(call); });
+  }
+
+  void step(const py::object& x_obj, const py::object& cos_obj, const py::object& sin_obj, const py::object& k_obj,
+            const py::object& v_obj, int64_t n_past, const py::object& mask_obj, const py::object& out_obj) {
+    const AttentionSpec& s = layer_->spec();
+    const py::array x = checked_array(x_obj, "x", py::dtype::of<float>(), "float32", {-1, -1, s.hidden});
+    const int64_t B = x.shape(0), T = x.shape(1);
+    py::array out = out_array(out_obj, "out", {B, T, s.hidden});
+    const Rotary r(cos_obj, sin_obj, B * T, s.head_dim);
+    KvView keys, values;
+    step_buffers(k_obj, v_obj, B, T, s.kv_heads, s.head_dim, n_past, &keys, &values);
+    const MaskView mask = mask_view(mask_obj, B, T, n_past + T);
+    AttentionStepCall call(*layer_, static_cast<const float*>(x.data()), B, T, r.cos, r.sin, r.rot, keys, values,
+                           n_past, mask, static_cast<float*>(out.mutable_data()));
     run_call(call, [&] { layer_->submit(call); });
   }
 

@@ -85,6 +85,22 @@ class PyDecoderLayer {
     run_call(call, [&] { layer_->submit(call); });
   }
 
+  void step(const py::object& x_obj, const py::object& cos_obj, const py::object& sin_obj, const py::object& k_obj,
+            const py::object& v_obj, int64_t n_past, const py::object& mask_obj, const py::object& out_obj) {
+    const AttentionSpec& s = layer_->attention().spec();
+    bool x_bf16, out_bf16;
+    const py::array x = stream_array(x_obj, "x", {-1, -1, s.hidden}, &x_bf16);
+    const int64_t B = x.shape(0), T = x.shape(1);
+    py::array out = stream_array(out_obj, "out", {B, T, s.hidden}, &out_bf16);
+    const Rotary r(cos_obj, sin_obj, B * T, s.head_dim);
+    KvView keys, values;
+    step_buffers(k_obj, v_obj, B, T, s.kv_heads, s.head_dim, n_past, &keys, &values);
+    const MaskView mask = mask_view(mask_obj, B, T, n_past + T);
+    LayerStepCall call(*layer_, stream_in(x, x_bf16), B, T, r.cos, r.sin, r.rot, keys, values, n_past, mask,
+                       stream_out(out, "out", out_bf16));
+    run_call(call, [&] { layer_->submit(call); });
+  }
+
   DecoderLayer& layer() { return *layer_; }
 
  private:
@@ -109,6 +125,11 @@ void bind_decoder_layer(py::module_& m) {
            py::arg("x"), py::arg("out"),
            "q [B, T, heads*head_dim], the cache and mask (as Attention.attend), x float32 [B, T, hidden] -> out = "
            "x1 + experts(RMSNorm_post(x1)) with x1 = x + attention.")
+      .def("step", &PyDecoderLayer::step, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
+           py::arg("values"), py::arg("n_past"), py::arg("mask"), py::arg("out"),
+           "x [B, T, hidden] -> out: pre, the new k, v written into keys/values [B, kv_heads, capacity, head_dim] "
+           "(writeable buffers, float32 or int16 bfloat16 bits) at [n_past, n_past + T), then post over n_past + T "
+           "keys; one pool job.")
       .def_property_readonly("threads", [](PyDecoderLayer& p) { return p.layer().pool().threads(); });
 }
 

@@ -4,7 +4,9 @@ At one token a layer's attention is a few dozen small torch ops (views, norms, r
 repeat, sdpa, reshapes) around four projections, and on a CPU those ops cost more than the arithmetic. Here
 the q/k/v projections, the per-head q/k norm and the rotary embedding are one pool job, transformers' own
 cache takes the new keys and values (``cache.update``: any Cache class, generate() unchanged), and the
-attention with the o_proj is a second job. The projections are ``cpu_linear`` layers over the stored weights.
+attention with the o_proj is a second job. When the cache layer is transformers' default ``DynamicLayer``, the
+three are one job that writes the new keys and values into buffers behind the layer's tensors
+(operators/kv_buffer.py). The projections are ``cpu_linear`` layers over the stored weights.
 
 Calls with more than ``native_tokens`` new tokens (prefill) attend in torch's scaled_dot_product_attention,
 whose matrix products beat a per-query loop there; the projections still run in our kernels.
@@ -27,6 +29,7 @@ from ktinject.operators.attention_layout import AttentionShape, attention_shape,
 from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
 from ktinject.operators.cpu_pool import CpuOperator, CpuPoolConfig
 from ktinject.operators.cpu_weights import stored_part
+from ktinject.operators.kv_buffer import KvRoom, step_room
 from torch import nn
 
 from ktinject.errors import OperatorError
@@ -179,6 +182,10 @@ class CpuAttention(CpuOperator):
         dtype = hidden_states.dtype
         B, T, _ = hidden_states.shape
         s = self.shape
+        if cache is not None and T <= self.config.native_tokens and not torch.compiler.is_compiling():
+            room = step_room(cache, self.layer_idx, hidden_states, s.kv_heads, s.head_dim)
+            if room is not None:
+                return self._forward_step(hidden_states, position_embeddings, attention_mask, room), None
         cos, sin = position_embeddings
         x = hidden_states.reshape(B * T, s.hidden)
         cos, sin = rotary_rows(cos, sin, B, T)
@@ -202,6 +209,29 @@ class CpuAttention(CpuOperator):
         else:
             out = self.run_attend(q, k, v, mask)
         return (out if dtype == torch.float32 else out.to(dtype)), None
+
+    def _forward_step(self, hidden_states, position_embeddings, attention_mask, room: KvRoom) -> torch.Tensor:
+        """Project, append to transformers' cache layer's buffers (operators/kv_buffer.py) and attend: one job."""
+        B, T, _ = hidden_states.shape
+        x = _f32(hidden_states)
+        cos, sin = rotary_row_arrays(*position_embeddings, B, T)
+        mask = mask_rows(attention_mask, room.n_past + T, self.module_name)
+        out = torch.empty(B, T, self.shape.hidden)
+        try:
+            self._native.step(
+                x.numpy(),
+                cos,
+                sin,
+                room.keys_array,
+                room.values_array,
+                room.n_past,
+                None if mask is None else mask.numpy(),
+                out.numpy(),
+            )
+        except ValueError as exc:
+            raise OperatorError(f"cpu_attention for {self.module_name!r}: {exc}") from None
+        room.commit(T)
+        return out if hidden_states.dtype is torch.float32 else out.to(hidden_states.dtype)
 
     def update_cache(self, cache: Any, k: torch.Tensor, v: torch.Tensor, cos, sin, kwargs: dict):
         """Hand the new keys and values to transformers' cache as the replaced module did; returns all of them."""
@@ -295,8 +325,17 @@ def rotary_rows(cos: torch.Tensor, sin: torch.Tensor, batch: int, tokens: int) -
     if slot and slot[0] is cos and slot[1] is sin and slot[2] == batch and slot[3] == tokens:
         return slot[4], slot[5]
     rows = _f32(_per_token(cos, batch, tokens)), _f32(_per_token(sin, batch, tokens))
-    _rotary_slot = (cos, sin, batch, tokens, *rows)
+    _rotary_slot = (cos, sin, batch, tokens, *rows, rows[0].numpy(), rows[1].numpy())
     return rows
+
+
+def rotary_row_arrays(cos: torch.Tensor, sin: torch.Tensor, batch: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """rotary_rows as the numpy arrays the bindings read (cached with them; not for compiled graphs)."""
+    slot = _rotary_slot
+    if slot and slot[0] is cos and slot[1] is sin and slot[2] == batch and slot[3] == tokens:
+        return slot[6], slot[7]
+    rows = rotary_rows(cos, sin, batch, tokens)  # fills the slot for the next layers
+    return rows[0].numpy(), rows[1].numpy()
 
 
 def mask_rows(mask: Any, n_keys: int, name: str) -> torch.Tensor | None:

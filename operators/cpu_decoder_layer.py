@@ -9,7 +9,9 @@ residual. The parts are the same operators (``self_attn`` is a ``cpu_attention``
 ``cpu_router``, ``mlp.experts`` a ``cpu_experts``...), so weights load and are named as in the transformers
 layer. Calls with more than ``native_tokens`` new tokens (prefill) run the parts one by one, as transformers'
 layer does, and so do calls while transformers records the routers' logits (``output_router_logits``); under
-torch.compile the two jobs are custom ops (``ktinject::cpu_decoder_layer_pre``/``_post``).
+torch.compile the two jobs are custom ops (``ktinject::cpu_decoder_layer_pre``/``_post``). When the cache layer
+is transformers' default ``DynamicLayer`` (generate()'s), a decode step is a single job: job 1, the new keys and
+values written into buffers behind the cache layer's tensors (operators/kv_buffer.py), job 2.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ from typing import Any
 import torch
 from ktinject.operators import torch_ops
 from ktinject.operators.attention_layout import unsupported_attention
-from ktinject.operators.cpu_attention import CpuAttention, CpuAttentionConfig, _f32, _kv_array, mask_rows, rotary_rows
+from ktinject.operators.cpu_attention import (
+    CpuAttention,
+    CpuAttentionConfig,
+    _f32,
+    _kv_array,
+    mask_rows,
+    rotary_row_arrays,
+    rotary_rows,
+)
 from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuExpertsConfig
 from ktinject.operators.cpu_norm import CpuRmsNorm, unsupported_rmsnorm
 from ktinject.operators.cpu_pool import CpuOperator, CpuOrPlaced
 from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_normalizes
 from ktinject.operators.cpu_weights import WeightTypeName, stored_part
 from ktinject.operators.experts_layout import experts_spec, looks_like_experts
+from ktinject.operators.kv_buffer import KvRoom, step_room
 from ktinject.operators.module_forms import computes_like
 from torch import nn
 
@@ -192,7 +203,36 @@ class CpuDecoderLayer(CpuOperator):
             or (not torch.compiler.is_compiling() and recording("router_logits"))  # the router must be seen
         ):
             return self._forward_parts(hidden_states, attention_mask, cache, position_embeddings, kwargs)
+        if cache is not None and not torch.compiler.is_compiling():
+            s = self.self_attn.shape
+            room = step_room(cache, self.self_attn.layer_idx, hidden_states, s.kv_heads, s.head_dim)
+            if room is not None:
+                return self._forward_step(hidden_states, attention_mask, room, position_embeddings)
         return self._forward_fused(hidden_states, attention_mask, cache, position_embeddings, kwargs)
+
+    def _forward_step(self, hidden_states, attention_mask, room: KvRoom, position_embeddings) -> torch.Tensor:
+        """The whole layer in one C++ job that also appends the new keys/values to transformers' cache layer
+        (operators/kv_buffer.py)."""
+        B, T, _ = hidden_states.shape
+        x = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
+        cos, sin = rotary_row_arrays(*position_embeddings, B, T)
+        mask = mask_rows(attention_mask, room.n_past + T, self.module_name)
+        out = torch.empty_like(x)
+        try:
+            self._native.step(
+                _array(x),
+                cos,
+                sin,
+                room.keys_array,
+                room.values_array,
+                room.n_past,
+                None if mask is None else mask.numpy(),
+                _array(out),
+            )
+        except ValueError as exc:
+            raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
+        room.commit(T)
+        return out
 
     def _forward_parts(self, x, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
         """The layer as transformers runs it, part by part (prefill)."""

@@ -77,6 +77,23 @@ def test_left_padded_batch_generate_matches(pair):
     assert torch.equal(optimized.generate(ids, **kwargs), plain.generate(ids, **kwargs))
 
 
+def test_beam_search_matches(pair):
+    """Beam search reorders the cache between steps (reorder_cache): the fused layers' cache buffers follow."""
+    _, plain, optimized, _ = pair
+    ids = torch.tensor([[5, 17, 33, 2, 71], [8, 1, 44, 90, 13]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3)
+    assert torch.equal(optimized.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+
+def test_assisted_decoding_matches(pair):
+    """Assisted (speculative) decoding crops rejected tokens off the cache between steps."""
+    family, plain, optimized, _ = pair
+    draft = tiny_model(family, seed=7)
+    ids = torch.tensor([[5, 17, 33, 2, 71]])
+    kwargs = dict(max_new_tokens=10, do_sample=False, assistant_model=draft)
+    assert torch.equal(optimized.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+
 def test_auto_rules_pick_the_family_file():
     model = tiny_model("qwen3_moe")
     plan = ktinject.plan(model, "auto", vars=CPU_ONLY)

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+
+#include "quant/half.h"
 
 namespace ktinject {
 namespace {
@@ -121,6 +124,59 @@ void AttendCall::finish_all() {
   o_call.finish();
 }
 
+void append_kv(const KvView& dst, const float* src, int64_t batch, int64_t tokens, int64_t kv_heads, int64_t head_dim,
+               int64_t n_past) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const float* row = src + ((b * tokens + t) * kv_heads + h) * head_dim;
+        const int64_t at = b * dst.stride_b + h * dst.stride_h + (n_past + t) * dst.stride_s;
+        if (dst.bf16) {
+          uint16_t* o = static_cast<uint16_t*>(const_cast<void*>(dst.data)) + at;
+          for (int64_t d = 0; d < head_dim; ++d) o[d] = float_to_bf16(row[d]);
+        } else {
+          std::memcpy(static_cast<float*>(const_cast<void*>(dst.data)) + at, row, sizeof(float) * head_dim);
+        }
+      }
+}
+
+AttentionStepCall::AttentionStepCall(AttentionLayer& layer_, const float* x, int64_t batch_, int64_t tokens_,
+                                     const float* cos, const float* sin, int64_t rot, const KvView& keys_,
+                                     const KvView& values_, int64_t n_past_, const MaskView& mask, float* out)
+    : PoolCall(layer_.shared_pool()),
+      layer(layer_),
+      batch(batch_),
+      tokens(tokens_),
+      n_past(n_past_),
+      keys(keys_),
+      values(values_),
+      q(static_cast<size_t>(batch_ * tokens_ * layer_.spec().heads * layer_.spec().head_dim)),
+      k(static_cast<size_t>(batch_ * tokens_ * layer_.spec().kv_heads * layer_.spec().head_dim)),
+      v(k.size()),
+      ctx(q.size()),
+      project(layer_, x, batch_ * tokens_, cos, sin, rot, q.data(), k.data(), v.data()),
+      attend(layer_, q.data(), batch_, tokens_, keys_, values_, n_past_ + tokens_, mask, ctx.data(), out) {}
+
+void AttentionStepCall::run(int node, int local) {
+  if (cancelled()) project.cancel();
+  project.run(node, local);
+  layer.barrier_.arrive_and_wait();  // every worker's rows of q, k, v are normed and rotated
+  if (node == 0 && local == 0 && !cancelled()) {
+    const AttentionSpec& s = layer.spec();
+    append_kv(keys, k.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
+    append_kv(values, v.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
+  }
+  layer.barrier_.arrive_and_wait();
+  if (cancelled()) attend.cancel();
+  attend.run(node, local);
+}
+
+void AttentionStepCall::finish_all() {
+  finish();
+  project.finish_all();
+  attend.finish_all();
+}
+
 // ---- layer ------------------------------------------------------------------------------------------
 
 AttentionLayer::AttentionLayer(const AttentionSpec& spec, LinearLayer& q, LinearLayer& k, LinearLayer& v,
@@ -169,6 +225,11 @@ void AttentionLayer::submit_check() const {
 void AttentionLayer::submit(ProjectCall& call) {
   submit_check();
   if (call.tokens > 0) call.start();
+}
+
+void AttentionLayer::submit(AttentionStepCall& call) {
+  submit_check();
+  if (call.batch * call.tokens > 0) call.start();
 }
 
 void AttentionLayer::submit(AttendCall& call) {

@@ -88,6 +88,30 @@ class AttendCall : public PoolCall {
   LinearCall o_call;
 };
 
+// Writes new keys or values ([batch * tokens, kv_heads * head_dim] float32, token-major) into a cache buffer
+// `dst` [batch, kv_heads, capacity, head_dim] at positions [n_past, n_past + tokens), converting to its dtype.
+void append_kv(const KvView& dst, const float* src, int64_t batch, int64_t tokens, int64_t kv_heads, int64_t head_dim,
+               int64_t n_past);
+
+// project, the new k, v appended to the caller's buffers (append_kv), then attend over the first
+// n_past + tokens keys and o_proj: a decode step's attention as one job. x [batch * tokens, hidden] float32
+// -> out [batch * tokens, hidden]; keys/values are the whole writeable buffers (capacity checked by the caller).
+class AttentionStepCall : public PoolCall {
+ public:
+  AttentionStepCall(AttentionLayer& layer, const float* x, int64_t batch, int64_t tokens, const float* cos,
+                    const float* sin, int64_t rot, const KvView& keys, const KvView& values, int64_t n_past,
+                    const MaskView& mask, float* out);
+  void run(int node, int local) override;
+  void finish_all();
+
+  AttentionLayer& layer;
+  const int64_t batch, tokens, n_past;
+  const KvView keys, values;
+  std::vector<float> q, k, v, ctx;  // scratch, before the calls that point into it
+  ProjectCall project;
+  AttendCall attend;
+};
+
 class AttentionLayer {
  public:
   // q/k/v/o must live as long as this layer and share one pool; shapes are checked against `spec`
@@ -105,12 +129,14 @@ class AttentionLayer {
   // std::invalid_argument when a projection's weights are not loaded.
   void submit(ProjectCall& call);
   void submit(AttendCall& call);
+  void submit(AttentionStepCall& call);
   // What submit() checks, for layers that run these calls inside their own jobs.
   void submit_check() const;
 
  private:
   friend class ProjectCall;
   friend class AttendCall;
+  friend class AttentionStepCall;
   int worker_index(int node, int local) const { return first_worker_[node] + local; }
   void norm_rope(const ProjectCall& call, int worker) const;
   void attend_rows(const AttendCall& call, int worker) const;

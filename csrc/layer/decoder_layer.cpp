@@ -123,6 +123,42 @@ void LayerPostCall::finish_all() {
   experts.finish();
 }
 
+LayerStepCall::LayerStepCall(DecoderLayer& layer_, StreamIn x, int64_t batch_, int64_t tokens_, const float* cos,
+                             const float* sin, int64_t rot, const KvView& keys_, const KvView& values_, int64_t n_past_,
+                             const MaskView& mask, StreamOut out)
+    : PoolCall(layer_.shared_pool()),
+      layer(layer_),
+      batch(batch_),
+      tokens(tokens_),
+      n_past(n_past_),
+      keys(keys_),
+      values(values_),
+      q(static_cast<size_t>(batch_ * tokens_ * layer_.attention_.spec().heads * layer_.attention_.spec().head_dim)),
+      k(static_cast<size_t>(batch_ * tokens_ * layer_.kv_width())),
+      v(k.size()),
+      pre(layer_, x, batch_ * tokens_, cos, sin, rot, q.data(), StreamOut{k.data(), false}, StreamOut{v.data(), false}),
+      post(layer_, q.data(), batch_, tokens_, keys_, values_, n_past_ + tokens_, mask, x, out) {}
+
+void LayerStepCall::run(int node, int local) {
+  if (cancelled()) pre.cancel();
+  pre.run(node, local);
+  layer.barrier_.arrive_and_wait();  // every worker's share of q, k, v is written
+  if (first_worker(node, local) && !cancelled()) {
+    const AttentionSpec& s = layer.attention_.spec();
+    append_kv(keys, k.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
+    append_kv(values, v.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
+  }
+  layer.barrier_.arrive_and_wait();
+  if (cancelled()) post.cancel();
+  post.run(node, local);
+}
+
+void LayerStepCall::finish_all() {
+  finish();
+  pre.finish_all();
+  post.finish_all();
+}
+
 DecoderLayer::DecoderLayer(AttentionLayer& attention, RouterLayer& router, MoeLayer& experts,
                            std::vector<float> input_norm, float input_eps, std::vector<float> post_norm, float post_eps)
     : attention_(attention),
@@ -149,16 +185,25 @@ DecoderLayer::DecoderLayer(AttentionLayer& attention, RouterLayer& router, MoeLa
   barrier_.reset(pool_->threads());
 }
 
+void DecoderLayer::check_ready() const {
+  attention_.submit_check();
+  router_.check_ready();
+  experts_.check_ready();
+}
+
 void DecoderLayer::submit(LayerPreCall& call) {
   attention_.submit_check();
   if (call.tokens > 0) call.start();
 }
 
 void DecoderLayer::submit(LayerPostCall& call) {
-  attention_.submit_check();
-  router_.check_ready();
-  experts_.check_ready();
+  check_ready();
   if (call.rows > 0) call.start();
+}
+
+void DecoderLayer::submit(LayerStepCall& call) {
+  check_ready();
+  if (call.batch * call.tokens > 0) call.start();
 }
 
 }  // namespace ktinject

@@ -6,7 +6,9 @@
 //          weights, ids = router(h2);  out = x1 + experts(h2, ids, weights)           (RouterLayer, MoeLayer)
 //
 // transformers runs this layer as ~25 calls from Python and 4 pool jobs; here it is 2 pool jobs, so the
-// time between the kernels (and the cold caches it runs on) mostly goes away. The parts are the layers the
+// time between the kernels (and the cold caches it runs on) mostly goes away. When the caller's cache is a
+// buffer with room for the new tokens, `step` is all of it in one job: pre, the new k, v written into the
+// buffer, then post (no Python between the halves at all). The parts are the layers the
 // attention, router and experts operators already own; they must share one pool.
 //
 // Concurrency: calls are owned by their callers and run one at a time on the pool, as for every operator.
@@ -74,6 +76,26 @@ class LayerPostCall : public PoolCall {
   MoeCall experts;
 };
 
+// pre, then the new keys/values written into the caller's buffers at positions [n_past, n_past + tokens),
+// then post over the first n_past + tokens keys: one pool job. keys/values are the whole buffers
+// [batch, kv_heads, capacity, head_dim] (writeable; capacity >= n_past + tokens, checked by the caller).
+class LayerStepCall : public PoolCall {
+ public:
+  LayerStepCall(DecoderLayer& layer, StreamIn x, int64_t batch, int64_t tokens, const float* cos, const float* sin,
+                int64_t rot, const KvView& keys, const KvView& values, int64_t n_past, const MaskView& mask,
+                StreamOut out);
+  void run(int node, int local) override;
+  void finish_all();
+
+  DecoderLayer& layer;
+  const int64_t batch, tokens, n_past;
+  const KvView keys, values;
+  // Scratch before the calls that point into it: q, and the new k, v in float32 ([batch * tokens, width]).
+  std::vector<float> q, k, v;
+  LayerPreCall pre;
+  LayerPostCall post;
+};
+
 class DecoderLayer {
  public:
   // The parts must outlive this layer and share one pool; widths are checked (std::invalid_argument).
@@ -89,10 +111,13 @@ class DecoderLayer {
   const std::shared_ptr<ThreadPool>& shared_pool() const { return pool_; }
   void submit(LayerPreCall& call);
   void submit(LayerPostCall& call);
+  void submit(LayerStepCall& call);
 
  private:
   friend class LayerPreCall;
   friend class LayerPostCall;
+  friend class LayerStepCall;
+  void check_ready() const;
   AttentionLayer& attention_;
   RouterLayer& router_;
   MoeLayer& experts_;

@@ -229,6 +229,49 @@ def test_non_finite_input_gives_non_finite_output():
     assert out[1].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_job_steps_equal_the_two_job_path(monkeypatch, dtype):
+    """Decoding through DynamicCache (one job appending to buffers behind the cache layer) gives what the two
+    jobs around cache.update give, for single and multi-token steps and a padded batch; the cache matches."""
+    from ktinject.operators import cpu_attention
+
+    attn = make_attention("Qwen3MoeAttention").to(dtype)
+    op = build(attn)
+    torch.manual_seed(4)
+    pad = torch.ones(2, 12)
+    pad[1, :2] = 0
+    xs = [torch.randn(2, 5, 96, dtype=dtype)] + [torch.randn(2, t, 96, dtype=dtype) for t in (1, 1, 3, 1)]
+    starts = [0, 5, 6, 7, 10]
+    positions = [torch.arange(s, s + x.shape[1])[None].expand(2, -1) for s, x in zip(starts, xs)]
+    masks = [causal_mask(pad, x.shape[1], s) for s, x in zip(starts, xs)]
+    with torch.no_grad():
+        one_job = run_steps(op, xs, positions, masks)
+        monkeypatch.setattr(cpu_attention, "step_room", lambda *a: None)
+        two_jobs = run_steps(op, xs, positions, masks)
+    for a, b in zip(one_job, two_jobs):
+        assert a.dtype == dtype
+        close(a, b, 1e-6)
+
+
+def test_step_arguments_are_checked():
+    nat = build(make_attention("Qwen3MoeAttention"))._native
+    f = np.zeros
+    x, out, kv = f((1, 2, 96), np.float32), f((1, 2, 96), np.float32), f((1, 2, 6, 32), np.float32)
+    with pytest.raises(ValueError, match="argument 'n_past'.*6 positions: no room for 2 new tokens after 5"):
+        nat.step(x, None, None, kv, kv.copy(), 5, None, out)
+    readonly = kv.copy()
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="argument 'keys': must be writeable"):
+        nat.step(x, None, None, readonly, kv, 0, None, out)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        nat.step(x.astype(np.float64), None, None, kv, kv.copy(), 0, None, out)
+    with pytest.raises(ValueError, match="argument 'out'"):
+        nat.step(x, None, None, kv, kv.copy(), 0, None, f((1, 1, 96), np.float32))
+    with pytest.raises(ValueError, match="argument 'mask'"):
+        nat.step(x, None, None, kv, kv.copy(), 2, f((1, 2, 5), bool), out)
+    nat.step(x, None, None, kv, kv.copy(), 4, None, out)
+
+
 def test_bad_arguments_raise_value_errors_naming_them():
     op = build(make_attention("Qwen3MoeAttention"))
     nat = op._native

@@ -1,6 +1,7 @@
 """cpu_decoder_layer against the unmodified transformers decoder layer (Qwen3-MoE): prefill (parts) and decode
-steps (fused: two pool jobs) through DynamicCache and StaticCache, padded batches, bfloat16; the fused path equal
-to the parts path; concurrent calls; bad arguments at the C++ boundary; what it refuses and why."""
+steps through DynamicCache (one job that appends to the cache's buffers) and StaticCache (two jobs around
+cache.update), padded batches, bfloat16; the fused paths equal to the parts path; the cache buffers through
+growth, crop, reorder and reset; concurrent calls; bad arguments at the C++ boundary; what it refuses and why."""
 
 from __future__ import annotations
 
@@ -119,6 +120,61 @@ def test_padded_batch_with_a_mask():
     for want, got in zip(run_steps(layer, xs, positions, masks), run_steps(op, xs, positions, masks)):
         close(got[0], want[0], 2e-5)
         close(got[1, -1:], want[1, -1:], 2e-5)
+
+
+def test_decode_steps_append_to_buffers_behind_the_cache(monkeypatch):
+    """After prefill, DynamicCache's keys/values are views of buffers the C++ step writes into; the buffers grow
+    (here from one spare position), and the outputs and cache contents stay the parts path's."""
+    from ktinject.operators import kv_buffer
+
+    monkeypatch.setattr(kv_buffer, "MIN_SPARE", 1)
+    made = []
+    make = kv_buffer._make_buffers
+    monkeypatch.setattr(kv_buffer, "_make_buffers", lambda *a: made.append(a[2]) or make(*a))
+    layer = make_layer()
+    fused, parts = build(layer, native_tokens=64), build(layer, native_tokens=0)
+    xs, positions = steps(prefill=3, decode=12)
+    cache_f, cache_p = DynamicCache(), DynamicCache()
+    for a, b in zip(
+        run_steps(fused, xs, positions, [None] * 13, cache_f), run_steps(parts, xs, positions, [None] * 13, cache_p)
+    ):
+        close(a, b, 1e-6)
+    assert len(made) > 2  # grown more than once
+    keys = cache_f.layers[0].keys
+    buffers = cache_f.layers[0].__dict__[kv_buffer._SLOT]
+    assert keys.data_ptr() == buffers.keys.data_ptr() and keys.shape[2] == 15 and cache_f.get_seq_length() == 15
+    close(keys, cache_p.layers[0].keys, 1e-6)
+    close(cache_f.layers[0].values, cache_p.layers[0].values, 1e-6)
+
+
+@pytest.mark.parametrize("change", ["crop", "reorder", "reset", "update"])
+def test_cache_changes_between_steps_are_followed(change):
+    """What transformers (or another op) does to the cache layer between steps: crop (assisted decoding),
+    reorder (beam search), reset (a new prompt), an ordinary update: the next step sees it, as the parts do."""
+    layer = make_layer()
+    fused, parts = build(layer, native_tokens=64), build(layer, native_tokens=0)
+    xs, positions = steps(batch=2, prefill=4, decode=6)
+    outs = []
+    for op in (fused, parts):
+        cache = DynamicCache()
+        got = run_steps(op, xs[:4], positions[:4], [None] * 4, cache)
+        if change == "crop":
+            cache.crop(-2)
+            tail = [(x, p - 2) for x, p in zip(xs[4:], positions[4:])]
+        elif change == "reorder":
+            cache.reorder_cache(torch.tensor([1, 1]))
+            tail = list(zip(xs[4:], positions[4:]))
+        elif change == "reset":
+            cache = DynamicCache()
+            tail = [(xs[0], positions[0])] + list(zip(xs[4:], [p - 3 for p in positions[4:]]))
+        else:
+            k = torch.randn(2, 2, 1, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+            cache.update(k, k.clone(), 0)
+            tail = [(x, p + 1) for x, p in zip(xs[4:], positions[4:])]
+        got += run_steps(op, [x for x, _ in tail], [p for _, p in tail], [None] * len(tail), cache)
+        outs.append(got)
+    for a, b in zip(*outs):
+        close(a, b, 1e-6)
 
 
 def test_static_cache():
@@ -242,6 +298,32 @@ def test_bad_arguments_raise_value_errors_naming_them():
         native_layer(op, post_norm=z(3, np.float32))
     with pytest.raises(ValueError, match="eps"):
         native_layer(op, input_eps=float("nan"))
+
+
+def test_step_arguments_are_checked():
+    nat = build(make_layer())._native
+    z = np.zeros
+    x, out = z((1, 1, HIDDEN), np.float32), z((1, 1, HIDDEN), np.float32)
+    kv = z((1, 2, 4, HEAD_DIM), np.float32)
+    with pytest.raises(ValueError, match="argument 'n_past'.*4 positions: no room for 1 new tokens after 4"):
+        nat.step(x, None, None, kv, kv.copy(), 4, None, out)
+    with pytest.raises(ValueError, match="argument 'n_past'"):
+        nat.step(x, None, None, kv, kv.copy(), -1, None, out)
+    readonly = kv.copy()
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="argument 'values': must be writeable"):
+        nat.step(x, None, None, kv, readonly, 0, None, out)
+    with pytest.raises(ValueError, match="argument 'keys'"):
+        nat.step(x, None, None, z((1, 3, 4, HEAD_DIM), np.float32), kv, 0, None, out)
+    with pytest.raises(ValueError, match="argument 'values'"):
+        nat.step(x, None, None, kv, z((1, 2, 5, HEAD_DIM), np.float32), 0, None, out)
+    with pytest.raises(ValueError, match="argument 'keys'"):
+        nat.step(x, None, None, kv.astype(np.float64), kv, 0, None, out)
+    with pytest.raises(ValueError, match="argument 'mask'"):
+        nat.step(x, None, None, kv, kv.copy(), 1, np.ones((1, 1, 3), bool), out)
+    with pytest.raises(ValueError, match="argument 'out'"):
+        nat.step(x, None, None, kv, kv.copy(), 0, None, z((1, 2, HIDDEN), np.float32))
+    nat.step(x, None, None, kv, kv.copy(), 3, None, out)  # the last free position: fine
 
 
 def test_parts_on_another_pool_are_refused():
