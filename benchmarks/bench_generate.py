@@ -13,16 +13,16 @@ Q4_K_M or Q8_0 file types them (benchmarks/peers.py DENSE_MIXES). Written once t
 Measures (`--threads` for everyone):
 - llama.cpp / ik_llama.cpp: `llama-bench -m F -t N -p 128 -n 32 -r R` (ik_llama.cpp also with `-rtr 1`).
 - ktinject: prefill = one forward of 128 random tokens into an empty cache (median of R); decode = tokens/s of
-  `generate()` over `--n-gen` greedy tokens after a 1-token prompt (median of R), the model built with the
-  built-in rules on the CPU (`vars={'gpu': 'cpu'}`); then the same decode with `ktinject.compile_decoding`
-  (its compile time in the row; `--no-compile` skips it).
+  `generate()` over `--n-gen` greedy tokens after a 1-token prompt, EOS off as in llama-bench (median of R), the
+  model built with the built-in rules on the CPU (`vars={'gpu': 'cpu'}`); then the same decode with
+  `ktinject.compile_decoding` (its compile time in the row; `--no-compile` skips it).
 - The decode floor: bytes read per token (every dense weight as stored, 8 experts per layer, one embedding row)
   over the read bandwidth of the same pinned threads, measured in the same run.
 - Where a ktinject decode step goes (one extra profiled run with forward hooks, scaled to the unprofiled step):
   C++ decoder layers (whole MoE layers, when the rules fuse them), C++ experts, C++ dense linears, attention
   core, norms/router/rotary, the rest (Python/HF/torch framework).
 - `--deep L`: a file with L layers of the same widths (16 experts keep it small): non-kernel time per layer at
-  one token = (decode step - time the pool's jobs took) / L.
+  one token = (decode step - time the pool's jobs took) / L, and decode tok/s against the peers on that file.
 
 Peers are found like benchmarks/peers.py finds llama-bench ($LLAMA_BENCH, $IK_LLAMA_BENCH or under the peers root).
 """
@@ -145,14 +145,26 @@ class TokenTimes:
         pass
 
 
+def generate_tokens(model, ids, n: int, streamer) -> None:
+    """Greedy ``generate()`` of exactly ``n`` new tokens with EOS switched off, as llama-bench's decode ignores it.
+    Forcing the count with ``min_new_tokens`` instead would add two min-length logits processors whose per-step
+    cost (~0.3 ms: transformers inspects each processor's signature at every step) belongs to the benchmark, not
+    to the model."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.max_new_tokens, config.min_new_tokens, config.min_length = n, None, 0
+    config.do_sample, config.pad_token_id = False, 0
+    model.generate(ids, generation_config=config, streamer=streamer)
+
+
 def decode_tok_s(model, n_gen: int, seed: int = 0) -> float:
     import torch
 
     ids = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(seed))
     streamer = TokenTimes()
-    model.generate(
-        ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer, pad_token_id=0
-    )
+    generate_tokens(model, ids, n_gen + 1, streamer)
     t = streamer.times
     return (len(t) - 1) / (t[-1] - t[0])
 
@@ -240,9 +252,7 @@ def split(model, n_gen: int) -> dict[str, float]:
     ids = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(7))
     streamer = TokenTimes()
     try:
-        model.generate(
-            ids, max_new_tokens=n_gen + 1, min_new_tokens=n_gen + 1, do_sample=False, streamer=streamer, pad_token_id=0
-        )
+        generate_tokens(model, ids, n_gen + 1, streamer)
     finally:
         for h in handles:
             h.remove()
@@ -255,8 +265,22 @@ def split(model, n_gen: int) -> dict[str, float]:
     return out
 
 
+def deep_peer_rows(path: Path, args) -> list[dict[str, Any]]:
+    """The peers' decode (llama-bench -p 0 -n N) on the deep file: a real model's depth, where the per-token cost
+    outside the layers weighs little."""
+    rows = []
+    for name, exe, extra in peer_runs(args):
+        try:
+            r = llama_bench_tok_s(exe, path, args.threads, 0, args.n_gen, args.reps, extra)
+        except Exception as exc:  # a peer never stops the run
+            print(f"# {name} failed: {exc}")
+            continue
+        rows.append({"engine": name, **r})
+    return rows
+
+
 def non_kernel_ms_per_layer(path: Path, layers: int, args) -> dict[str, dict[str, float]]:
-    """Eager and compiled: a decode step, the part of it the pool's jobs took, the rest per layer."""
+    """Eager and compiled: a decode step, the part of it the pool's jobs took, the rest per layer (median of R)."""
     import ktinject
     from ktinject.native import native
 
@@ -267,9 +291,7 @@ def non_kernel_ms_per_layer(path: Path, layers: int, args) -> dict[str, dict[str
         ids = __import__("torch").randint(3, model.config.vocab_size, (1, 1))
         streamer = TokenTimes()
         before = native().pool_stats(args.threads)
-        model.generate(
-            ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, streamer=streamer, pad_token_id=0
-        )
+        generate_tokens(model, ids, steps + 1, streamer)
         after = native().pool_stats(args.threads)
         step = (streamer.times[-1] - streamer.times[0]) / (len(streamer.times) - 1)
         kernels = (after["busy_seconds"] - before["busy_seconds"]) / (steps + 2)  # + the prompt and first token
@@ -279,14 +301,18 @@ def non_kernel_ms_per_layer(path: Path, layers: int, args) -> dict[str, dict[str
             "non_kernel_ms_per_layer": (step - kernels) / layers * 1e3,
         }
 
+    def median_of_reps() -> dict[str, float]:
+        runs = sorted((measure() for _ in range(args.reps)), key=lambda r: r["step_ms"])
+        return runs[len(runs) // 2]
+
     decode_tok_s(model, 4)
-    result = {"eager": measure()}
+    result = {"eager": median_of_reps()}
     if args.compile:
         ktinject.compile_decoding(model)
         start = time.perf_counter()
         measure()
         result["compile_s"] = {"seconds": time.perf_counter() - start}
-        result["compiled"] = measure()
+        result["compiled"] = median_of_reps()
     return result
 
 
@@ -385,7 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         quant = args.quants.split(",")[0]
         path = model_file(quant, args.deep, experts=16)
         deep = non_kernel_ms_per_layer(path, args.deep, args)
-        results["deep"] = {"layers": args.deep, **deep}
+        peers = [] if args.no_peers else deep_peer_rows(path, args)
+        results["deep"] = {"layers": args.deep, **deep, "peers": peers}
         for mode in ("eager", "compiled"):
             if mode in deep:
                 d = deep[mode]
@@ -393,6 +420,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"\n# {args.deep} layers ({quant}, 16 experts), {mode}: step {d['step_ms']:.2f} ms, pool jobs "
                     f"{d['kernel_ms']:.2f} ms, the rest {d['non_kernel_ms_per_layer']:.3f} ms per layer"
                 )
+        if peers:
+            best = max(r["decode_tok_s"] for r in peers)
+            print(f"\n## {args.deep} layers ({quant} experts, 16 of them): decode")
+            print("| engine | decode tok/s | decode / best peer |\n|---|---|---|")
+            ours = [
+                (f"ktinject {args.dtypes.split(',')[0]}, {m}", 1e3 / deep[m]["step_ms"])
+                for m in ("eager", "compiled")
+                if m in deep
+            ]
+            for name, tok_s in [(r["engine"], r["decode_tok_s"]) for r in peers] + ours:
+                print(f"| {name} | {tok_s:.2f} | {tok_s / best:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

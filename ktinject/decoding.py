@@ -40,6 +40,14 @@ def compile_decoding(model: nn.Module, backend: str = "inductor") -> None:
             "%s does not declare a compilable forward; compiling anyway (graph breaks fall back to Python)",
             type(model).__name__,
         )
+    fused = sum(type(m).__name__ == "CpuDecoderLayer" for m in model.modules())
+    if fused:
+        logger.warning(
+            "%d decoder layers are cpu_decoder_layer operators, which decode eagerly as one C++ job per layer "
+            "appending to transformers' default cache; compiled decoding gives them a static cache and two jobs "
+            "per layer, measured slower on the CPU (BENCHMARKS.md). Compiling anyway.",
+            fused,
+        )
     config = CompileConfig(fullgraph=False, backend=backend, mode=None)
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     generation_config.cache_implementation = "static"

@@ -81,12 +81,17 @@ def _extend(specs, mapping: dict[type, type], recorder_cls, name: str):
     return out if isinstance(specs, list) or len(out) > 1 else specs
 
 
+try:  # transformers >= 5: the outputs being recorded in this context
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - nothing is ever recorded
+    _active_collector = None
+
+
 def recording(key: str) -> bool:
     """Whether transformers is recording the optional output ``key`` (e.g. ``"router_logits"``) right now: an
-    operator that fuses away the module whose output is recorded runs it separately then."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    operator that fuses away the module whose output is recorded runs it separately then. Called per layer per
+    step: the import is done once, above."""
+    if _active_collector is None:
         return False
     collected = _active_collector.get()
     return collected is not None and key in collected

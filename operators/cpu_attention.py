@@ -183,7 +183,7 @@ class CpuAttention(CpuOperator):
         B, T, _ = hidden_states.shape
         s = self.shape
         if cache is not None and T <= self.config.native_tokens and not torch.compiler.is_compiling():
-            room = step_room(cache, self.layer_idx, hidden_states, s.kv_heads, s.head_dim)
+            room = step_room(cache, self.layer_idx, s.kv_heads, s.head_dim, hidden_states)
             if room is not None:
                 return self._forward_step(hidden_states, position_embeddings, attention_mask, room), None
         cos, sin = position_embeddings
@@ -215,15 +215,15 @@ class CpuAttention(CpuOperator):
         B, T, _ = hidden_states.shape
         x = _f32(hidden_states)
         cos, sin = rotary_row_arrays(*position_embeddings, B, T)
-        mask = mask_rows(attention_mask, room.n_past + T, self.module_name)
+        mask = None if attention_mask is None else mask_rows(attention_mask, room.n_past + T, self.module_name)
         out = torch.empty(B, T, self.shape.hidden)
         try:
             self._native.step(
                 x.numpy(),
                 cos,
                 sin,
-                room.keys_array,
-                room.values_array,
+                room.buffers.keys_array,
+                room.buffers.values_array,
                 room.n_past,
                 None if mask is None else mask.numpy(),
                 out.numpy(),

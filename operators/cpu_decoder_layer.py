@@ -122,6 +122,8 @@ class CpuDecoderLayer(CpuOperator):
         self.mlp = _MoeBlock(parts["mlp.gate"], parts["mlp.experts"])
         self._native: Any = None
         self._handle = torch_ops.register(self)
+        s = self.self_attn.shape  # what step_room checks the cache layer against, read once
+        self._cache_layout = (self.self_attn.layer_idx, s.kv_heads, s.head_dim)
 
     @classmethod
     def from_module(
@@ -204,8 +206,7 @@ class CpuDecoderLayer(CpuOperator):
         ):
             return self._forward_parts(hidden_states, attention_mask, cache, position_embeddings, kwargs)
         if cache is not None and not torch.compiler.is_compiling():
-            s = self.self_attn.shape
-            room = step_room(cache, self.self_attn.layer_idx, hidden_states, s.kv_heads, s.head_dim)
+            room = step_room(cache, *self._cache_layout, hidden_states)
             if room is not None:
                 return self._forward_step(hidden_states, attention_mask, room, position_embeddings)
         return self._forward_fused(hidden_states, attention_mask, cache, position_embeddings, kwargs)
@@ -216,15 +217,15 @@ class CpuDecoderLayer(CpuOperator):
         B, T, _ = hidden_states.shape
         x = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
         cos, sin = rotary_row_arrays(*position_embeddings, B, T)
-        mask = mask_rows(attention_mask, room.n_past + T, self.module_name)
+        mask = None if attention_mask is None else mask_rows(attention_mask, room.n_past + T, self.module_name)
         out = torch.empty_like(x)
         try:
             self._native.step(
                 _array(x),
                 cos,
                 sin,
-                room.keys_array,
-                room.values_array,
+                room.buffers.keys_array,
+                room.buffers.values_array,
                 room.n_past,
                 None if mask is None else mask.numpy(),
                 _array(out),

@@ -36,11 +36,23 @@ _SLOT = "_ktinject_kv_buffer"  # attribute of the DynamicLayer holding its _Buff
 class _Buffers:
     """The buffers behind one cache layer, and the views of them the layer was last given (``commit``)."""
 
-    __slots__ = ("keys", "values", "keys_array", "values_array", "capacity", "length", "keys_view", "values_view")
+    __slots__ = (
+        "keys",
+        "values",
+        "keys_array",
+        "values_array",
+        "shape",
+        "strides",
+        "capacity",
+        "length",
+        "keys_view",
+        "values_view",
+    )
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        self.keys, self.values = keys, values  # [batch, kv_heads, capacity, head_dim]
+        self.keys, self.values = keys, values  # [batch, kv_heads, capacity, head_dim], both contiguous
         self.keys_array, self.values_array = _array(keys), _array(values)  # what the C++ step writes
+        self.shape, self.strides = tuple(keys.shape), keys.stride()
         self.capacity = keys.shape[2]
         self.length = length
         self.keys_view: torch.Tensor | None = None
@@ -66,23 +78,16 @@ class KvRoom:
     def __init__(self, layer: Any, buffers: _Buffers, n_past: int) -> None:
         self.layer, self.buffers, self.n_past = layer, buffers, n_past
 
-    @property
-    def keys_array(self) -> np.ndarray:
-        return self.buffers.keys_array
-
-    @property
-    def values_array(self) -> np.ndarray:
-        return self.buffers.values_array
-
     def commit(self, tokens: int) -> None:
         """After the step wrote ``tokens`` new positions: the layer's views grow to cover them."""
         b = self.buffers
         b.length = n = self.n_past + tokens
-        b.keys_view = self.layer.keys = b.keys.narrow(2, 0, n)
-        b.values_view = self.layer.values = b.values.narrow(2, 0, n)
+        shape = (b.shape[0], b.shape[1], n, b.shape[3])
+        b.keys_view = self.layer.keys = b.keys.as_strided(shape, b.strides)
+        b.values_view = self.layer.values = b.values.as_strided(shape, b.strides)
 
 
-def step_room(cache: Any, layer_idx: int, x: torch.Tensor, kv_heads: int, head_dim: int) -> KvRoom | None:
+def step_room(cache: Any, layer_idx: int, kv_heads: int, head_dim: int, x: torch.Tensor) -> KvRoom | None:
     """Room for ``x``'s tokens ([batch, tokens, hidden]) in transformers' cache layer ``layer_idx``, or None
     when that layer is not a plain filled ``DynamicLayer`` holding ``x.dtype`` keys (the caller then hands its
     keys and values to ``cache.update``). Steady decoding costs a few identity checks here."""

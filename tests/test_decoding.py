@@ -11,14 +11,17 @@ import ktinject
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "llama"])
-def test_compiled_decoding_generates_the_plain_models_tokens(family):
+def test_compiled_decoding_generates_the_plain_models_tokens(family, caplog):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     plain = tiny_model(family)
     optimized = twin(plain)
     ktinject.optimize(optimized, family, vars={"gpu": "cpu"})
-    ktinject.compile_decoding(optimized, backend="aot_eager")  # aot_eager: traced and run, no code generated
+    with caplog.at_level("WARNING", logger="ktinject"):
+        ktinject.compile_decoding(optimized, backend="aot_eager")  # aot_eager: traced and run, no code generated
+    # Qwen3-MoE's MoE layers are whole cpu_decoder_layers, which decode faster eagerly: the user is told
+    assert ("decode eagerly as one C++ job per layer" in caplog.text) == (family == "qwen3_moe")
     assert optimized.generation_config.cache_implementation == "static"
     ids = torch.tensor([[5, 17, 33, 2, 71]])
     counters.clear()
