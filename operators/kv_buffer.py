@@ -12,7 +12,9 @@ one position longer ones. Everything transformers does with the layer keeps work
   ``update`` leave new tensors: the next step copies them into fresh buffers (once, like one ``torch.cat``);
 - ``reset`` drops them (``keys is None``): the next step takes the ordinary path.
 
-Capacity grows geometrically (amortized copies stay O(1) per token), with a floor of ``MIN_SPARE`` positions.
+Capacity grows geometrically, by an eighth (at most 12.5% of the cache unused; a token's keys are copied about
+eight times over a long generation, which at one token costs far less than the layer's weights), with a floor
+of ``MIN_SPARE`` positions. transformers' own ``torch.cat`` copies the whole cache at every step.
 A tensor taken from ``layer.keys`` earlier keeps its length, but after a ``crop`` the positions past the
 new end are rewritten (with ``torch.cat`` they would be a private copy): keep a ``clone()`` instead.
 """
@@ -30,6 +32,7 @@ except ImportError:  # pragma: no cover - older transformers: every call takes t
     DynamicLayer = None  # type: ignore[assignment,misc]
 
 MIN_SPARE = 256  # positions added at least, whenever a buffer is (re)made
+GROWTH_DIVISOR = 8  # ... and at least 1/8 of the length: at most 12.5% unused, each token copied ~8 times over
 _SLOT = "_ktinject_kv_buffer"  # attribute of the DynamicLayer holding its _Buffers
 
 
@@ -146,7 +149,7 @@ def room_for(layer: Any, tokens: int) -> KvRoom:
 
 def _make_buffers(keys: torch.Tensor, values: torch.Tensor, needed: int) -> _Buffers:
     n_past = keys.shape[2]
-    capacity = needed + max(MIN_SPARE, needed // 2)
+    capacity = needed + max(MIN_SPARE, needed // GROWTH_DIVISOR)
     shape = (keys.shape[0], keys.shape[1], capacity, keys.shape[3])
     k = torch.empty(shape, dtype=keys.dtype)
     v = torch.empty(shape, dtype=values.dtype)
