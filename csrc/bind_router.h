@@ -27,12 +27,31 @@ inline py::array writeable(const py::object& obj, const char* name, const py::dt
 
 class PyRouter {
  public:
-  PyRouter(py::object gate, int64_t top_k, bool normalize) : gate_(std::move(gate)) {
+  PyRouter(py::object gate, int64_t top_k, bool normalize, const std::string& score, int64_t groups,
+           int64_t topk_groups, float scale, const py::object& bias)
+      : gate_(std::move(gate)) {
     if (!py::isinstance<PyLinear>(gate_)) bad_arg("gate", "expected a _native.Linear");
+    LinearLayer& g = gate_.cast<PyLinear&>().layer();
+    RouterSelect select;
+    select.normalize = normalize;
+    if (score == "sigmoid")
+      select.score = RouterSelect::Score::kSigmoid;
+    else if (score != "softmax")
+      bad_arg("score", "expected 'softmax' or 'sigmoid', got '" + score + "'");
+    select.groups = groups;
+    select.topk_groups = topk_groups;
+    select.scale = scale;
+    if (!bias.is_none()) {
+      if (select.score != RouterSelect::Score::kSigmoid) bad_arg("bias", "only the sigmoid router takes a bias");
+      const py::array b = checked_array(bias, "bias", py::dtype::of<float>(), "float32", {g.spec().rows});
+      const auto* p = static_cast<const float*>(b.data());
+      select.bias.assign(p, p + g.spec().rows);
+    }
     try {
-      layer_ = std::make_unique<RouterLayer>(gate_.cast<PyLinear&>().layer(), top_k, normalize);
-    } catch (const std::invalid_argument& e) {
-      throw py::value_error(std::string("argument 'top_k': ") + e.what());
+      layer_ = std::make_unique<RouterLayer>(g, top_k, std::move(select));
+    } catch (const std::invalid_argument& e) {  // the message starts with the field's name
+      const std::string msg = e.what();
+      throw py::value_error("argument '" + msg.substr(0, msg.find(' ')) + "': " + msg);
     }
   }
 

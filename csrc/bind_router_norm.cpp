@@ -34,9 +34,12 @@ void rms_norm(const py::object& x_obj, const py::object& w_obj, float eps, const
 }  // namespace
 
 void bind_router_norm(py::module_& m) {
-  py::class_<PyRouter>(m, "Router", "Softmax top-k MoE router on the CPU (see csrc/moe/router.h).")
-      .def(py::init<py::object, int64_t, bool>(), py::arg("gate"), py::kw_only(), py::arg("top_k"),
-           py::arg("normalize"), "gate: a _native.Linear [experts, hidden].")
+  py::class_<PyRouter>(m, "Router", "Softmax or grouped-sigmoid top-k MoE router on the CPU (see csrc/moe/router.h).")
+      .def(py::init<py::object, int64_t, bool, const std::string&, int64_t, int64_t, float, const py::object&>(),
+           py::arg("gate"), py::kw_only(), py::arg("top_k"), py::arg("normalize"), py::arg("score") = "softmax",
+           py::arg("groups") = 1, py::arg("topk_groups") = 1, py::arg("scale") = 1.0f, py::arg("bias") = py::none(),
+           "gate: a _native.Linear [experts, hidden]; score 'softmax' (Qwen3-MoE form) or 'sigmoid' (DeepSeek-V3 "
+           "form: groups, topk_groups, scale and bias float32 [experts] or None apply to it).")
       .def("route", &PyRouter::route, py::arg("x"), py::arg("logits"), py::arg("weights"), py::arg("ids"),
            "x float32 [T, hidden] -> logits float32 [T, experts], weights float32 [T, top_k], ids int64 [T, top_k].")
       .def_property_readonly("threads", [](PyRouter& p) { return p.layer().pool().threads(); });

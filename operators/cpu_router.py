@@ -1,10 +1,16 @@
-"""``cpu_router`` / ``router``: a MoE layer's softmax top-k router (the Qwen3-MoE form, shared by a dozen classes)
-in one pool job: the gate projection over its stored weights, then per token softmax, top-k and (optionally)
-renormalization.
+"""``cpu_router`` / ``router``: a MoE layer's router in one pool job: the gate projection over its stored
+weights, then per token the expert choice of one of two forms shared by ~30 transformers classes:
+
+- softmax top-k (the Qwen3-MoE form: Qwen2/3-MoE, OLMoE, Qwen3-Next, Qwen3.5-MoE...): softmax, top-k,
+  optionally renormalized;
+- grouped sigmoid (the DeepSeek-V3 form: DeepSeek-V3/V3.2, Kimi, GLM-4-MoE and GLM-5, dots.llm1, MiMo-V2,
+  Nemotron-H...): sigmoid scores plus a correction bias choose, within the best groups of experts, the top-k;
+  their scores (renormalized) times a scaling factor are the weights.
 
 transformers' router is a float matrix-vector product through torch's one-thread path (the gate of a
-128-expert layer is 1 MB in float32) and five small ops; ours reads the gate on every pool thread and does the
-rest in the same job. Returns what transformers' router returns: (logits, top-k weights, top-k expert ids).
+128-expert layer is 1 MB in float32) and five (softmax) to fifteen (grouped) small ops; ours reads the gate on
+every pool thread and does the rest in the same job. Returns what transformers' router returns: (logits, top-k
+weights, top-k expert ids).
 """
 
 from __future__ import annotations
@@ -28,18 +34,47 @@ from ktinject.weights.source import ModuleSource
 _OPTIONAL_NORM = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeTopKRouter",)
 # softmax -> top-k -> always renormalized
 _ALWAYS_NORM = ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeTopKRouter",)
+# sigmoid + e_score_correction_bias -> best topk_group of num_group groups -> top-k -> (renormalized) * scale
+_GROUPED_SIGMOID = ("transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter",)
 
 
-def router_normalizes(module: nn.Module) -> bool | None:
-    """Whether a recognised router renormalizes its top-k weights (None: not a router cpu_router computes)."""
+@dataclasses.dataclass(frozen=True)
+class RouterForm:
+    """How a recognised router chooses experts (see the module docstring)."""
+
+    score: str  # "softmax" or "sigmoid"
+    normalize: bool
+    groups: int = 1  # sigmoid: the experts' groups, of which topk_groups are searched
+    topk_groups: int = 1
+    scale: float = 1.0  # sigmoid: routed_scaling_factor
+    has_bias: bool = False  # sigmoid: e_score_correction_bias
+
+
+def router_form(module: nn.Module) -> RouterForm | None:
+    """The form of a router cpu_router computes (None: not one). Attribute and source reads only."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(getattr(module, "top_k", None), int):
         return None
     if computes_like(module, *_ALWAYS_NORM):
-        return True
+        return RouterForm("softmax", True)
     if computes_like(module, *_OPTIONAL_NORM) and hasattr(module, "norm_topk_prob"):
-        return bool(module.norm_topk_prob)
+        return RouterForm("softmax", bool(module.norm_topk_prob))
+    if computes_like(module, *_GROUPED_SIGMOID):
+        groups, topk_groups = getattr(module, "num_group", None), getattr(module, "topk_group", None)
+        bias = getattr(module, "e_score_correction_bias", None)
+        scale = getattr(module, "routed_scaling_factor", None)
+        if not (isinstance(groups, int) and isinstance(topk_groups, int) and isinstance(scale, (int, float))):
+            return None
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            return None
+        return RouterForm("sigmoid", bool(module.norm_topk_prob), groups, topk_groups, float(scale), True)
     return None
+
+
+def router_normalizes(module: nn.Module) -> bool | None:
+    """Whether a softmax top-k router renormalizes its top-k weights (None: not a router of that form)."""
+    form = router_form(module)
+    return form.normalize if form is not None and form.score == "softmax" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +84,20 @@ class CpuRouterConfig(CpuPoolConfig):
 
 @register_operator("cpu_router")
 class CpuRouter(CpuOperator):
-    """Softmax top-k routing on the CPU's pool."""
+    """Softmax or grouped-sigmoid top-k routing on the CPU's pool."""
 
     Config = CpuRouterConfig
     wants_raw_weights = True
 
-    def __init__(self, experts: int, hidden: int, top_k: int, normalize: bool, *, name: str, config: CpuRouterConfig):
+    def __init__(self, experts: int, hidden: int, top_k: int, form: RouterForm, *, name: str, config: CpuRouterConfig):
         super().__init__()
         self.num_experts = experts
         self.hidden_dim = hidden
         self.top_k = top_k
-        self.norm_topk_prob = normalize
+        self.form = form
+        self.norm_topk_prob = form.normalize
         self.module_name = name
+        self.e_score_correction_bias: torch.Tensor | None = None  # float32, the sigmoid form's
         linear_config = CpuLinearConfig(**dataclasses.asdict(config))
         self.gate = CpuLinear(hidden, experts, False, name=name, config=linear_config)
         self._router: Any = None
@@ -69,14 +106,14 @@ class CpuRouter(CpuOperator):
     @classmethod
     def from_module(cls, module: nn.Module, *, name: str, device: torch.device, config: CpuRouterConfig) -> "CpuRouter":
         cls.check_device(device, config)
-        normalize = router_normalizes(module)
-        if normalize is None:
+        form = router_form(module)
+        if form is None:
             raise OperatorError(
                 f"cpu_router cannot replace {name!r}: {type(module).__name__} is not a softmax top-k router of the "
-                "Qwen3-MoE form"
+                "Qwen3-MoE form nor a grouped sigmoid router of the DeepSeek-V3 form"
             )
         experts, hidden = module.weight.shape
-        op = cls(experts, hidden, module.top_k, normalize, name=name, config=config)
+        op = cls(experts, hidden, module.top_k, form, name=name, config=config)
         op.gate._weight_stand_in = torch.empty(module.weight.shape, dtype=module.weight.dtype, device="meta")
         if not module.weight.is_meta:
             op.load_weights(ModuleSource(module, description=f"module {name!r}"), "")
@@ -91,12 +128,30 @@ class CpuRouter(CpuOperator):
         return CpuLinear.estimate_stored_bytes(module, CpuLinearConfig(**dataclasses.asdict(config)), device, stored)
 
     def weight_names(self) -> list[str]:
-        return ["weight"]
+        return ["weight", "e_score_correction_bias"] if self.form.has_bias else ["weight"]
 
     def load_weights(self, source, prefix: str) -> None:
         self.gate.load_weights(source, prefix)
+        form, bias = self.form, None
+        if form.has_bias:
+            bias = source.tensor(prefix + "e_score_correction_bias", dtype=torch.float32).contiguous()
+            if bias.shape != (self.num_experts,):
+                raise OperatorError(
+                    f"cpu_router for {self.module_name!r}: e_score_correction_bias has shape {list(bias.shape)}, "
+                    f"expected [{self.num_experts}]"
+                )
+            self.e_score_correction_bias = bias
         try:
-            self._router = native().Router(self.gate._linear, top_k=self.top_k, normalize=self.norm_topk_prob)
+            self._router = native().Router(
+                self.gate._linear,
+                top_k=self.top_k,
+                normalize=form.normalize,
+                score=form.score,
+                groups=form.groups,
+                topk_groups=form.topk_groups,
+                scale=form.scale,
+                bias=None if bias is None else bias.numpy(),
+            )
         except ValueError as exc:
             raise OperatorError(f"cpu_router for {self.module_name!r}: {exc}") from None
 
@@ -112,7 +167,7 @@ class CpuRouter(CpuOperator):
         else:
             logits, weights, ids = self.run(x)
         dtype = hidden_states.dtype
-        if dtype is not torch.float32:
+        if dtype is not torch.float32 and self.form.score == "softmax":  # the sigmoid form stays float32
             logits, weights = logits.to(dtype), weights.to(dtype)
         return logits, weights, ids
 
@@ -137,7 +192,9 @@ class CpuRouter(CpuOperator):
         return logits, weights, ids
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, normalize={self.norm_topk_prob}"
+        f = self.form
+        grouped = f", groups={f.groups}, topk_groups={f.topk_groups}, scale={f.scale}" if f.score == "sigmoid" else ""
+        return f"experts={self.num_experts}, top_k={self.top_k}, score={f.score}, normalize={f.normalize}{grouped}"
 
 
 @dataclasses.dataclass(frozen=True)

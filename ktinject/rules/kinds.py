@@ -43,9 +43,9 @@ def _is_rmsnorm(module: nn.Module) -> bool:
 
 
 def _is_router(module: nn.Module) -> bool:
-    from ktinject.operators.cpu_router import router_normalizes
+    from ktinject.operators.cpu_router import router_form
 
-    return router_normalizes(module) is not None
+    return router_form(module) is not None
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -96,7 +96,8 @@ KINDS: dict[str, ModuleKind] = {
         ),
         ModuleKind(
             "router",
-            "a transformers MoE router of the Qwen3-MoE form (softmax, top-k, optional renormalization)",
+            "a transformers MoE router of the Qwen3-MoE form (softmax, top-k, optional renormalization) or of the "
+            "DeepSeek-V3 form (sigmoid + correction bias, best groups, top-k, optional renormalization, scaling)",
             _is_router,
         ),
         ModuleKind(

@@ -18,7 +18,7 @@ if not native_available():
 
 from concurrency import run_in_threads  # noqa: E402
 from ktinject.operators.cpu_norm import CpuRmsNorm, unsupported_rmsnorm  # noqa: E402
-from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_normalizes  # noqa: E402
+from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_form, router_normalizes  # noqa: E402
 
 from ktinject.operator import OperatorConfig  # noqa: E402
 
@@ -167,10 +167,93 @@ def test_router_binding_checks_arguments():
         r.route(z((3, 64), np.float32), z((3, 16), np.float32), z((3, 3), np.float32), z((3, 2), np.int64))
 
 
+# The grouped sigmoid form (DeepSeek-V3): groups searched, renormalization on/off, scaling, correction bias
+GROUPED = [
+    ("deepseek_v3:DeepseekV3TopkRouter", "DeepseekV3Config", dict(n_group=4, topk_group=2, norm_topk_prob=True)),
+    ("deepseek_v3:DeepseekV3TopkRouter", "DeepseekV3Config", dict(n_group=1, topk_group=1, norm_topk_prob=False)),
+    ("glm4_moe:Glm4MoeTopkRouter", "Glm4MoeConfig", dict(n_group=2, topk_group=1, norm_topk_prob=True)),
+    ("dots1:Dots1TopkRouter", "Dots1Config", dict(n_group=8, topk_group=4, norm_topk_prob=True)),
+]
+
+
+def make_grouped_router(path, config_name, extra, experts=16, top_k=4, scale=2.5):
+    config = getattr(importlib.import_module("transformers"), config_name)(
+        hidden_size=64, n_routed_experts=experts, num_experts_per_tok=top_k, routed_scaling_factor=scale, **extra
+    )
+    torch.manual_seed(2)
+    router = _cls(path)(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn_like(router.weight) * 0.3)
+        router.e_score_correction_bias.copy_(torch.randn(experts) * 0.2)  # large enough to change choices
+    return router
+
+
+def same_choice(got, want):
+    """ids as sets per token (torch.topk(sorted=False) leaves their order open) and the weights that go with them."""
+    (g_ids, g_order), (w_ids, w_order) = got[2].sort(-1), want[2].sort(-1)
+    assert torch.equal(g_ids, w_ids)
+    torch.testing.assert_close(got[1].gather(1, g_order), want[1].gather(1, w_order), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path,config_name,extra", GROUPED)
+def test_grouped_sigmoid_router_matches_transformers(path, config_name, extra):
+    router = make_grouped_router(path, config_name, extra)
+    form = router_form(router)
+    assert form.score == "sigmoid" and form.groups == extra["n_group"] and form.scale == 2.5
+    assert router_normalizes(router) is None  # not the softmax form (cpu_decoder_layer needs that one)
+    op = CpuRouter.from_module(router, name="gate", device=CPU, config=CpuRouterConfig())
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        want, got = router(x), op(x)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+    same_choice(got, want)
+    assert got[1].dtype == want[1].dtype == torch.float32 and got[2].dtype == torch.int64
+    with torch.no_grad():  # bfloat16 hidden states: transformers routes them in float32, so does ours
+        want, got = router(x.bfloat16()), op(x.bfloat16())
+    assert got[1].dtype == torch.float32
+    same_choice(got, want)
+
+
+def test_grouped_router_keeps_only_the_best_groups_and_propagates_nan():
+    router = make_grouped_router(*GROUPED[0])  # 4 groups of 4 experts, the best 2 kept
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+        router.e_score_correction_bias[[0, 1]] = 5.0  # group 0 wins through its two best experts
+        router.e_score_correction_bias[[12]] = 9.0  # one strong expert: group 3 is second (9 + its next best)
+    op = CpuRouter.from_module(router, name="gate", device=CPU, config=CpuRouterConfig())
+    x = torch.randn(3, 64)
+    x[2, 5] = float("nan")
+    _, weights, ids = op(x)
+    for row in ids[:2]:
+        assert {0, 1, 12} <= set(row.tolist()) and all(e < 4 or e >= 12 for e in row.tolist())
+    assert weights[2].isnan().all() and not weights[:2].isnan().any()
+    assert ((ids >= 0) & (ids < 16)).all()
+
+
+def test_grouped_router_binding_checks_arguments():
+    N = native()
+    gate = N.Linear(16, 64, type=0)
+    cases = [
+        (dict(score="cosine"), "argument 'score'"),
+        (dict(score="sigmoid", groups=3), "argument 'groups': groups must divide the 16 experts"),
+        (dict(score="sigmoid", groups=16), "argument 'groups': groups are ranked by their two best"),
+        (dict(score="sigmoid", groups=4, topk_groups=5), "argument 'topk_groups'"),
+        (dict(score="sigmoid", groups=4, topk_groups=1, top_k=5), "argument 'top_k': top_k 5 is more than the 4"),
+        (dict(score="sigmoid", bias=np.zeros(15, np.float32)), "argument 'bias'"),
+        (dict(score="softmax", bias=np.zeros(16, np.float32)), "argument 'bias': only the sigmoid"),
+        (dict(score="sigmoid", scale=float("inf")), "argument 'scale'"),
+    ]
+    for kwargs, message in cases:
+        args = dict(top_k=2, normalize=True) | kwargs
+        with pytest.raises(ValueError, match=message):
+            N.Router(gate, **args)
+
+
 def test_router_kind_rejects_other_routers():
     from transformers import GraniteMoeConfig
 
     granite = _cls("granitemoe:GraniteMoeTopKRouter")(GraniteMoeConfig(hidden_size=32, num_local_experts=4))
     assert router_normalizes(granite) is None  # top-k of logits, then softmax: another formula
+    assert router_form(granite) is None
     with pytest.raises(OperatorError, match="not a softmax top-k router"):
         CpuRouter.from_module(granite, name="g", device=CPU, config=CpuRouterConfig())
