@@ -37,16 +37,27 @@ StreamOut stream_out(py::array& a, const char* name, bool bf16) {
 
 class PyDecoderLayer {
  public:
-  PyDecoderLayer(py::object attention, py::object router, py::object experts, const py::object& input_norm,
-                 float input_eps, const py::object& post_norm, float post_eps)
-      : parts_{attention, router, experts} {
+  PyDecoderLayer(py::object attention, py::object router, py::object experts, py::object mlp_gate, py::object mlp_up,
+                 py::object mlp_down, const py::object& input_norm, float input_eps, const py::object& post_norm,
+                 float post_eps)
+      : parts_{attention, router, experts, mlp_gate, mlp_up, mlp_down} {
     if (!py::isinstance<PyAttention>(attention)) bad_arg("attention", "expected a _native.Attention");
-    if (!py::isinstance<PyRouter>(router)) bad_arg("router", "expected a _native.Router");
-    if (!py::isinstance<PyMoe>(experts)) bad_arg("experts", "expected a _native.MoE");
+    if (!router.is_none() && !py::isinstance<PyRouter>(router)) bad_arg("router", "expected a _native.Router or None");
+    if (!experts.is_none() && !py::isinstance<PyMoe>(experts)) bad_arg("experts", "expected a _native.MoE or None");
+    MlpLayers mlp;
+    LinearLayer** slots[] = {&mlp.gate, &mlp.up, &mlp.down};
+    const char* names[] = {"mlp_gate", "mlp_up", "mlp_down"};
+    for (int i = 0; i < 3; ++i) {
+      const py::object& part = parts_[3 + i];
+      if (part.is_none()) continue;
+      if (!py::isinstance<PyLinear>(part)) bad_arg(names[i], "expected a _native.Linear or None");
+      *slots[i] = &part.cast<PyLinear&>().layer();
+    }
     AttentionLayer& a = attention.cast<PyAttention&>().layer();
     const int64_t H = a.spec().hidden;
     try {
-      layer_ = std::make_unique<DecoderLayer>(a, router.cast<PyRouter&>().layer(), experts.cast<PyMoe&>().layer(),
+      layer_ = std::make_unique<DecoderLayer>(a, router.is_none() ? nullptr : &router.cast<PyRouter&>().layer(),
+                                              experts.is_none() ? nullptr : &experts.cast<PyMoe&>().layer(), mlp,
                                               norm_weights(input_norm, "input_norm", H), input_eps,
                                               norm_weights(post_norm, "post_norm", H), post_eps);
     } catch (const std::invalid_argument& e) {
@@ -104,7 +115,7 @@ class PyDecoderLayer {
   DecoderLayer& layer() { return *layer_; }
 
  private:
-  py::object parts_[3];  // keep the attention, router and experts layers alive
+  py::object parts_[6];  // keep the attention, router, experts and MLP layers alive
   std::unique_ptr<DecoderLayer> layer_;
 };
 
@@ -112,11 +123,14 @@ class PyDecoderLayer {
 
 void bind_decoder_layer(py::module_& m) {
   py::class_<PyDecoderLayer>(m, "DecoderLayer",
-                             "A pre-norm MoE decoder layer in two pool jobs (see csrc/layer/decoder_layer.h).")
-      .def(py::init<py::object, py::object, py::object, const py::object&, float, const py::object&, float>(),
-           py::arg("attention"), py::arg("router"), py::arg("experts"), py::kw_only(), py::arg("input_norm"),
-           py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"),
-           "Parts are _native.Attention, Router and MoE on one pool; norms float32 [hidden].")
+                             "A pre-norm decoder layer in one or two pool jobs (see csrc/layer/decoder_layer.h).")
+      .def(py::init<py::object, py::object, py::object, py::object, py::object, py::object, const py::object&, float,
+                    const py::object&, float>(),
+           py::arg("attention"), py::arg("router") = py::none(), py::arg("experts") = py::none(), py::kw_only(),
+           py::arg("mlp_gate") = py::none(), py::arg("mlp_up") = py::none(), py::arg("mlp_down") = py::none(),
+           py::arg("input_norm"), py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"),
+           "Parts on one pool: _native.Attention; Router and MoE (routed experts), Linear gate/up/down (a SiLU-gated "
+           "MLP: shared experts or a dense layer's), or both; norms float32 [hidden].")
       .def("pre", &PyDecoderLayer::pre, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("q"), py::arg("k"),
            py::arg("v"),
            "x [T, hidden] -> q float32, k, v of RMSNorm_in(x) (as Attention.project); x, k and v float32 or int16 "
@@ -124,7 +138,7 @@ void bind_decoder_layer(py::module_& m) {
       .def("post", &PyDecoderLayer::post, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("mask"),
            py::arg("x"), py::arg("out"),
            "q [B, T, heads*head_dim], the cache and mask (as Attention.attend), x float32 [B, T, hidden] -> out = "
-           "x1 + experts(RMSNorm_post(x1)) with x1 = x + attention.")
+           "x1 + ffn(RMSNorm_post(x1)) with x1 = x + attention, ffn = routed experts and/or the MLP.")
       .def("step", &PyDecoderLayer::step, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("keys"),
            py::arg("values"), py::arg("n_past"), py::arg("mask"), py::arg("out"),
            "x [B, T, hidden] -> out: pre, the new k, v written into keys/values [B, kv_heads, capacity, head_dim] "

@@ -1,13 +1,16 @@
-"""``cpu_decoder_layer`` / ``decoder_layer``: a whole pre-norm MoE decoder layer (transformers' Llama-form layer
-with a Qwen3-MoE-form sparse MoE block) in two C++ pool jobs per decoding step (csrc/layer).
+"""``cpu_decoder_layer`` / ``decoder_layer``: a whole pre-norm decoder layer (transformers' Llama-form layer with
+standard attention) in C++ pool jobs (csrc/layer). After the attention comes one of
+- a sparse MoE block of the Qwen3-MoE form (router, routed experts: Qwen3-MoE, Qwen3-VL-MoE...),
+- a MoE block of the DeepSeek-V3 form (router, routed experts, plus shared experts: GLM-4-MoE, dots.llm1...),
+- a SiLU-gated MLP of the Llama form (the dense layers of those models).
 
 With the attention, norms, router and experts each an operator, a decode step of a layer is still ~25 calls
 from Python and 4 pool jobs, and the Python between the kernels runs on caches the kernels just flushed. Here:
 job 1 = input RMSNorm + q/k/v + q/k norm + rotary; transformers' cache takes k, v (``cache.update``: any
-Cache class, generate() unchanged); job 2 = attention + o_proj + residual + post RMSNorm + router + experts +
+Cache class, generate() unchanged); job 2 = attention + o_proj + residual + post RMSNorm + the block above +
 residual. The parts are the same operators (``self_attn`` is a ``cpu_attention``, ``mlp.gate`` a
-``cpu_router``, ``mlp.experts`` a ``cpu_experts``...), so weights load and are named as in the transformers
-layer. Calls with more than ``native_tokens`` new tokens (prefill) run the parts one by one, as transformers'
+``cpu_router``, ``mlp.experts`` a ``cpu_experts``, the MLP projections ``cpu_linear``...), so weights load and
+are named as in the transformers layer. Calls with more than ``native_tokens`` new tokens (prefill) run the parts one by one, as transformers'
 layer does, and so do calls while transformers records the routers' logits (``output_router_logits``); under
 torch.compile the two jobs are custom ops (``ktinject::cpu_decoder_layer_pre``/``_post``). When the cache layer
 is transformers' default ``DynamicLayer`` (generate()'s), a decode step is a single job: job 1, the new keys and
@@ -20,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from ktinject.operators import torch_ops
 from ktinject.operators.attention_layout import unsupported_attention
 from ktinject.operators.cpu_attention import (
@@ -32,9 +36,10 @@ from ktinject.operators.cpu_attention import (
     rotary_rows,
 )
 from ktinject.operators.cpu_experts import SUPPORTED_FEATURES, CpuExperts, CpuExpertsConfig
+from ktinject.operators.cpu_linear import CpuLinear, CpuLinearConfig
 from ktinject.operators.cpu_norm import CpuRmsNorm, unsupported_rmsnorm
 from ktinject.operators.cpu_pool import CpuOperator, CpuOrPlaced
-from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_normalizes
+from ktinject.operators.cpu_router import CpuRouter, CpuRouterConfig, router_form
 from ktinject.operators.cpu_weights import WeightTypeName, stored_part
 from ktinject.operators.experts_layout import experts_spec, looks_like_experts
 from ktinject.operators.kv_buffer import KvRoom, step_room
@@ -47,26 +52,76 @@ from ktinject.operator import OperatorConfig, register_operator
 from ktinject.output_capture import recording
 
 _LAYER_TEMPLATES = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer",)
-_MOE_BLOCK_TEMPLATES = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",)
-_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp.gate", "mlp.experts")
+# gate (router), then the routed experts
+_ROUTED_BLOCK = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",)
+# gate, the routed experts, plus shared_experts (a gated MLP) of the block's input
+_SHARED_BLOCK = ("transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3MoE",)
+# down_proj(act_fn(gate_proj(x)) * up_proj(x))
+_MLP = ("transformers.models.llama.modeling_llama:LlamaMLP",)
+_ATTENTION_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")
+_ROUTED_PARTS = ("mlp.gate", "mlp.experts")
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerForm:
+    """What follows a layer's attention: routed experts (``mlp.gate`` + ``mlp.experts``), a SiLU-gated MLP
+    (its projections under ``mlp_prefix``: the MoE block's shared experts or a dense layer's MLP), or both."""
+
+    routed: bool
+    mlp_prefix: str | None  # "mlp.shared_experts." or "mlp.", None without an MLP
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        mlp = tuple(self.mlp_prefix + p for p in _MLP_PROJECTIONS) if self.mlp_prefix else ()
+        return _ATTENTION_PARTS + (_ROUTED_PARTS if self.routed else ()) + mlp
 
 
 def unsupported_decoder_layer(module: nn.Module) -> str | None:
     """Why cpu_decoder_layer cannot replace ``module`` (None: it can). Attribute and source reads only."""
+    return _layer_form(module)[1]
+
+
+def decoder_layer_form(module: nn.Module) -> LayerForm:
+    """The form of a layer cpu_decoder_layer can replace (OperatorError naming why not otherwise)."""
+    form, why = _layer_form(module)
+    if form is None:
+        raise OperatorError(f"cpu_decoder_layer cannot replace {type(module).__name__}: {why}")
+    return form
+
+
+def _layer_form(module: nn.Module) -> tuple[LayerForm | None, str | None]:
     if not computes_like(module, *_LAYER_TEMPLATES):
-        return f"{type(module).__name__} is not a decoder layer of the Llama form"
+        return None, f"{type(module).__name__} is not a decoder layer of the Llama form"
     why = unsupported_attention(getattr(module, "self_attn", None))
     if why is not None:
-        return f"its self_attn: {why}"
+        return None, f"its self_attn: {why}"
     for name in ("input_layernorm", "post_attention_layernorm"):
         why = unsupported_rmsnorm(getattr(module, name, None))
         if why is not None:
-            return f"its {name}: {why}"
+            return None, f"its {name}: {why}"
     mlp = getattr(module, "mlp", None)
-    if not computes_like(mlp, *_MOE_BLOCK_TEMPLATES):
-        return "its mlp is not a sparse MoE block of the Qwen3-MoE form (gate, then experts)"
-    if router_normalizes(getattr(mlp, "gate", None)) is None:
-        return "its mlp.gate is not a softmax top-k router"
+    if computes_like(mlp, *_MLP):
+        why = _unsupported_mlp(mlp)
+        return (None, f"its mlp: {why}") if why else (LayerForm(False, "mlp."), None)
+    shared = computes_like(mlp, *_SHARED_BLOCK)
+    if not shared and not computes_like(mlp, *_ROUTED_BLOCK):
+        return None, (
+            "its mlp is neither a sparse MoE block of the Qwen3-MoE form (gate, then experts) or of the DeepSeek-V3 "
+            "form (plus shared experts) nor a gated MLP of the Llama form"
+        )
+    why = _unsupported_routed(mlp)
+    if why is None and shared:
+        why = _unsupported_mlp(getattr(mlp, "shared_experts", None))
+        why = None if why is None else f"its mlp.shared_experts: {why}"
+    if why is not None:
+        return None, why
+    return LayerForm(True, "mlp.shared_experts." if shared else None), None
+
+
+def _unsupported_routed(mlp: nn.Module) -> str | None:
+    if router_form(getattr(mlp, "gate", None)) is None:
+        return "its mlp.gate is not a router cpu_router computes"
     experts = getattr(mlp, "experts", None)
     if not looks_like_experts(experts):
         return "its mlp.experts is not an experts module"
@@ -81,6 +136,18 @@ def unsupported_decoder_layer(module: nn.Module) -> str | None:
     return None
 
 
+def _unsupported_mlp(mlp: nn.Module | None) -> str | None:
+    if not computes_like(mlp, *_MLP):
+        return "not a gated MLP of the Llama form"
+    if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
+        return f"its activation is {type(getattr(mlp, 'act_fn', None)).__name__}, not SiLU"
+    for name in _MLP_PROJECTIONS:
+        proj = getattr(mlp, name, None)
+        if not isinstance(proj, nn.Linear) or type(proj).forward is not nn.Linear.forward:
+            return f"its {name} is not an nn.Linear"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuDecoderLayerConfig(CpuAttentionConfig):
     """weight_type (attention projections and router gate), experts_weight_type, threads, numa_nodes, isa,
@@ -89,19 +156,33 @@ class CpuDecoderLayerConfig(CpuAttentionConfig):
     experts_weight_type: WeightTypeName = "auto"
 
 
-class _MoeBlock(nn.Module):
-    """Holds the router and experts operators under transformers' names (mlp.gate, mlp.experts)."""
+class _Mlp(nn.Module):
+    """A SiLU-gated MLP of cpu_linear projections under transformers' names (gate_proj, up_proj, down_proj)."""
 
-    def __init__(self, gate: CpuRouter, experts: CpuExperts) -> None:
+    def __init__(self, gate_proj: CpuLinear, up_proj: CpuLinear, down_proj: CpuLinear) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MoeBlock(nn.Module):
+    """Holds the router, experts (and shared experts) operators under transformers' names (mlp.gate,
+    mlp.experts, mlp.shared_experts) and computes as transformers' block does."""
+
+    def __init__(self, gate: CpuRouter, experts: CpuExperts, shared_experts: _Mlp | None = None) -> None:
         super().__init__()
         self.gate = gate
         self.experts = experts
+        self.shared_experts = shared_experts
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.gate(flat)
-        return self.experts(flat, ids, weights).reshape(shape)
+        out = self.experts(flat, ids, weights).reshape(shape)
+        return out if self.shared_experts is None else out + self.shared_experts(hidden_states)
 
 
 @register_operator("cpu_decoder_layer")
@@ -112,14 +193,19 @@ class CpuDecoderLayer(CpuOperator):
     wants_raw_weights = True
     yields_to_earlier_rules = True  # a user's rule for one of its parts (say the experts) wins
 
-    def __init__(self, parts: dict[str, nn.Module], *, name: str, config: CpuDecoderLayerConfig) -> None:
+    def __init__(
+        self, parts: dict[str, nn.Module], form: LayerForm, *, name: str, config: CpuDecoderLayerConfig
+    ) -> None:
         super().__init__()
         self.module_name = name
         self.config = config
+        self.form = form
         self.input_layernorm = parts["input_layernorm"]
         self.self_attn = parts["self_attn"]
         self.post_attention_layernorm = parts["post_attention_layernorm"]
-        self.mlp = _MoeBlock(parts["mlp.gate"], parts["mlp.experts"])
+        p = form.mlp_prefix
+        mlp = _Mlp(*(parts[p + name] for name in _MLP_PROJECTIONS)) if p else None
+        self.mlp = _MoeBlock(parts["mlp.gate"], parts["mlp.experts"], mlp) if form.routed else mlp
         self._native: Any = None
         self._handle = torch_ops.register(self)
         s = self.self_attn.shape  # what step_room checks the cache layer against, read once
@@ -130,14 +216,14 @@ class CpuDecoderLayer(CpuOperator):
         cls, module: nn.Module, *, name: str, device: torch.device, config: CpuDecoderLayerConfig
     ) -> "CpuDecoderLayer":
         cls.check_device(device, config)
-        why = unsupported_decoder_layer(module)
-        if why is not None:
+        form, why = _layer_form(module)
+        if form is None:
             raise OperatorError(f"cpu_decoder_layer cannot replace {name!r}: {why}")
         parts = {
             key: op_class.from_module(module.get_submodule(key), name=f"{name}.{key}", device=device, config=cfg)
-            for key, (op_class, cfg) in _part_classes(config).items()
+            for key, (op_class, cfg) in _part_classes(config, form).items()
         }
-        op = cls(parts, name=name, config=config)
+        op = cls(parts, form, name=name, config=config)
         if not module.self_attn.q_proj.weight.is_meta:
             op._build()
         return op
@@ -146,7 +232,7 @@ class CpuDecoderLayer(CpuOperator):
     def estimate_bytes(cls, module: nn.Module, config: CpuDecoderLayerConfig) -> int:
         return sum(
             op_class.estimate_bytes(module.get_submodule(key), cfg)
-            for key, (op_class, cfg) in _part_classes(config).items()
+            for key, (op_class, cfg) in _part_classes(config, decoder_layer_form(module)).items()
         )
 
     @classmethod
@@ -154,25 +240,30 @@ class CpuDecoderLayer(CpuOperator):
         cls, module: nn.Module, config: CpuDecoderLayerConfig, device: torch.device, stored
     ) -> int:
         total = 0
-        for key, (op_class, cfg) in _part_classes(config).items():
+        for key, (op_class, cfg) in _part_classes(config, decoder_layer_form(module)).items():
             total += op_class.estimate_stored_bytes(module.get_submodule(key), cfg, device, stored_part(stored, key))
         return total
 
     def weight_names(self) -> list[str]:
-        return [f"{key}.{w}" for key in _PARTS for w in self.get_submodule(key).weight_names()]
+        return [f"{key}.{w}" for key in self.form.parts for w in self.get_submodule(key).weight_names()]
 
     def load_weights(self, source, prefix: str) -> None:
-        for key in _PARTS:
+        for key in self.form.parts:
             self.get_submodule(key).load_weights(source, f"{prefix}{key}.")
         self._build()
 
     def _build(self) -> None:
         norms = (self.input_layernorm, self.post_attention_layernorm)
+        form = self.form
+        mlp = self.mlp.shared_experts if form.routed else self.mlp
         try:
             self._native = native().DecoderLayer(
                 self.self_attn._native,
-                self.mlp.gate._router,
-                self.mlp.experts._moe,
+                self.mlp.gate._router if form.routed else None,
+                self.mlp.experts._moe if form.routed else None,
+                mlp_gate=mlp.gate_proj._linear if mlp is not None else None,
+                mlp_up=mlp.up_proj._linear if mlp is not None else None,
+                mlp_down=mlp.down_proj._linear if mlp is not None else None,
                 input_norm=norms[0]._weight_array,
                 input_eps=norms[0].variance_epsilon,
                 post_norm=norms[1]._weight_array,
@@ -323,18 +414,23 @@ def _array(t: torch.Tensor):
     return t.numpy() if t.dtype is torch.float32 else t.view(torch.int16).numpy()
 
 
-def _part_classes(config: CpuDecoderLayerConfig) -> dict[str, tuple[type, OperatorConfig]]:
+def _part_classes(config: CpuDecoderLayerConfig, form: LayerForm) -> dict[str, tuple[type, OperatorConfig]]:
     pool = {"threads": config.threads, "numa_nodes": config.numa_nodes, "isa": config.isa}
-    return {
+    classes: dict[str, tuple[type, OperatorConfig]] = {
         "input_layernorm": (CpuRmsNorm, OperatorConfig()),
         "self_attn": (
             CpuAttention,
             CpuAttentionConfig(weight_type=config.weight_type, native_tokens=config.native_tokens, **pool),
         ),
         "post_attention_layernorm": (CpuRmsNorm, OperatorConfig()),
-        "mlp.gate": (CpuRouter, CpuRouterConfig(**pool)),
-        "mlp.experts": (CpuExperts, CpuExpertsConfig(weight_type=config.experts_weight_type, **pool)),
     }
+    if form.routed:
+        classes["mlp.gate"] = (CpuRouter, CpuRouterConfig(**pool))
+        classes["mlp.experts"] = (CpuExperts, CpuExpertsConfig(weight_type=config.experts_weight_type, **pool))
+    if form.mlp_prefix:
+        for name in _MLP_PROJECTIONS:
+            classes[form.mlp_prefix + name] = (CpuLinear, CpuLinearConfig(weight_type=config.weight_type, **pool))
+    return classes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,11 @@ def pair(request):
     return family, plain, optimized, plan
 
 
-# Families whose attention is transformers' standard form (kind: attention) run it in cpu_attention; Qwen3-MoE's
-# MoE layers are whole cpu_decoder_layers (kind: decoder_layer), its dense layer has a cpu_attention.
+# Families whose attention is transformers' standard form (kind: attention) run it in cpu_attention; where the
+# whole layer is of a form cpu_decoder_layer runs (Qwen3-MoE's MoE and dense layers, GLM-4-MoE's), the layer is
+# one cpu_decoder_layer with a cpu_attention inside.
 STANDARD_ATTENTION = {"qwen3_moe", "qwen2_moe", "mixtral", "llama", "glm4_moe"}
-FUSED_LAYERS = {"qwen3_moe"}
+FUSED_LAYERS = {"qwen3_moe", "glm4_moe"}
 
 
 def test_builtin_rules_claim_experts_and_projections(pair):
@@ -31,19 +32,23 @@ def test_builtin_rules_claim_experts_and_projections(pair):
     # on the CPU `linear` is our kernels: every projection and the LM head; standard attention is cpu_attention
     projections = [e.module_name for e in plan if e.op == "linear"]
     attention = [e.module_name for e in plan if e.op == "attention"]
+    layers = [e.module_name for e in plan if e.op == "decoder_layer"]
     assert "lm_head" in projections
     assert {type(optimized.get_submodule(n)).__name__ for n in projections} == {"CpuLinear"}
-    if family in STANDARD_ATTENTION:
-        assert attention and all(n.endswith("self_attn") for n in attention)
+    if family in FUSED_LAYERS:
+        assert layers and not attention
+        for name in layers:
+            layer = optimized.get_submodule(name)
+            assert type(layer).__name__ == "CpuDecoderLayer" and type(layer.self_attn).__name__ == "CpuAttention"
+            if layer.form.routed:
+                assert type(layer.mlp.experts).__name__ == "CpuExperts"
+                assert type(layer.mlp.gate).__name__ == "CpuRouter"
+        assert {optimized.get_submodule(n).form.routed for n in layers} == {True, False}  # MoE and dense layers
+    elif family in STANDARD_ATTENTION:
+        assert not layers and attention and all(n.endswith("self_attn") for n in attention)
         assert {type(optimized.get_submodule(n)).__name__ for n in attention} == {"CpuAttention"}
     else:
-        assert not attention and any(n.endswith("self_attn.o_proj") for n in projections)
-    layers = [e.module_name for e in plan if e.op == "decoder_layer"]
-    assert bool(layers) == (family in FUSED_LAYERS)
-    for name in layers:
-        layer = optimized.get_submodule(name)
-        assert type(layer).__name__ == "CpuDecoderLayer"
-        assert type(layer.self_attn).__name__ == "CpuAttention" and type(layer.mlp.experts).__name__ == "CpuExperts"
+        assert not layers and not attention and any(n.endswith("self_attn.o_proj") for n in projections)
     if family not in ("llama", *FUSED_LAYERS):
         experts = [e for e in plan if e.op == "cpu_experts"]
         assert experts and all(e.module_name.endswith("mlp.experts") for e in experts)

@@ -1,5 +1,6 @@
 #include "layer/decoder_layer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -84,14 +85,33 @@ LayerPostCall::LayerPostCall(DecoderLayer& layer_, const float* q, int64_t batch
       attn_out(static_cast<size_t>(batch * tokens * layer_.hidden())),
       x1(attn_out.size()),
       h2(attn_out.size()),
-      logits(static_cast<size_t>(batch * tokens * layer_.router_.experts())),
-      weights(static_cast<size_t>(batch * tokens * layer_.router_.top_k())),
-      moe_out(attn_out.size()),
+      logits(layer_.router_ ? static_cast<size_t>(rows * layer_.router_->experts()) : 0),
+      weights(layer_.router_ ? static_cast<size_t>(rows * layer_.router_->top_k()) : 0),
+      moe_out(layer_.router_ ? attn_out.size() : 0),
+      g(static_cast<size_t>(rows * layer_.mlp_width())),
+      u(g.size()),
+      a(g.size()),
+      mlp_out(layer_.mlp_.present() ? attn_out.size() : 0),
       ids(weights.size()),
-      attend(layer_.attention_, q, batch, tokens, keys, values, n_keys, mask, ctx.data(), attn_out.data()),
-      route(layer_.router_, h2.data(), batch * tokens, logits.data(), weights.data(), ids.data()),
-      experts(layer_.experts_, h2.data(), batch * tokens, ids.data(), weights.data(), layer_.router_.top_k(),
-              moe_out.data()) {}
+      attend(layer_.attention_, q, batch, tokens, keys, values, n_keys, mask, ctx.data(), attn_out.data()) {
+  if (layer.router_) {
+    route.emplace(*layer.router_, h2.data(), rows, logits.data(), weights.data(), ids.data());
+    experts.emplace(*layer.experts_, h2.data(), rows, ids.data(), weights.data(), layer.router_->top_k(),
+                    moe_out.data());
+  }
+  if (layer.mlp_.present()) {
+    gate_call.emplace(*layer.mlp_.gate, h2.data(), rows, g.data());
+    up_call.emplace(*layer.mlp_.up, h2.data(), rows, u.data());
+    down_call.emplace(*layer.mlp_.down, a.data(), rows, mlp_out.data());
+  }
+}
+
+// a = silu(g) * u over this worker's share of the rows' elements.
+void LayerPostCall::activate(int worker) {
+  const int64_t n = static_cast<int64_t>(a.size()), workers = layer.pool_->threads();
+  const int64_t chunk = (n + workers - 1) / workers, i0 = std::min(n, worker * chunk), i1 = std::min(n, i0 + chunk);
+  for (int64_t i = i0; i < i1; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
 
 void LayerPostCall::run(int node, int local) {
   const int64_t H = layer.hidden();
@@ -110,17 +130,45 @@ void LayerPostCall::run(int node, int local) {
     }
   }
   layer.barrier_.arrive_and_wait();
-  each(route);
-  each(experts);
-  if (first_worker(node, local))
-    for (int64_t i = 0; i < rows * H; ++i) store(out, i, x1[i] + moe_out[i]);
+  if (route) {
+    each(*route);
+    each(*experts);
+  }
+  if (gate_call) {
+    if (cancelled()) {
+      gate_call->cancel();
+      up_call->cancel();
+    }
+    layer.mlp_.gate->run_part(*gate_call, node, local);
+    layer.mlp_.up->run_part(*up_call, node, local);
+    layer.barrier_.arrive_and_wait();
+    if (!cancelled()) activate(layer.first_worker_[node] + local);
+    layer.barrier_.arrive_and_wait();
+    if (cancelled()) down_call->cancel();
+    layer.mlp_.down->run_part(*down_call, node, local);
+    layer.barrier_.arrive_and_wait();
+  }
+  if (first_worker(node, local)) {
+    // As transformers adds them: x1 + (experts + shared MLP), or x1 + the one that is there.
+    for (int64_t i = 0; i < rows * H; ++i) {
+      const float ffn = route ? (gate_call ? moe_out[i] + mlp_out[i] : moe_out[i]) : mlp_out[i];
+      store(out, i, x1[i] + ffn);
+    }
+  }
 }
 
 void LayerPostCall::finish_all() {
   finish();
   attend.finish_all();
-  route.finish_all();
-  experts.finish();
+  if (route) {
+    route->finish_all();
+    experts->finish();
+  }
+  if (gate_call) {
+    gate_call->finish();
+    up_call->finish();
+    down_call->finish();
+  }
 }
 
 LayerStepCall::LayerStepCall(DecoderLayer& layer_, StreamIn x, int64_t batch_, int64_t tokens_, const float* cos,
@@ -159,36 +207,67 @@ void LayerStepCall::finish_all() {
   post.finish_all();
 }
 
-DecoderLayer::DecoderLayer(AttentionLayer& attention, RouterLayer& router, MoeLayer& experts,
+DecoderLayer::DecoderLayer(AttentionLayer& attention, RouterLayer* router, MoeLayer* experts, MlpLayers mlp,
                            std::vector<float> input_norm, float input_eps, std::vector<float> post_norm, float post_eps)
     : attention_(attention),
       router_(router),
       experts_(experts),
+      mlp_(mlp),
       input_norm_(std::move(input_norm)),
       post_norm_(std::move(post_norm)),
       input_eps_(input_eps),
       post_eps_(post_eps),
       pool_(attention.shared_pool()) {
   const int64_t H = attention.spec().hidden;
-  if (router.hidden() != H || experts.spec().hidden != H)
-    throw std::invalid_argument("attention, router and experts must have one width: " + std::to_string(H) + ", " +
-                                std::to_string(router.hidden()) + ", " + std::to_string(experts.spec().hidden));
-  if (router.experts() > experts.spec().num_experts)
-    throw std::invalid_argument("the router chooses among " + std::to_string(router.experts()) +
-                                " experts, the experts module has " + std::to_string(experts.spec().num_experts));
+  const auto width = [](int64_t v) { return std::to_string(v); };
+  if ((router == nullptr) != (experts == nullptr))
+    throw std::invalid_argument("router and experts come together (a MoE block) or not at all");
+  if ((mlp.gate == nullptr) != (mlp.up == nullptr) || (mlp.gate == nullptr) != (mlp.down == nullptr))
+    throw std::invalid_argument("the MLP needs all three of gate, up and down (or none)");
+  if (router == nullptr && !mlp.present())
+    throw std::invalid_argument("a layer needs routed experts, an MLP or both after its attention");
+  if (router != nullptr) {
+    if (router->hidden() != H || experts->spec().hidden != H)
+      throw std::invalid_argument("attention, router and experts must have one width: " + width(H) + ", " +
+                                  width(router->hidden()) + ", " + width(experts->spec().hidden));
+    if (router->experts() > experts->spec().num_experts)
+      throw std::invalid_argument("the router chooses among " + width(router->experts()) +
+                                  " experts, the experts module has " + width(experts->spec().num_experts));
+    if (router->shared_pool() != pool_ || experts->shared_pool() != pool_)
+      throw std::invalid_argument("attention, router and experts must share one thread pool (threads, numa_nodes)");
+  }
+  if (mlp.present()) {
+    const LinearSpec &g = mlp.gate->spec(), &u = mlp.up->spec(), &d = mlp.down->spec();
+    if (g.cols != H || u.cols != H || d.rows != H || u.rows != g.rows || d.cols != g.rows)
+      throw std::invalid_argument("the MLP must map hidden " + width(H) + " -> inter -> hidden: gate [" +
+                                  width(g.rows) + ", " + width(g.cols) + "], up [" + width(u.rows) + ", " +
+                                  width(u.cols) + "], down [" + width(d.rows) + ", " + width(d.cols) + "]");
+    if (mlp.gate->shared_pool() != pool_ || mlp.up->shared_pool() != pool_ || mlp.down->shared_pool() != pool_)
+      throw std::invalid_argument("attention and the MLP must share one thread pool (threads, numa_nodes)");
+  }
   if (static_cast<int64_t>(input_norm_.size()) != H || static_cast<int64_t>(post_norm_.size()) != H)
-    throw std::invalid_argument("the norms' weights must have hidden (" + std::to_string(H) + ") elements");
+    throw std::invalid_argument("the norms' weights must have hidden (" + width(H) + ") elements");
   for (float eps : {input_eps, post_eps})
     if (!(eps >= 0.0f) || !std::isfinite(eps)) throw std::invalid_argument("norm eps must be finite and >= 0");
-  if (router.shared_pool() != pool_ || experts.shared_pool() != pool_)
-    throw std::invalid_argument("attention, router and experts must share one thread pool (threads, numa_nodes)");
+  int first = 0;
+  for (int n = 0; n < pool_->nodes(); ++n) {
+    first_worker_.push_back(first);
+    first += pool_->threads_in(n);
+  }
   barrier_.reset(pool_->threads());
 }
 
 void DecoderLayer::check_ready() const {
   attention_.submit_check();
-  router_.check_ready();
-  experts_.check_ready();
+  if (router_ != nullptr) {
+    router_->check_ready();
+    experts_->check_ready();
+  }
+  if (mlp_.present()) {
+    mlp_.gate->check_ready();
+    mlp_.up->check_ready();
+    mlp_.down->check_ready();
+  }
 }
 
 void DecoderLayer::submit(LayerPreCall& call) {

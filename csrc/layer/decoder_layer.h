@@ -1,9 +1,12 @@
-// A whole pre-norm MoE decoder layer at few tokens as two pool jobs around the caller's KV cache:
+// A whole pre-norm decoder layer at few tokens as two pool jobs around the caller's KV cache:
 //
 //   pre:   h = RMSNorm_in(x); q, k, v = attention's projections of h (q/k norm, rotary)   (AttentionLayer)
 //   -- the caller appends k, v to its cache --
 //   post:  x1 = x + o_proj(attention(q, K, V));  h2 = RMSNorm_post(x1)
-//          weights, ids = router(h2);  out = x1 + experts(h2, ids, weights)           (RouterLayer, MoeLayer)
+//          out = x1 + ffn(h2), ffn = one or both of
+//            routed experts:  weights, ids = router(h2); experts(h2, ids, weights)   (RouterLayer, MoeLayer)
+//            a gated MLP:     down(silu(gate(h2)) * up(h2))   (LinearLayers: the MoE block's shared experts,
+//                                                              or a dense layer's MLP)
 //
 // transformers runs this layer as ~25 calls from Python and 4 pool jobs; here it is 2 pool jobs, so the
 // time between the kernels (and the cold caches it runs on) mostly goes away. When the caller's cache is a
@@ -16,9 +19,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "attention/attention.h"
+#include "linear/linear.h"
 #include "moe/moe.h"
 #include "moe/router.h"
 #include "runtime/pool_call.h"
@@ -68,12 +73,17 @@ class LayerPostCall : public PoolCall {
   const StreamIn x;
   const int64_t rows;
   const StreamOut out;
-  // Scratch, declared before the calls that point into it (x1: the stream after attention).
-  std::vector<float> ctx, attn_out, x1, h2, logits, weights, moe_out;
+  // Scratch, declared before the calls that point into it (x1: the stream after attention; g, u, a: the
+  // MLP's gate, up and activated rows).
+  std::vector<float> ctx, attn_out, x1, h2, logits, weights, moe_out, g, u, a, mlp_out;
   std::vector<int64_t> ids;
   AttendCall attend;
-  RouterCall route;
-  MoeCall experts;
+  std::optional<RouterCall> route;  // with routed experts
+  std::optional<MoeCall> experts;
+  std::optional<LinearCall> gate_call, up_call, down_call;  // with an MLP
+
+ private:
+  void activate(int worker);
 };
 
 // pre, then the new keys/values written into the caller's buffers at positions [n_past, n_past + tokens),
@@ -96,16 +106,26 @@ class LayerStepCall : public PoolCall {
   LayerPostCall post;
 };
 
+// The gated MLP's projections (all three, or none): gate, up [inter, hidden]; down [hidden, inter].
+struct MlpLayers {
+  LinearLayer* gate = nullptr;
+  LinearLayer* up = nullptr;
+  LinearLayer* down = nullptr;
+  bool present() const { return gate != nullptr; }
+};
+
 class DecoderLayer {
  public:
-  // The parts must outlive this layer and share one pool; widths are checked (std::invalid_argument).
-  DecoderLayer(AttentionLayer& attention, RouterLayer& router, MoeLayer& experts, std::vector<float> input_norm,
-               float input_eps, std::vector<float> post_norm, float post_eps);
+  // The parts must outlive this layer and share one pool; router and experts come together or not at all,
+  // and at least one of them or the MLP is given; widths are checked (std::invalid_argument).
+  DecoderLayer(AttentionLayer& attention, RouterLayer* router, MoeLayer* experts, MlpLayers mlp,
+               std::vector<float> input_norm, float input_eps, std::vector<float> post_norm, float post_eps);
   DecoderLayer(const DecoderLayer&) = delete;
   DecoderLayer& operator=(const DecoderLayer&) = delete;
 
   int64_t hidden() const { return attention_.spec().hidden; }
   int64_t kv_width() const { return attention_.spec().kv_heads * attention_.spec().head_dim; }
+  int64_t mlp_width() const { return mlp_.present() ? mlp_.gate->spec().rows : 0; }
   const AttentionLayer& attention() const { return attention_; }
   const ThreadPool& pool() const { return *pool_; }
   const std::shared_ptr<ThreadPool>& shared_pool() const { return pool_; }
@@ -119,8 +139,10 @@ class DecoderLayer {
   friend class LayerStepCall;
   void check_ready() const;
   AttentionLayer& attention_;
-  RouterLayer& router_;
-  MoeLayer& experts_;
+  RouterLayer* router_;  // with experts_, or both null
+  MoeLayer* experts_;
+  MlpLayers mlp_;
+  std::vector<int> first_worker_;  // per node group: global index of its first worker
   std::vector<float> input_norm_, post_norm_;
   float input_eps_, post_eps_;
   std::shared_ptr<ThreadPool> pool_;

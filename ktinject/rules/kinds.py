@@ -85,8 +85,9 @@ KINDS: dict[str, ModuleKind] = {
         ),
         ModuleKind(
             "decoder_layer",
-            "a pre-norm MoE decoder layer of the Llama form whose parts cpu_decoder_layer runs: standard "
-            "attention, RMSNorms, a Qwen3-MoE-form sparse MoE block (softmax top-k router, routed experts)",
+            "a pre-norm decoder layer of the Llama form whose parts cpu_decoder_layer runs: standard attention, "
+            "RMSNorms, then a Qwen3-MoE-form sparse MoE block (router, routed experts), a DeepSeek-V3-form MoE "
+            "block (router, routed experts, shared experts) or a SiLU-gated MLP",
             _is_decoder_layer,
         ),
         ModuleKind(

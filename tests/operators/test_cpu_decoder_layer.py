@@ -177,6 +177,82 @@ def test_cache_changes_between_steps_are_followed(change):
         close(a, b, 1e-6)
 
 
+def make_glm_layer(layer_idx: int, seed: int = 0):
+    """GLM-4-MoE: layer 0 a dense SiLU MLP, layer 1 a DeepSeek-V3-form MoE block (grouped sigmoid router with a
+    correction bias and scaling, routed experts, a shared expert)."""
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
+
+    config = Glm4MoeConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        partial_rotary_factor=1.0,
+        intermediate_size=48,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.7,
+        first_k_dense_replace=1,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    layer = Glm4MoeDecoderLayer(config, layer_idx=layer_idx).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
+        if layer_idx > 0:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense-mlp", "moe-with-shared-experts"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glm4_moe_layers_match_transformers(layer_idx, dtype):
+    """A dense MLP layer and a shared-experts MoE layer through every path: the parts one by one
+    (native_tokens=0), the two jobs (a 5-token prompt into an empty cache) and the one-job decode steps."""
+    exact = make_glm_layer(layer_idx)
+    layer = make_glm_layer(layer_idx).to(dtype)
+    op, parts = build(layer), build(layer, native_tokens=0)
+    form = op.form
+    assert form.routed == (layer_idx > 0) and form.mlp_prefix == ("mlp.shared_experts." if layer_idx else "mlp.")
+    xs, positions = steps(prefill=5, decode=4)
+    want = run_steps(exact, xs, positions, [None] * 5)
+    theirs = run_steps(layer, [x.to(dtype) for x in xs], positions, [None] * 5)
+    ours = run_steps(op, [x.to(dtype) for x in xs], positions, [None] * 5)
+    fused = run_steps(parts, [x.to(dtype) for x in xs], positions, [None] * 5)
+    for w, t, o, f in zip(want, theirs, ours, fused):
+        assert o.dtype == dtype
+        if dtype is torch.float32:
+            close(o, w, 2e-5)
+            close(f, w, 2e-5)
+        else:  # within twice transformers' own bfloat16 error
+            assert close(o, w, 0.05) <= max(2 * close(t, w, 0.1), 0.01)
+            assert close(f, w, 0.05) <= max(2 * close(t, w, 0.1), 0.01)
+
+
+def test_layer_parts_are_checked_at_the_boundary():
+    op = build(make_glm_layer(1))
+    shared = op.mlp.shared_experts
+    g, u, d = shared.gate_proj._linear, shared.up_proj._linear, shared.down_proj._linear
+    with pytest.raises(ValueError, match="needs all three of gate, up and down"):
+        native_layer(op, mlp_gate=g)
+    with pytest.raises(ValueError, match="router and experts come together"):
+        native_layer(op, experts=None)
+    with pytest.raises(ValueError, match="needs routed experts, an MLP or both"):
+        native_layer(op, router=None, experts=None)
+    with pytest.raises(ValueError, match="hidden 64 -> inter -> hidden"):
+        native_layer(op, mlp_gate=d, mlp_up=u, mlp_down=g)
+    with pytest.raises(ValueError, match="argument 'mlp_up'"):
+        native_layer(op, mlp_gate=g, mlp_up=object(), mlp_down=d)
+    native_layer(op, mlp_gate=g, mlp_up=u, mlp_down=d)  # the shared experts' layer as built
+
+
 def test_static_cache():
     from transformers import StaticCache
 
@@ -346,9 +422,17 @@ def test_unsupported_layers_are_named():
         0,
     )
     assert "not a decoder layer of the Llama form" in unsupported_decoder_layer(mixtral)
-    dense = Qwen3MoeDecoderLayer(
-        Qwen3MoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, mlp_only_layers=[0]), 0
+    gelu = Qwen3MoeDecoderLayer(
+        Qwen3MoeConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            mlp_only_layers=[0],
+            hidden_act="gelu",
+        ),
+        0,
     )
-    assert "sparse MoE block" in unsupported_decoder_layer(dense)
+    assert "its mlp: its activation is GELUActivation, not SiLU" in unsupported_decoder_layer(gelu)
     with pytest.raises(OperatorError, match="cannot replace 'x'"):
-        CpuDecoderLayer.from_module(dense, name="x", device=CPU, config=CpuDecoderLayerConfig())
+        CpuDecoderLayer.from_module(gelu, name="x", device=CPU, config=CpuDecoderLayerConfig())

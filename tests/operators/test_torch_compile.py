@@ -16,13 +16,18 @@ if not native_available():
 from tiny_models import tiny_model, twin  # noqa: E402
 
 
-@pytest.fixture()
-def models():
+# Qwen3-MoE: every layer a cpu_decoder_layer (MoE and dense); Qwen2-MoE: cpu_attention, cpu_router and
+# cpu_experts as separate operators (its shared-expert block is not a form cpu_decoder_layer runs)
+OPS = {"qwen3_moe": {"decoder_layer", "linear"}, "qwen2_moe": {"attention", "router", "cpu_experts", "linear"}}
+
+
+@pytest.fixture(params=sorted(OPS))
+def models(request):
     torch._dynamo.reset()
-    plain = tiny_model("qwen3_moe")
+    plain = tiny_model(request.param)
     optimized = twin(plain)
-    plan = ktinject.optimize(optimized, "qwen3_moe", vars={"gpu": "cpu"})
-    assert {e.op for e in plan} >= {"decoder_layer", "attention", "linear"}
+    plan = ktinject.optimize(optimized, request.param, vars={"gpu": "cpu"})
+    assert {e.op for e in plan} >= OPS[request.param]
     yield plain, optimized
     torch._dynamo.reset()
 
