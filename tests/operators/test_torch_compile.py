@@ -15,7 +15,6 @@ if not native_available():
 
 from tiny_models import tiny_model, twin  # noqa: E402
 
-
 # Qwen3-MoE: every layer a cpu_decoder_layer (MoE and dense); Qwen2-MoE: cpu_attention, cpu_router and
 # cpu_experts as separate operators (its shared-expert block is not a form cpu_decoder_layer runs)
 OPS = {"qwen3_moe": {"decoder_layer", "linear"}, "qwen2_moe": {"attention", "router", "cpu_experts", "linear"}}
