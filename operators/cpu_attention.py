@@ -218,19 +218,9 @@ class CpuAttention(CpuOperator):
         mask = None if attention_mask is None else mask_rows(attention_mask, room.n_past + T, self.module_name)
         out = torch.empty(B, T, self.shape.hidden)
         try:
-            self._native.step(
-                x.numpy(),
-                cos,
-                sin,
-                room.buffers.keys_array,
-                room.buffers.values_array,
-                room.n_past,
-                None if mask is None else mask.numpy(),
-                out.numpy(),
-            )
+            room.step(self._native.step, x.numpy(), cos, sin, None if mask is None else mask.numpy(), out.numpy(), T)
         except ValueError as exc:
             raise OperatorError(f"cpu_attention for {self.module_name!r}: {exc}") from None
-        room.commit(T)
         return out if hidden_states.dtype is torch.float32 else out.to(hidden_states.dtype)
 
     def update_cache(self, cache: Any, k: torch.Tensor, v: torch.Tensor, cos, sin, kwargs: dict):

@@ -311,19 +311,9 @@ class CpuDecoderLayer(CpuOperator):
         mask = None if attention_mask is None else mask_rows(attention_mask, room.n_past + T, self.module_name)
         out = torch.empty_like(x)
         try:
-            self._native.step(
-                _array(x),
-                cos,
-                sin,
-                room.buffers.keys_array,
-                room.buffers.values_array,
-                room.n_past,
-                None if mask is None else mask.numpy(),
-                _array(out),
-            )
+            room.step(self._native.step, _array(x), cos, sin, None if mask is None else mask.numpy(), _array(out), T)
         except ValueError as exc:
             raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
-        room.commit(T)
         return out
 
     def _forward_parts(self, x, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:

@@ -81,6 +81,13 @@ class KvRoom:
     def __init__(self, layer: Any, buffers: _Buffers, n_past: int) -> None:
         self.layer, self.buffers, self.n_past = layer, buffers, n_past
 
+    def step(self, native_step, x, cos, sin, mask, out, tokens: int) -> None:
+        """Run a native ``step(x, cos, sin, keys, values, n_past, mask, out)`` that appends ``tokens`` positions
+        to these buffers, then commit them (not when it raises: the layer then keeps its old views)."""
+        b = self.buffers
+        native_step(x, cos, sin, b.keys_array, b.values_array, self.n_past, mask, out)
+        self.commit(tokens)
+
     def commit(self, tokens: int) -> None:
         """After the step wrote ``tokens`` new positions: the layer's views grow to cover them."""
         b = self.buffers

@@ -124,8 +124,10 @@ void AttendCall::finish_all() {
   o_call.finish();
 }
 
-void append_kv(const KvView& dst, const float* src, int64_t batch, int64_t tokens, int64_t kv_heads, int64_t head_dim,
-               int64_t n_past) {
+namespace {
+
+void append_rows(const KvView& dst, const float* src, int64_t batch, int64_t tokens, int64_t kv_heads, int64_t head_dim,
+                 int64_t n_past) {
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t h = 0; h < kv_heads; ++h) {
@@ -138,6 +140,14 @@ void append_kv(const KvView& dst, const float* src, int64_t batch, int64_t token
           std::memcpy(static_cast<float*>(const_cast<void*>(dst.data)) + at, row, sizeof(float) * head_dim);
         }
       }
+}
+
+}  // namespace
+
+void append_kv(const AttentionSpec& spec, const KvView& keys, const KvView& values, const float* k, const float* v,
+               int64_t batch, int64_t tokens, int64_t n_past) {
+  append_rows(keys, k, batch, tokens, spec.kv_heads, spec.head_dim, n_past);
+  append_rows(values, v, batch, tokens, spec.kv_heads, spec.head_dim, n_past);
 }
 
 AttentionStepCall::AttentionStepCall(AttentionLayer& layer_, const float* x, int64_t batch_, int64_t tokens_,
@@ -158,17 +168,8 @@ AttentionStepCall::AttentionStepCall(AttentionLayer& layer_, const float* x, int
       attend(layer_, q.data(), batch_, tokens_, keys_, values_, n_past_ + tokens_, mask, ctx.data(), out) {}
 
 void AttentionStepCall::run(int node, int local) {
-  if (cancelled()) project.cancel();
-  project.run(node, local);
-  layer.barrier_.arrive_and_wait();  // every worker's rows of q, k, v are normed and rotated
-  if (node == 0 && local == 0 && !cancelled()) {
-    const AttentionSpec& s = layer.spec();
-    append_kv(keys, k.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
-    append_kv(values, v.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
-  }
-  layer.barrier_.arrive_and_wait();
-  if (cancelled()) attend.cancel();
-  attend.run(node, local);
+  run_decode_step(*this, project, attend, layer.barrier_, node, local,
+                  [&] { append_kv(layer.spec(), keys, values, k.data(), v.data(), batch, tokens, n_past); });
 }
 
 void AttentionStepCall::finish_all() {

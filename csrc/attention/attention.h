@@ -88,10 +88,24 @@ class AttendCall : public PoolCall {
   LinearCall o_call;
 };
 
-// Writes new keys or values ([batch * tokens, kv_heads * head_dim] float32, token-major) into a cache buffer
-// `dst` [batch, kv_heads, capacity, head_dim] at positions [n_past, n_past + tokens), converting to its dtype.
-void append_kv(const KvView& dst, const float* src, int64_t batch, int64_t tokens, int64_t kv_heads, int64_t head_dim,
-               int64_t n_past);
+// Writes the new keys and values ([batch * tokens, kv_heads * head_dim] float32, token-major) into the cache
+// buffers [batch, kv_heads, capacity, head_dim] at positions [n_past, n_past + tokens), converting to their dtype.
+void append_kv(const AttentionSpec& spec, const KvView& keys, const KvView& values, const float* k, const float* v,
+               int64_t batch, int64_t tokens, int64_t n_past);
+
+// The body of a one-job decode step, for every worker: `first` (up to q, k, v), wait for all, the first
+// worker appends k, v to the cache (`append`), wait for all, then `second` (attention onwards).
+template <typename First, typename Second, typename Append>
+void run_decode_step(PoolCall& step, First& first, Second& second, NodeBarrier& barrier, int node, int local,
+                     Append append) {
+  if (step.cancelled()) first.cancel();
+  first.run(node, local);
+  barrier.arrive_and_wait();
+  if (node == 0 && local == 0 && !step.cancelled()) append();
+  barrier.arrive_and_wait();
+  if (step.cancelled()) second.cancel();
+  second.run(node, local);
+}
 
 // project, the new k, v appended to the caller's buffers (append_kv), then attend over the first
 // n_past + tokens keys and o_proj: a decode step's attention as one job. x [batch * tokens, hidden] float32

@@ -188,17 +188,8 @@ LayerStepCall::LayerStepCall(DecoderLayer& layer_, StreamIn x, int64_t batch_, i
       post(layer_, q.data(), batch_, tokens_, keys_, values_, n_past_ + tokens_, mask, x, out) {}
 
 void LayerStepCall::run(int node, int local) {
-  if (cancelled()) pre.cancel();
-  pre.run(node, local);
-  layer.barrier_.arrive_and_wait();  // every worker's share of q, k, v is written
-  if (first_worker(node, local) && !cancelled()) {
-    const AttentionSpec& s = layer.attention_.spec();
-    append_kv(keys, k.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
-    append_kv(values, v.data(), batch, tokens, s.kv_heads, s.head_dim, n_past);
-  }
-  layer.barrier_.arrive_and_wait();
-  if (cancelled()) post.cancel();
-  post.run(node, local);
+  run_decode_step(*this, pre, post, layer.barrier_, node, local,
+                  [&] { append_kv(layer.attention_.spec(), keys, values, k.data(), v.data(), batch, tokens, n_past); });
 }
 
 void LayerStepCall::finish_all() {
