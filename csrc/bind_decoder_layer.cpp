@@ -38,16 +38,16 @@ StreamOut stream_out(py::array& a, const char* name, bool bf16) {
 class PyDecoderLayer {
  public:
   PyDecoderLayer(py::object attention, py::object router, py::object experts, py::object mlp_gate, py::object mlp_up,
-                 py::object mlp_down, const py::object& input_norm, float input_eps, const py::object& post_norm,
-                 float post_eps)
-      : parts_{attention, router, experts, mlp_gate, mlp_up, mlp_down} {
+                 py::object mlp_down, py::object mlp_shared_gate, const py::object& input_norm, float input_eps,
+                 const py::object& post_norm, float post_eps)
+      : parts_{attention, router, experts, mlp_gate, mlp_up, mlp_down, mlp_shared_gate} {
     if (!py::isinstance<PyAttention>(attention)) bad_arg("attention", "expected a _native.Attention");
     if (!router.is_none() && !py::isinstance<PyRouter>(router)) bad_arg("router", "expected a _native.Router or None");
     if (!experts.is_none() && !py::isinstance<PyMoe>(experts)) bad_arg("experts", "expected a _native.MoE or None");
     MlpLayers mlp;
-    LinearLayer** slots[] = {&mlp.gate, &mlp.up, &mlp.down};
-    const char* names[] = {"mlp_gate", "mlp_up", "mlp_down"};
-    for (int i = 0; i < 3; ++i) {
+    LinearLayer** slots[] = {&mlp.gate, &mlp.up, &mlp.down, &mlp.shared_gate};
+    const char* names[] = {"mlp_gate", "mlp_up", "mlp_down", "mlp_shared_gate"};
+    for (int i = 0; i < 4; ++i) {
       const py::object& part = parts_[3 + i];
       if (part.is_none()) continue;
       if (!py::isinstance<PyLinear>(part)) bad_arg(names[i], "expected a _native.Linear or None");
@@ -115,7 +115,7 @@ class PyDecoderLayer {
   DecoderLayer& layer() { return *layer_; }
 
  private:
-  py::object parts_[6];  // keep the attention, router, experts and MLP layers alive
+  py::object parts_[7];  // keep the attention, router, experts and MLP layers alive
   std::unique_ptr<DecoderLayer> layer_;
 };
 
@@ -124,13 +124,15 @@ class PyDecoderLayer {
 void bind_decoder_layer(py::module_& m) {
   py::class_<PyDecoderLayer>(m, "DecoderLayer",
                              "A pre-norm decoder layer in one or two pool jobs (see csrc/layer/decoder_layer.h).")
-      .def(py::init<py::object, py::object, py::object, py::object, py::object, py::object, const py::object&, float,
-                    const py::object&, float>(),
+      .def(py::init<py::object, py::object, py::object, py::object, py::object, py::object, py::object,
+                    const py::object&, float, const py::object&, float>(),
            py::arg("attention"), py::arg("router") = py::none(), py::arg("experts") = py::none(), py::kw_only(),
            py::arg("mlp_gate") = py::none(), py::arg("mlp_up") = py::none(), py::arg("mlp_down") = py::none(),
-           py::arg("input_norm"), py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"),
+           py::arg("mlp_shared_gate") = py::none(), py::arg("input_norm"), py::arg("input_eps"), py::arg("post_norm"),
+           py::arg("post_eps"),
            "Parts on one pool: _native.Attention; Router and MoE (routed experts), Linear gate/up/down (a SiLU-gated "
-           "MLP: shared experts or a dense layer's), or both; norms float32 [hidden].")
+           "MLP: shared experts or a dense layer's; mlp_shared_gate [1, hidden]: its output scaled by the sigmoid "
+           "of that), or both; norms float32 [hidden].")
       .def("pre", &PyDecoderLayer::pre, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("q"), py::arg("k"),
            py::arg("v"),
            "x [T, hidden] -> q float32, k, v of RMSNorm_in(x) (as Attention.project); x, k and v float32 or int16 "

@@ -2,6 +2,7 @@
 standard attention) in C++ pool jobs (csrc/layer). After the attention comes one of
 - a sparse MoE block of the Qwen3-MoE form (router, routed experts: Qwen3-MoE, Qwen3-VL-MoE...),
 - a MoE block of the DeepSeek-V3 form (router, routed experts, plus shared experts: GLM-4-MoE, dots.llm1...),
+- a MoE block of the Qwen2-MoE form (router, routed experts, plus a shared expert scaled by a sigmoid gate),
 - a SiLU-gated MLP of the Llama form (the dense layers of those models).
 
 With the attention, norms, router and experts each an operator, a decode step of a layer is still ~25 calls
@@ -56,6 +57,8 @@ _LAYER_TEMPLATES = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeDe
 _ROUTED_BLOCK = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",)
 # gate, the routed experts, plus shared_experts (a gated MLP) of the block's input
 _SHARED_BLOCK = ("transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3MoE",)
+# shared_expert (a gated MLP) scaled by sigmoid(shared_expert_gate), gate, the routed experts
+_GATED_SHARED_BLOCK = ("transformers.models.qwen2_moe.modeling_qwen2_moe:Qwen2MoeSparseMoeBlock",)
 # down_proj(act_fn(gate_proj(x)) * up_proj(x))
 _MLP = ("transformers.models.llama.modeling_llama:LlamaMLP",)
 _ATTENTION_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")
@@ -66,15 +69,18 @@ _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 @dataclasses.dataclass(frozen=True)
 class LayerForm:
     """What follows a layer's attention: routed experts (``mlp.gate`` + ``mlp.experts``), a SiLU-gated MLP
-    (its projections under ``mlp_prefix``: the MoE block's shared experts or a dense layer's MLP), or both."""
+    (its projections under ``mlp_prefix``: the MoE block's shared experts or a dense layer's MLP), or both; with
+    ``shared_gate``, the MLP's output is scaled by the sigmoid of ``mlp.shared_expert_gate`` (Qwen2-MoE)."""
 
     routed: bool
-    mlp_prefix: str | None  # "mlp.shared_experts." or "mlp.", None without an MLP
+    mlp_prefix: str | None  # "mlp.shared_experts.", "mlp.shared_expert." or "mlp.", None without an MLP
+    shared_gate: bool = False
 
     @property
     def parts(self) -> tuple[str, ...]:
         mlp = tuple(self.mlp_prefix + p for p in _MLP_PROJECTIONS) if self.mlp_prefix else ()
-        return _ATTENTION_PARTS + (_ROUTED_PARTS if self.routed else ()) + mlp
+        gate = ("mlp.shared_expert_gate",) if self.shared_gate else ()
+        return _ATTENTION_PARTS + (_ROUTED_PARTS if self.routed else ()) + mlp + gate
 
 
 def unsupported_decoder_layer(module: nn.Module) -> str | None:
@@ -104,19 +110,27 @@ def _layer_form(module: nn.Module) -> tuple[LayerForm | None, str | None]:
     if computes_like(mlp, *_MLP):
         why = _unsupported_mlp(mlp)
         return (None, f"its mlp: {why}") if why else (LayerForm(False, "mlp."), None)
-    shared = computes_like(mlp, *_SHARED_BLOCK)
-    if not shared and not computes_like(mlp, *_ROUTED_BLOCK):
+    if computes_like(mlp, *_SHARED_BLOCK):
+        form = LayerForm(True, "mlp.shared_experts.")
+    elif computes_like(mlp, *_GATED_SHARED_BLOCK):
+        form = LayerForm(True, "mlp.shared_expert.", shared_gate=True)
+    elif computes_like(mlp, *_ROUTED_BLOCK):
+        form = LayerForm(True, None)
+    else:
         return None, (
-            "its mlp is neither a sparse MoE block of the Qwen3-MoE form (gate, then experts) or of the DeepSeek-V3 "
-            "form (plus shared experts) nor a gated MLP of the Llama form"
+            "its mlp is neither a sparse MoE block of the Qwen3-MoE form (gate, then experts), the DeepSeek-V3 form "
+            "(plus shared experts) or the Qwen2-MoE form (plus a gated shared expert) nor a gated MLP of the Llama form"
         )
     why = _unsupported_routed(mlp)
-    if why is None and shared:
-        why = _unsupported_mlp(getattr(mlp, "shared_experts", None))
-        why = None if why is None else f"its mlp.shared_experts: {why}"
-    if why is not None:
-        return None, why
-    return LayerForm(True, "mlp.shared_experts." if shared else None), None
+    if why is None and form.mlp_prefix:
+        name = form.mlp_prefix[len("mlp.") : -1]
+        why = _unsupported_mlp(getattr(mlp, name, None))
+        why = None if why is None else f"its mlp.{name}: {why}"
+    if why is None and form.shared_gate:
+        gate = getattr(mlp, "shared_expert_gate", None)
+        if not isinstance(gate, nn.Linear) or type(gate).forward is not nn.Linear.forward or gate.out_features != 1:
+            why = "its mlp.shared_expert_gate is not an nn.Linear to one feature"
+    return (None, why) if why is not None else (form, None)
 
 
 def _unsupported_routed(mlp: nn.Module) -> str | None:
@@ -168,21 +182,41 @@ class _Mlp(nn.Module):
 
 
 class _MoeBlock(nn.Module):
-    """Holds the router, experts (and shared experts) operators under transformers' names (mlp.gate,
-    mlp.experts, mlp.shared_experts) and computes as transformers' block does."""
+    """Holds the router, experts (and shared experts, and their gate) operators under transformers' names
+    (mlp.gate, mlp.experts, mlp.shared_experts or mlp.shared_expert + mlp.shared_expert_gate) and computes as
+    transformers' block does."""
 
-    def __init__(self, gate: CpuRouter, experts: CpuExperts, shared_experts: _Mlp | None = None) -> None:
+    def __init__(
+        self,
+        gate: CpuRouter,
+        experts: CpuExperts,
+        shared: _Mlp | None = None,
+        shared_name: str = "shared_experts",
+        shared_gate: CpuLinear | None = None,
+    ) -> None:
         super().__init__()
         self.gate = gate
         self.experts = experts
-        self.shared_experts = shared_experts
+        self._shared_name = shared_name
+        if shared is not None:
+            self.add_module(shared_name, shared)
+        if shared_gate is not None:
+            self.shared_expert_gate = shared_gate
+
+    def shared(self) -> _Mlp | None:
+        return self._modules.get(self._shared_name)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.gate(flat)
         out = self.experts(flat, ids, weights).reshape(shape)
-        return out if self.shared_experts is None else out + self.shared_experts(hidden_states)
+        shared = self.shared()
+        if shared is None:
+            return out
+        if "shared_expert_gate" in self._modules:  # Qwen2-MoE: sigmoid-gated, computed on the flat rows
+            return out + (F.sigmoid(self.shared_expert_gate(flat)) * shared(flat)).reshape(shape)
+        return out + shared(hidden_states)
 
 
 @register_operator("cpu_decoder_layer")
@@ -205,7 +239,12 @@ class CpuDecoderLayer(CpuOperator):
         self.post_attention_layernorm = parts["post_attention_layernorm"]
         p = form.mlp_prefix
         mlp = _Mlp(*(parts[p + name] for name in _MLP_PROJECTIONS)) if p else None
-        self.mlp = _MoeBlock(parts["mlp.gate"], parts["mlp.experts"], mlp) if form.routed else mlp
+        if form.routed:
+            shared_name = p[len("mlp.") : -1] if p else "shared_experts"
+            shared_gate = parts["mlp.shared_expert_gate"] if form.shared_gate else None
+            self.mlp = _MoeBlock(parts["mlp.gate"], parts["mlp.experts"], mlp, shared_name, shared_gate)
+        else:
+            self.mlp = mlp
         self._native: Any = None
         self._handle = torch_ops.register(self)
         s = self.self_attn.shape  # what step_room checks the cache layer against, read once
@@ -255,7 +294,7 @@ class CpuDecoderLayer(CpuOperator):
     def _build(self) -> None:
         norms = (self.input_layernorm, self.post_attention_layernorm)
         form = self.form
-        mlp = self.mlp.shared_experts if form.routed else self.mlp
+        mlp = self.mlp.shared() if form.routed else self.mlp
         try:
             self._native = native().DecoderLayer(
                 self.self_attn._native,
@@ -264,6 +303,7 @@ class CpuDecoderLayer(CpuOperator):
                 mlp_gate=mlp.gate_proj._linear if mlp is not None else None,
                 mlp_up=mlp.up_proj._linear if mlp is not None else None,
                 mlp_down=mlp.down_proj._linear if mlp is not None else None,
+                mlp_shared_gate=self.mlp.shared_expert_gate._linear if form.shared_gate else None,
                 input_norm=norms[0]._weight_array,
                 input_eps=norms[0].variance_epsilon,
                 post_norm=norms[1]._weight_array,
@@ -420,6 +460,8 @@ def _part_classes(config: CpuDecoderLayerConfig, form: LayerForm) -> dict[str, t
     if form.mlp_prefix:
         for name in _MLP_PROJECTIONS:
             classes[form.mlp_prefix + name] = (CpuLinear, CpuLinearConfig(weight_type=config.weight_type, **pool))
+    if form.shared_gate:
+        classes["mlp.shared_expert_gate"] = (CpuLinear, CpuLinearConfig(weight_type=config.weight_type, **pool))
     return classes
 
 

@@ -92,6 +92,7 @@ LayerPostCall::LayerPostCall(DecoderLayer& layer_, const float* q, int64_t batch
       u(g.size()),
       a(g.size()),
       mlp_out(layer_.mlp_.present() ? attn_out.size() : 0),
+      mlp_scale(layer_.mlp_.shared_gate ? static_cast<size_t>(rows) : 0),
       ids(weights.size()),
       attend(layer_.attention_, q, batch, tokens, keys, values, n_keys, mask, ctx.data(), attn_out.data()) {
   if (layer.router_) {
@@ -103,6 +104,7 @@ LayerPostCall::LayerPostCall(DecoderLayer& layer_, const float* q, int64_t batch
     gate_call.emplace(*layer.mlp_.gate, h2.data(), rows, g.data());
     up_call.emplace(*layer.mlp_.up, h2.data(), rows, u.data());
     down_call.emplace(*layer.mlp_.down, a.data(), rows, mlp_out.data());
+    if (layer.mlp_.shared_gate) shared_gate_call.emplace(*layer.mlp_.shared_gate, h2.data(), rows, mlp_scale.data());
   }
 }
 
@@ -138,9 +140,11 @@ void LayerPostCall::run(int node, int local) {
     if (cancelled()) {
       gate_call->cancel();
       up_call->cancel();
+      if (shared_gate_call) shared_gate_call->cancel();
     }
     layer.mlp_.gate->run_part(*gate_call, node, local);
     layer.mlp_.up->run_part(*up_call, node, local);
+    if (shared_gate_call) layer.mlp_.shared_gate->run_part(*shared_gate_call, node, local);
     layer.barrier_.arrive_and_wait();
     if (!cancelled()) activate(layer.first_worker_[node] + local);
     layer.barrier_.arrive_and_wait();
@@ -150,9 +154,13 @@ void LayerPostCall::run(int node, int local) {
   }
   if (first_worker(node, local)) {
     // As transformers adds them: x1 + (experts + shared MLP), or x1 + the one that is there.
-    for (int64_t i = 0; i < rows * H; ++i) {
-      const float ffn = route ? (gate_call ? moe_out[i] + mlp_out[i] : moe_out[i]) : mlp_out[i];
-      store(out, i, x1[i] + ffn);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float scale = shared_gate_call ? 1.0f / (1.0f + std::exp(-mlp_scale[r])) : 1.0f;
+      for (int64_t i = r * H; i < (r + 1) * H; ++i) {
+        const float mlp = gate_call ? scale * mlp_out[i] : 0.0f;
+        const float ffn = route ? (gate_call ? moe_out[i] + mlp : moe_out[i]) : mlp;
+        store(out, i, x1[i] + ffn);
+      }
     }
   }
 }
@@ -169,6 +177,7 @@ void LayerPostCall::finish_all() {
     up_call->finish();
     down_call->finish();
   }
+  if (shared_gate_call) shared_gate_call->finish();
 }
 
 LayerStepCall::LayerStepCall(DecoderLayer& layer_, StreamIn x, int64_t batch_, int64_t tokens_, const float* cos,
@@ -236,6 +245,15 @@ DecoderLayer::DecoderLayer(AttentionLayer& attention, RouterLayer* router, MoeLa
     if (mlp.gate->shared_pool() != pool_ || mlp.up->shared_pool() != pool_ || mlp.down->shared_pool() != pool_)
       throw std::invalid_argument("attention and the MLP must share one thread pool (threads, numa_nodes)");
   }
+  if (mlp.shared_gate != nullptr) {
+    if (!mlp.present()) throw std::invalid_argument("shared_gate scales the MLP: it needs gate, up and down");
+    if (mlp.shared_gate->spec().rows != 1 || mlp.shared_gate->spec().cols != H)
+      throw std::invalid_argument("shared_gate must be [1, hidden " + width(H) + "], got [" +
+                                  width(mlp.shared_gate->spec().rows) + ", " + width(mlp.shared_gate->spec().cols) +
+                                  "]");
+    if (mlp.shared_gate->shared_pool() != pool_)
+      throw std::invalid_argument("attention and the MLP must share one thread pool (threads, numa_nodes)");
+  }
   if (static_cast<int64_t>(input_norm_.size()) != H || static_cast<int64_t>(post_norm_.size()) != H)
     throw std::invalid_argument("the norms' weights must have hidden (" + width(H) + ") elements");
   for (float eps : {input_eps, post_eps})
@@ -259,6 +277,7 @@ void DecoderLayer::check_ready() const {
     mlp_.up->check_ready();
     mlp_.down->check_ready();
   }
+  if (mlp_.shared_gate != nullptr) mlp_.shared_gate->check_ready();
 }
 
 void DecoderLayer::submit(LayerPreCall& call) {

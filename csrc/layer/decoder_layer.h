@@ -6,7 +6,8 @@
 //          out = x1 + ffn(h2), ffn = one or both of
 //            routed experts:  weights, ids = router(h2); experts(h2, ids, weights)   (RouterLayer, MoeLayer)
 //            a gated MLP:     down(silu(gate(h2)) * up(h2))   (LinearLayers: the MoE block's shared experts,
-//                                                              or a dense layer's MLP)
+//                                                              or a dense layer's MLP), optionally scaled by
+//                                                              sigmoid(shared_gate(h2)) (Qwen2-MoE's shared expert)
 //
 // transformers runs this layer as ~25 calls from Python and 4 pool jobs; here it is 2 pool jobs, so the
 // time between the kernels (and the cold caches it runs on) mostly goes away. When the caller's cache is a
@@ -75,12 +76,13 @@ class LayerPostCall : public PoolCall {
   const StreamOut out;
   // Scratch, declared before the calls that point into it (x1: the stream after attention; g, u, a: the
   // MLP's gate, up and activated rows).
-  std::vector<float> ctx, attn_out, x1, h2, logits, weights, moe_out, g, u, a, mlp_out;
+  std::vector<float> ctx, attn_out, x1, h2, logits, weights, moe_out, g, u, a, mlp_out, mlp_scale;
   std::vector<int64_t> ids;
   AttendCall attend;
   std::optional<RouterCall> route;  // with routed experts
   std::optional<MoeCall> experts;
   std::optional<LinearCall> gate_call, up_call, down_call;  // with an MLP
+  std::optional<LinearCall> shared_gate_call;               // with the MLP's sigmoid gate
 
  private:
   void activate(int worker);
@@ -106,11 +108,13 @@ class LayerStepCall : public PoolCall {
   LayerPostCall post;
 };
 
-// The gated MLP's projections (all three, or none): gate, up [inter, hidden]; down [hidden, inter].
+// The gated MLP's projections (all three, or none): gate, up [inter, hidden]; down [hidden, inter]; and
+// optionally shared_gate [1, hidden], whose sigmoid scales the MLP's output per token.
 struct MlpLayers {
   LinearLayer* gate = nullptr;
   LinearLayer* up = nullptr;
   LinearLayer* down = nullptr;
+  LinearLayer* shared_gate = nullptr;
   bool present() const { return gate != nullptr; }
 };
 

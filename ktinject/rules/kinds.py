@@ -87,7 +87,8 @@ KINDS: dict[str, ModuleKind] = {
             "decoder_layer",
             "a pre-norm decoder layer of the Llama form whose parts cpu_decoder_layer runs: standard attention, "
             "RMSNorms, then a Qwen3-MoE-form sparse MoE block (router, routed experts), a DeepSeek-V3-form MoE "
-            "block (router, routed experts, shared experts) or a SiLU-gated MLP",
+            "block (router, routed experts, shared experts), a Qwen2-MoE-form block (plus a sigmoid-gated shared "
+            "expert) or a SiLU-gated MLP",
             _is_decoder_layer,
         ),
         ModuleKind(

@@ -21,6 +21,7 @@ from concurrency import run_in_threads  # noqa: E402
 from ktinject.operators.cpu_decoder_layer import (  # noqa: E402
     CpuDecoderLayer,
     CpuDecoderLayerConfig,
+    LayerForm,
     unsupported_decoder_layer,
 )
 
@@ -211,16 +212,47 @@ def make_glm_layer(layer_idx: int, seed: int = 0):
     return layer
 
 
-@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense-mlp", "moe-with-shared-experts"])
+def make_qwen2_layer(seed: int = 0):
+    """Qwen2-MoE: q/k/v biases, a softmax router, routed experts and a shared expert scaled by a sigmoid gate."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeDecoderLayer
+
+    config = Qwen2MoeConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    layer = Qwen2MoeDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
+    return layer
+
+
+LAYERS = {
+    "glm4-dense-mlp": (lambda: make_glm_layer(0), LayerForm(False, "mlp.")),
+    "glm4-moe-with-shared-experts": (lambda: make_glm_layer(1), LayerForm(True, "mlp.shared_experts.")),
+    "qwen2-moe-with-gated-shared-expert": (make_qwen2_layer, LayerForm(True, "mlp.shared_expert.", shared_gate=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_glm4_moe_layers_match_transformers(layer_idx, dtype):
-    """A dense MLP layer and a shared-experts MoE layer through every path: the parts one by one
+def test_more_layer_forms_match_transformers(name, dtype):
+    """Dense MLP layers and MoE layers with shared experts through every path: the parts one by one
     (native_tokens=0), the two jobs (a 5-token prompt into an empty cache) and the one-job decode steps."""
-    exact = make_glm_layer(layer_idx)
-    layer = make_glm_layer(layer_idx).to(dtype)
+    make, form = LAYERS[name]
+    exact = make()
+    layer = make().to(dtype)
     op, parts = build(layer), build(layer, native_tokens=0)
-    form = op.form
-    assert form.routed == (layer_idx > 0) and form.mlp_prefix == ("mlp.shared_experts." if layer_idx else "mlp.")
+    assert op.form == form
     xs, positions = steps(prefill=5, decode=4)
     want = run_steps(exact, xs, positions, [None] * 5)
     theirs = run_steps(layer, [x.to(dtype) for x in xs], positions, [None] * 5)
@@ -251,6 +283,11 @@ def test_layer_parts_are_checked_at_the_boundary():
     with pytest.raises(ValueError, match="argument 'mlp_up'"):
         native_layer(op, mlp_gate=g, mlp_up=object(), mlp_down=d)
     native_layer(op, mlp_gate=g, mlp_up=u, mlp_down=d)  # the shared experts' layer as built
+    with pytest.raises(ValueError, match="shared_gate must be \\[1, hidden 64\\]"):
+        native_layer(op, mlp_gate=g, mlp_up=u, mlp_down=d, mlp_shared_gate=g)
+    qwen2 = build(make_qwen2_layer())
+    with pytest.raises(ValueError, match="shared_gate scales the MLP"):
+        native_layer(qwen2, mlp_shared_gate=qwen2.mlp.shared_expert_gate._linear)
 
 
 def test_static_cache():

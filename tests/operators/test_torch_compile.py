@@ -15,9 +15,9 @@ if not native_available():
 
 from tiny_models import tiny_model, twin  # noqa: E402
 
-# Qwen3-MoE: every layer a cpu_decoder_layer (MoE and dense); Qwen2-MoE: cpu_attention, cpu_router and
-# cpu_experts as separate operators (its shared-expert block is not a form cpu_decoder_layer runs)
-OPS = {"qwen3_moe": {"decoder_layer", "linear"}, "qwen2_moe": {"attention", "router", "cpu_experts", "linear"}}
+# Qwen3-MoE: every layer a cpu_decoder_layer (MoE and dense); Mixtral: cpu_attention and cpu_experts as separate
+# operators (its MoE block is not a form cpu_decoder_layer runs)
+OPS = {"qwen3_moe": {"decoder_layer", "linear"}, "mixtral": {"attention", "cpu_experts", "linear"}}
 
 
 @pytest.fixture(params=sorted(OPS))
