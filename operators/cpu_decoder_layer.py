@@ -1,6 +1,7 @@
 """``cpu_decoder_layer`` / ``decoder_layer``: a whole pre-norm decoder layer (transformers' Llama-form layer with
 standard attention) in C++ pool jobs (csrc/layer). After the attention comes one of
-- a sparse MoE block of the Qwen3-MoE form (router, routed experts: Qwen3-MoE, Qwen3-VL-MoE...),
+- a sparse MoE block of the Qwen3-MoE or Mixtral form (router, routed experts: Qwen3-MoE, Qwen3-VL-MoE, Mixtral,
+  MiniMax...),
 - a MoE block of the DeepSeek-V3 form (router, routed experts, plus shared experts: GLM-4-MoE, dots.llm1...),
 - a MoE block of the Qwen2-MoE form (router, routed experts, plus a shared expert scaled by a sigmoid gate),
 - a SiLU-gated MLP of the Llama form (the dense layers of those models).
@@ -52,9 +53,16 @@ from ktinject.native import native
 from ktinject.operator import OperatorConfig, register_operator
 from ktinject.output_capture import recording
 
-_LAYER_TEMPLATES = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer",)
-# gate (router), then the routed experts
-_ROUTED_BLOCK = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",)
+# norm, attention, residual, norm, mlp, residual (Mixtral's passes position_ids on to its attention as well)
+_LAYER_TEMPLATES = (
+    "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer",
+    "transformers.models.mixtral.modeling_mixtral:MixtralDecoderLayer",
+)
+# gate (router), then the routed experts (Mixtral's: with jitter noise in training only)
+_ROUTED_BLOCK = (
+    "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",
+    "transformers.models.mixtral.modeling_mixtral:MixtralSparseMoeBlock",
+)
 # gate, the routed experts, plus shared_experts (a gated MLP) of the block's input
 _SHARED_BLOCK = ("transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3MoE",)
 # shared_expert (a gated MLP) scaled by sigmoid(shared_expert_gate), gate, the routed experts

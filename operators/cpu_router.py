@@ -1,8 +1,8 @@
 """``cpu_router`` / ``router``: a MoE layer's router in one pool job: the gate projection over its stored
 weights, then per token the expert choice of one of two forms shared by ~30 transformers classes:
 
-- softmax top-k (the Qwen3-MoE form: Qwen2/3-MoE, OLMoE, Qwen3-Next, Qwen3.5-MoE...): softmax, top-k,
-  optionally renormalized;
+- softmax top-k (the Qwen3-MoE form: Qwen2/3-MoE, OLMoE, Qwen3-Next, Qwen3.5-MoE...; and Mixtral's, MiniMax's):
+  softmax, top-k, optionally renormalized;
 - grouped sigmoid (the DeepSeek-V3 form: DeepSeek-V3/V3.2, Kimi, GLM-4-MoE and GLM-5, dots.llm1, MiMo-V2,
   Nemotron-H...): sigmoid scores plus a correction bias choose, within the best groups of experts, the top-k;
   their scores (renormalized) times a scaling factor are the weights.
@@ -34,6 +34,8 @@ from ktinject.weights.source import ModuleSource
 _OPTIONAL_NORM = ("transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeTopKRouter",)
 # softmax -> top-k -> always renormalized
 _ALWAYS_NORM = ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeTopKRouter",)
+# softmax -> top-k -> always renormalized, the weights left in float32
+_MIXTRAL = ("transformers.models.mixtral.modeling_mixtral:MixtralTopKRouter",)
 # sigmoid + e_score_correction_bias -> best topk_group of num_group groups -> top-k -> (renormalized) * scale
 _GROUPED_SIGMOID = ("transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter",)
 
@@ -48,6 +50,7 @@ class RouterForm:
     topk_groups: int = 1
     scale: float = 1.0  # sigmoid: routed_scaling_factor
     has_bias: bool = False  # sigmoid: e_score_correction_bias
+    float32_weights: bool = False  # the weights stay float32 (else: the logits' dtype, the input's)
 
 
 def router_form(module: nn.Module) -> RouterForm | None:
@@ -57,6 +60,8 @@ def router_form(module: nn.Module) -> RouterForm | None:
         return None
     if computes_like(module, *_ALWAYS_NORM):
         return RouterForm("softmax", True)
+    if computes_like(module, *_MIXTRAL):
+        return RouterForm("softmax", True, float32_weights=True)
     if computes_like(module, *_OPTIONAL_NORM) and hasattr(module, "norm_topk_prob"):
         return RouterForm("softmax", bool(module.norm_topk_prob))
     if computes_like(module, *_GROUPED_SIGMOID):
@@ -67,7 +72,7 @@ def router_form(module: nn.Module) -> RouterForm | None:
             return None
         if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
             return None
-        return RouterForm("sigmoid", bool(module.norm_topk_prob), groups, topk_groups, float(scale), True)
+        return RouterForm("sigmoid", bool(module.norm_topk_prob), groups, topk_groups, float(scale), True, True)
     return None
 
 
@@ -167,8 +172,11 @@ class CpuRouter(CpuOperator):
         else:
             logits, weights, ids = self.run(x)
         dtype = hidden_states.dtype
-        if dtype is not torch.float32 and self.form.score == "softmax":  # the sigmoid form stays float32
-            logits, weights = logits.to(dtype), weights.to(dtype)
+        if dtype is not torch.float32:  # as transformers' routers: the softmax form's logits in the input's dtype,
+            if self.form.score == "softmax":  # the sigmoid form's in float32; the weights by form
+                logits = logits.to(dtype)
+            if not self.form.float32_weights:
+                weights = weights.to(dtype)
         return logits, weights, ids
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,10 +19,11 @@ def pair(request):
 
 
 # Families whose attention is transformers' standard form (kind: attention) run it in cpu_attention; where the
-# whole layer is of a form cpu_decoder_layer runs (Qwen3-MoE's MoE and dense layers, GLM-4-MoE's, Qwen2-MoE's),
-# the layer is one cpu_decoder_layer with a cpu_attention inside.
+# whole layer is of a form cpu_decoder_layer runs (Qwen3-MoE's MoE and dense layers, GLM-4-MoE's, Qwen2-MoE's,
+# Mixtral's), the layer is one cpu_decoder_layer with a cpu_attention inside.
 STANDARD_ATTENTION = {"qwen3_moe", "qwen2_moe", "mixtral", "llama", "glm4_moe"}
-FUSED_LAYERS = {"qwen3_moe", "glm4_moe", "qwen2_moe"}
+FUSED_LAYERS = {"qwen3_moe", "glm4_moe", "qwen2_moe", "mixtral"}
+WITH_DENSE_LAYERS = {"qwen3_moe", "glm4_moe"}  # tiny models with dense layers too
 
 
 def test_builtin_rules_claim_experts_and_projections(pair):
@@ -43,8 +44,8 @@ def test_builtin_rules_claim_experts_and_projections(pair):
             if layer.form.routed:
                 assert type(layer.mlp.experts).__name__ == "CpuExperts"
                 assert type(layer.mlp.gate).__name__ == "CpuRouter"
-        if family != "qwen2_moe":  # its tiny model has no dense layer
-            assert {optimized.get_submodule(n).form.routed for n in layers} == {True, False}  # MoE and dense
+        routed = {optimized.get_submodule(n).form.routed for n in layers}
+        assert routed == ({True, False} if family in WITH_DENSE_LAYERS else {True})
     elif family in STANDARD_ATTENTION:
         assert not layers and attention and all(n.endswith("self_attn") for n in attention)
         assert {type(optimized.get_submodule(n)).__name__ for n in attention} == {"CpuAttention"}

@@ -85,7 +85,7 @@ KINDS: dict[str, ModuleKind] = {
         ),
         ModuleKind(
             "decoder_layer",
-            "a pre-norm decoder layer of the Llama form whose parts cpu_decoder_layer runs: standard attention, "
+            "a pre-norm decoder layer of the Llama (or Mixtral) form whose parts cpu_decoder_layer runs: standard attention, "
             "RMSNorms, then a Qwen3-MoE-form sparse MoE block (router, routed experts), a DeepSeek-V3-form MoE "
             "block (router, routed experts, shared experts), a Qwen2-MoE-form block (plus a sigmoid-gated shared "
             "expert) or a SiLU-gated MLP",
@@ -98,7 +98,7 @@ KINDS: dict[str, ModuleKind] = {
         ),
         ModuleKind(
             "router",
-            "a transformers MoE router of the Qwen3-MoE form (softmax, top-k, optional renormalization) or of the "
+            "a transformers MoE router of the Qwen3-MoE or Mixtral form (softmax, top-k, optional renormalization) or of the "
             "DeepSeek-V3 form (sigmoid + correction bias, best groups, top-k, optional renormalization, scaling)",
             _is_router,
         ),

@@ -236,7 +236,32 @@ def make_qwen2_layer(seed: int = 0):
     return layer
 
 
+def make_mixtral_layer(seed: int = 0):
+    """Mixtral: its own layer and block sources (the same computation), a router that keeps float32 weights."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+
+    config = MixtralConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    layer = MixtralDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
+    return layer
+
+
 LAYERS = {
+    "mixtral": (make_mixtral_layer, LayerForm(True, None)),
     "glm4-dense-mlp": (lambda: make_glm_layer(0), LayerForm(False, "mlp.")),
     "glm4-moe-with-shared-experts": (lambda: make_glm_layer(1), LayerForm(True, "mlp.shared_experts.")),
     "qwen2-moe-with-gated-shared-expert": (make_qwen2_layer, LayerForm(True, "mlp.shared_expert.", shared_gate=True)),
@@ -449,16 +474,16 @@ def test_parts_on_another_pool_are_refused():
 
 
 def test_unsupported_layers_are_named():
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+    from transformers import GraniteMoeConfig
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeDecoderLayer
 
-    mixtral = MixtralDecoderLayer(
-        MixtralConfig(
+    granite = GraniteMoeDecoderLayer(
+        GraniteMoeConfig(
             hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_local_experts=4
         ),
         0,
     )
-    assert "not a decoder layer of the Llama form" in unsupported_decoder_layer(mixtral)
+    assert "not a decoder layer of the Llama form" in unsupported_decoder_layer(granite)  # residual multipliers
     gelu = Qwen3MoeDecoderLayer(
         Qwen3MoeConfig(
             hidden_size=32,

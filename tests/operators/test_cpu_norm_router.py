@@ -111,6 +111,35 @@ def test_router_matches_transformers(path, config_name, extra):
     assert got[2].dtype == torch.int64 and got[1].dtype == want[1].dtype
 
 
+@pytest.mark.parametrize(
+    "path,config_name", [("mixtral:MixtralTopKRouter", "MixtralConfig"), ("minimax:MiniMaxTopKRouter", "MiniMaxConfig")]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixtral_router_matches_transformers(path, config_name, dtype):
+    """Softmax, top-k, always renormalized; transformers leaves its weights in float32, the logits in the input's
+    dtype."""
+    config = getattr(importlib.import_module("transformers"), config_name)(
+        hidden_size=64, num_local_experts=16, num_experts_per_tok=4
+    )
+    torch.manual_seed(3)
+    router = _cls(path)(config).to(dtype)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn_like(router.weight) * 0.3)
+    form = router_form(router)
+    assert form.score == "softmax" and form.normalize and form.float32_weights
+    op = CpuRouter.from_module(router, name="gate", device=CPU, config=CpuRouterConfig())
+    x = torch.randn(7, 64, dtype=dtype)
+    with torch.no_grad():
+        want, got = router(x), op(x)
+    assert got[0].dtype == want[0].dtype == dtype and got[1].dtype == want[1].dtype == torch.float32
+    if dtype is torch.float32:
+        assert torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+    else:  # transformers rounds the logits to bfloat16 before its softmax, we do not: compare ours to float32
+        exact = router.float()(x.float())
+        assert torch.equal(got[2], exact[2])
+
+
 def test_router_bfloat16_and_ties():
     router = make_router(*ROUTERS[0])
     v = torch.randn(64)

@@ -15,9 +15,13 @@ if not native_available():
 
 from tiny_models import tiny_model, twin  # noqa: E402
 
-# Qwen3-MoE: every layer a cpu_decoder_layer (MoE and dense); Mixtral: cpu_attention and cpu_experts as separate
-# operators (its MoE block is not a form cpu_decoder_layer runs)
-OPS = {"qwen3_moe": {"decoder_layer", "linear"}, "mixtral": {"attention", "cpu_experts", "linear"}}
+# Qwen3-MoE: every layer a cpu_decoder_layer (MoE and dense); GPT-OSS: cpu_experts and cpu_linear as separate
+# operators (its attention, with sinks and sliding windows, stays transformers'); Llama: cpu_attention
+OPS = {
+    "qwen3_moe": {"decoder_layer", "linear"},
+    "gpt_oss": {"cpu_experts", "linear"},
+    "llama": {"attention", "linear"},
+}
 
 
 @pytest.fixture(params=sorted(OPS))
