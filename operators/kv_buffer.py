@@ -42,8 +42,6 @@ class _Buffers:
     __slots__ = (
         "keys",
         "values",
-        "keys_array",
-        "values_array",
         "shape",
         "strides",
         "capacity",
@@ -54,7 +52,6 @@ class _Buffers:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         self.keys, self.values = keys, values  # [batch, kv_heads, capacity, head_dim], both contiguous
-        self.keys_array, self.values_array = _array(keys), _array(values)  # what the C++ step writes
         self.shape, self.strides = tuple(keys.shape), keys.stride()
         self.capacity = keys.shape[2]
         self.length = length
@@ -85,7 +82,10 @@ class KvRoom:
         """Run a native ``step(x, cos, sin, keys, values, n_past, mask, out)`` that appends ``tokens`` positions
         to these buffers, then commit them (not when it raises: the layer then keeps its old views)."""
         b = self.buffers
-        native_step(x, cos, sin, b.keys_array, b.values_array, self.n_past, mask, out)
+        # The arrays are made at each step, never kept: a copied cache (copy.deepcopy, as transformers suggests to
+        # reuse a prompt's cache) copies the tensors with their views, but a kept numpy array would still point
+        # at the original's memory.
+        native_step(x, cos, sin, _array(b.keys), _array(b.values), self.n_past, mask, out)
         self.commit(tokens)
 
     def commit(self, tokens: int) -> None:

@@ -178,6 +178,32 @@ def test_cache_changes_between_steps_are_followed(change):
         close(a, b, 1e-6)
 
 
+def test_a_deep_copied_cache_decodes_on_its_own():
+    """transformers suggests copy.deepcopy to reuse a prompt's cache: the copy and the original then decode
+    different tokens, each as the parts path does, neither writing into the other."""
+    import copy
+
+    layer = make_layer()
+    fused, parts = build(layer), build(layer, native_tokens=0)
+    xs, positions = steps(prefill=4, decode=6, seed=5)
+    outs, caches = [], []
+    for op in (fused, parts):
+        prompt = DynamicCache()
+        got = run_steps(op, xs[:3], positions[:3], [None] * 3, prompt)  # prefill + 2 steps: buffers in place
+        branch = copy.deepcopy(prompt)
+        got += run_steps(op, xs[3:5], positions[3:5], [None] * 2, branch)
+        got += run_steps(op, xs[5:7], positions[3:5], [None] * 2, prompt)  # other tokens at the same positions
+        got += run_steps(op, xs[3:4], positions[5:6], [None], branch)
+        outs.append(got)
+        caches.append([(c.layers[0].keys, c.layers[0].values) for c in (prompt, branch)])
+    for a, b in zip(*outs):
+        close(a, b, 1e-6)
+    for (k1, v1), (k2, v2) in zip(*caches):  # what transformers (or a later prefill) reads from the cache
+        assert k1.shape == k2.shape
+        close(k1, k2, 1e-6)
+        close(v1, v2, 1e-6)
+
+
 def make_glm_layer(layer_idx: int, seed: int = 0):
     """GLM-4-MoE: layer 0 a dense SiLU MLP, layer 1 a DeepSeek-V3-form MoE block (grouped sigmoid router with a
     correction bias and scaling, routed experts, a shared expert)."""
