@@ -21,6 +21,8 @@ Measures (`--threads` for everyone):
 - Where a ktinject decode step goes (one extra profiled run with forward hooks, scaled to the unprofiled step):
   C++ decoder layers (whole MoE layers, when the rules fuse them), C++ experts, C++ dense linears, attention
   core, norms/router/rotary, the rest (Python/HF/torch framework).
+- `--rounds N`: the peers and ktinject measured N times in turn (this VM's speed drifts within minutes); the
+  tables show medians and, per row, the range of the per-round decode ratio against that round's best peer.
 - `--deep L`: a file with L layers of the same widths (16 experts keep it small): non-kernel time per layer at
   one token = (decode step - time the pool's jobs took) / L, and decode tok/s against the peers on that file.
 
@@ -157,6 +159,24 @@ def generate_tokens(model, ids, n: int, streamer) -> None:
     config.max_new_tokens, config.min_new_tokens, config.min_length = n, None, 0
     config.do_sample, config.pad_token_id = False, 0
     model.generate(ids, generation_config=config, streamer=streamer)
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per engine: the median prefill and decode over the rounds, and each round's decode against that
+    round's best peer (``decode_vs_best_peer``, a list)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for rows in rounds:
+        best = max((r["decode_tok_s"] for r in rows if not r["engine"].startswith("ktinject")), default=None)
+        for r in rows:
+            m = merged.setdefault(r["engine"], {**r, "prefill": [], "decode": [], "decode_vs_best_peer": []})
+            m["prefill"].append(r["prefill_tok_s"])
+            m["decode"].append(r["decode_tok_s"])
+            if best:
+                m["decode_vs_best_peer"].append(r["decode_tok_s"] / best)
+    for m in merged.values():
+        m["prefill_tok_s"] = statistics.median(m.pop("prefill"))
+        m["decode_tok_s"] = statistics.median(m.pop("decode"))
+    return list(merged.values())
 
 
 def decode_tok_s(model, n_gen: int, seed: int = 0) -> float:
@@ -350,6 +370,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="run under SCHED_FIFO (chrt -f 10; root) so other processes disturb the timings less",
     )
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure peers and ktinject this many times, alternating; medians, and the per-round ratio range",
+    )
     ap.add_argument("--dtypes", default="bfloat16,float32", help="ktinject model dtypes to run")
     ap.add_argument("--peers", default=None, help="comma list of peers to run (default: all found)")
     ap.add_argument("--no-peers", action="store_true")
@@ -373,17 +399,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     for quant in args.quants.split(","):
         path = model_file(quant, args.layers)
         floor_ms = bytes_per_token(path) / (bandwidth * 1e9) * 1e3
-        rows = []
-        if not args.no_peers:
-            for name, exe, extra in peer_runs(args):
-                try:
-                    r = llama_bench_tok_s(exe, path, args.threads, args.n_prompt, args.n_gen, args.reps, extra)
-                except Exception as exc:  # a peer never stops the run
-                    print(f"# {name} failed: {exc}")
-                    continue
-                rows.append({"engine": name, **r})
-        for dtype in args.dtypes.split(","):
-            rows += measure_ktinject(path, args, dtype)
+        rounds = []
+        for _ in range(args.rounds):  # the peers and ktinject alternate: the VM's speed drifts between them
+            rows = []
+            if not args.no_peers:
+                for name, exe, extra in peer_runs(args):
+                    try:
+                        r = llama_bench_tok_s(exe, path, args.threads, args.n_prompt, args.n_gen, args.reps, extra)
+                    except Exception as exc:  # a peer never stops the run
+                        print(f"# {name} failed: {exc}")
+                        continue
+                    rows.append({"engine": name, **r})
+            for dtype in args.dtypes.split(","):
+                rows += measure_ktinject(path, args, dtype)
+            rounds.append(rows)
+        rows = merge_rounds(rounds)
         best_peer = max((r["decode_tok_s"] for r in rows if not r["engine"].startswith("ktinject")), default=None)
         llama = next((r for r in rows if r["engine"] == "llama.cpp"), None)
         print(
@@ -396,6 +426,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("|---|---|---|---|---|---|")
         for r in rows:
             vs_peer = f"{r['decode_tok_s'] / best_peer:.2f}x" if best_peer else ""
+            if best_peer and "decode_vs_best_peer" in r and len(rounds) > 1:
+                lo, hi = min(r["decode_vs_best_peer"]), max(r["decode_vs_best_peer"])
+                vs_peer += f" ({lo:.2f}-{hi:.2f})"
             vs_llama = f"{r['prefill_tok_s'] / llama['prefill_tok_s']:.2f}x" if llama else ""
             engine = r["engine"] + (f" (compiled in {r['compile_s']:.0f} s)" if "compile_s" in r else "")
             print(
