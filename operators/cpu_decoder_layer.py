@@ -212,6 +212,7 @@ class _MoeBlock(nn.Module):
             self.shared_expert_gate = shared_gate
 
     def shared(self) -> _Mlp | None:
+        """The shared experts' MLP under its transformers name (``shared_experts`` or ``shared_expert``), if any."""
         return self._modules.get(self._shared_name)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
