@@ -84,6 +84,21 @@ def test_left_padded_batch_generate_matches(pair):
     assert torch.equal(optimized.generate(ids, **kwargs), plain.generate(ids, **kwargs))
 
 
+def test_generate_decodes_through_the_one_job_step(pair):
+    """generate()'s default cache is a DynamicCache: every fused layer (and standalone cpu_attention) appends to it
+    from C++ instead of the two-job path around cache.update (which would still be correct, only slower)."""
+    from ktinject.operators.kv_buffer import _SLOT
+
+    family, _, optimized, plan = pair
+    ids = torch.tensor([[5, 17, 33, 2, 71]])
+    out = optimized.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    native = [e.module_name for e in plan if e.op in ("decoder_layer", "attention")]
+    modules = [optimized.get_submodule(n) for n in native]
+    layer_ids = {getattr(m, "self_attn", m).layer_idx for m in modules}  # a fused layer's attention, or the op
+    with_buffers = {i for i, layer in enumerate(out.past_key_values.layers) if _SLOT in layer.__dict__}
+    assert layer_ids == with_buffers
+
+
 def test_beam_search_matches(pair):
     """Beam search reorders the cache between steps (reorder_cache): the fused layers' cache buffers follow."""
     _, plain, optimized, _ = pair
