@@ -355,7 +355,7 @@ class CpuDecoderLayer(CpuOperator):
         """The whole layer in one C++ job that also appends the new keys/values to transformers' cache layer
         (operators/kv_buffer.py)."""
         B, T, _ = hidden_states.shape
-        x = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
+        x = _stream(hidden_states)  # detached, contiguous float32 or bfloat16
         cos, sin = rotary_row_arrays(*position_embeddings, B, T)
         mask = None if attention_mask is None else mask_rows(attention_mask, room.n_past + T, self.module_name)
         out = torch.empty_like(x)
@@ -363,7 +363,7 @@ class CpuDecoderLayer(CpuOperator):
             room.step(self._native.step, _array(x), cos, sin, None if mask is None else mask.numpy(), _array(out), T)
         except ValueError as exc:
             raise OperatorError(f"cpu_decoder_layer for {self.module_name!r}: {exc}") from None
-        return out
+        return out if out.dtype is hidden_states.dtype else out.to(hidden_states.dtype)
 
     def _forward_parts(self, x, attention_mask, cache, position_embeddings, kwargs) -> torch.Tensor:
         """The layer as transformers runs it, part by part (prefill)."""

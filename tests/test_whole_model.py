@@ -99,6 +99,19 @@ def test_generate_decodes_through_the_one_job_step(pair):
     assert layer_ids == with_buffers
 
 
+def test_decoding_with_autograd_on_matches(pair):
+    """A forward outside torch.no_grad (the embedding's output then requires grad): prefill and a decode step
+    through the cache give the plain model's logits."""
+    _, plain, optimized, _ = pair
+    ids, nxt = torch.tensor([[5, 17, 33, 2, 71]]), torch.tensor([[7]])
+    first = optimized(ids, use_cache=True)
+    got = optimized(nxt, cache=first.past_key_values, use_cache=True).logits
+    with torch.no_grad():
+        ref = plain(ids, use_cache=True)
+        want = plain(nxt, cache=ref.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=2e-5)
+
+
 def test_beam_search_matches(pair):
     """Beam search reorders the cache between steps (reorder_cache): the fused layers' cache buffers follow."""
     _, plain, optimized, _ = pair
