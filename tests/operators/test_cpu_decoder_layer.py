@@ -29,6 +29,16 @@ CPU = torch.device("cpu")
 HIDDEN, HEAD_DIM = 64, 16
 
 
+def randomized(layer_class, config, layer_idx: int = 0, seed: int = 0):
+    """A layer in eval mode with random weights: matrices ~0.2 N(0, 1), vectors (norms, biases) ~1 + 0.3 N(0, 1)."""
+    torch.manual_seed(seed)
+    layer = layer_class(config, layer_idx=layer_idx).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
+    return layer
+
+
 def make_layer(seed: int = 0, norm_topk_prob: bool = True) -> Qwen3MoeDecoderLayer:
     config = Qwen3MoeConfig(
         hidden_size=HIDDEN,
@@ -42,12 +52,7 @@ def make_layer(seed: int = 0, norm_topk_prob: bool = True) -> Qwen3MoeDecoderLay
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    layer = Qwen3MoeDecoderLayer(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
-    return layer
+    return randomized(Qwen3MoeDecoderLayer, config, 0, seed)
 
 
 def build(layer, **kwargs) -> CpuDecoderLayer:
@@ -228,13 +233,9 @@ def make_glm_layer(layer_idx: int, seed: int = 0):
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    layer = Glm4MoeDecoderLayer(config, layer_idx=layer_idx).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
-        if layer_idx > 0:
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    layer = randomized(Glm4MoeDecoderLayer, config, layer_idx, seed)
+    if layer_idx > 0:
+        layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
     return layer
 
 
@@ -254,12 +255,7 @@ def make_qwen2_layer(seed: int = 0):
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    layer = Qwen2MoeDecoderLayer(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
-    return layer
+    return randomized(Qwen2MoeDecoderLayer, config, 0, seed)
 
 
 def make_mixtral_layer(seed: int = 0):
@@ -278,12 +274,7 @@ def make_mixtral_layer(seed: int = 0):
         rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    layer = MixtralDecoderLayer(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() >= 2 else 0.3) + (1.0 if p.dim() == 1 else 0.0))
-    return layer
+    return randomized(MixtralDecoderLayer, config, 0, seed)
 
 
 LAYERS = {
